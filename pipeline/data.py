@@ -1,0 +1,274 @@
+"""Training data: load rows, format them, tokenise with the prompt masked out, cache.
+
+Formats (the registry users know from LLaMA-Factory and axolotl):
+- `gsm8k`: `question`, `answer` -> prompt `Question: {question}\nAnswer:`, completion ` {answer}`
+  (the same prompt the evaluation uses, zero-shot);
+- `alpaca`: `instruction`, optional `input`, `output`;
+- `prompt_completion`: `prompt`, `completion`;
+- `chat`: `messages` ([{role, content}, ...], the last one from the assistant), rendered with
+  the tokenizer's chat template.
+Every completion ends with EOS, so a fine-tuned model stops. Prompt tokens get label -100.
+
+`preprocess(...)` runs before any rank starts (so no collective waits on tokenisation) and
+saves a `datasets.Dataset` under a key made of the tokenizer's and the data's content hashes
+and the settings that change the tokens.
+
+`batch_indices(...)` makes each rank's batch a pure function of (seed, step): a resumed run
+sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+from dipnet.pipeline.errors import UsageError
+
+REQUIRED = {
+    "gsm8k": ("question", "answer"),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "chat": ("messages",),
+}
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+
+
+def gsm8k_prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file; a bad line is an error naming the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p}: no such data file")
+    rows = []
+    with p.open() as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{p}:{i}: invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{p}:{i}: expected a JSON object per line, got {type(row).__name__}")
+            row["_line"] = i
+            rows.append(row)
+    if not rows:
+        raise UsageError(f"{p}: empty data file (expected one JSON object per line)")
+    return rows
+
+
+def load_rows(source: str, *, synthetic=None, split: str = "train") -> tuple[list[dict], str]:
+    """Rows and a content hash. `source`: 'synthetic', a .jsonl/.json/.parquet path, or a hub name."""
+    if source == "synthetic":
+        from dipnet.pipeline import synthetic as syn
+
+        rows = syn.generate_splits(synthetic.n_train, synthetic.n_test, synthetic.seed)[split]
+        blob = json.dumps(rows, sort_keys=True).encode()
+        return [dict(r, _line=i + 1) for i, r in enumerate(rows)], hashlib.sha256(blob).hexdigest()[:16]
+    p = Path(source).expanduser()
+    if p.suffix in (".jsonl", ".json") or p.exists():
+        if p.suffix == ".parquet":
+            return _read_parquet(p)
+        rows = read_jsonl(p)
+        return rows, _file_hash(p)
+    if p.suffix == ".parquet":
+        raise UsageError(f"{p}: no such data file")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as exc:
+        raise UsageError(f"data.train: cannot load '{source}' (not a local file, and the hub said: "
+                         f"{str(exc).splitlines()[0][:160]})") from None
+    rows = [dict(r, _line=i + 1) for i, r in enumerate(ds)]
+    return rows, hashlib.sha256(f"{source}:{ds._fingerprint}".encode()).hexdigest()[:16]
+
+
+def _read_parquet(p: Path) -> tuple[list[dict], str]:
+    import datasets
+
+    try:
+        ds = datasets.Dataset.from_parquet(str(p))
+    except Exception as exc:
+        raise UsageError(f"{p}: cannot read parquet ({str(exc).splitlines()[0][:160]})") from None
+    if len(ds) == 0:
+        raise UsageError(f"{p}: empty data file")
+    return [dict(r, _line=i + 1) for i, r in enumerate(ds)], _file_hash(p)
+
+
+def _file_hash(p: Path) -> str:
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def format_row(row: dict, fmt: str, tokenizer, where: str) -> tuple[str, str]:
+    """(prompt text, completion text) for one row; missing fields name the line."""
+    missing = [k for k in REQUIRED[fmt] if row.get(k) in (None, "")]
+    if missing:
+        raise UsageError(f"{where}:{row.get('_line', '?')}: row has no '{missing[0]}' "
+                         f"(format {fmt} needs {', '.join(REQUIRED[fmt])})")
+    if fmt == "gsm8k":
+        return gsm8k_prompt(row["question"]), " " + str(row["answer"]).strip()
+    if fmt == "alpaca":
+        inp = row.get("input") or ""
+        block = f"### Input:\n{inp}\n\n" if inp else ""
+        return ALPACA_PROMPT.format(instruction=row["instruction"], input_block=block), str(row["output"])
+    if fmt == "prompt_completion":
+        return str(row["prompt"]), str(row["completion"])
+    msgs = row["messages"]
+    if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
+        raise UsageError(f"{where}:{row.get('_line', '?')}: 'messages' must be a list ending with an assistant turn")
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"{where}: format chat needs a tokenizer with a chat template")
+    prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    return prompt, str(msgs[-1]["content"])
+
+
+def tokenize_rows(rows: Iterable[dict], fmt: str, tokenizer, max_length: int, overlength: str,
+                  where: str) -> tuple[list[dict], int]:
+    """Token ids and labels (prompt masked with -100, EOS appended). Returns (examples, n_truncated)."""
+    out, truncated = [], 0
+    eos = tokenizer.eos_token_id
+    for row in rows:
+        prompt, completion = format_row(row, fmt, tokenizer, where)
+        p_ids = tokenizer(prompt).input_ids
+        if fmt == "chat":  # the template already carries the special tokens it wants
+            p_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        c_ids = tokenizer(completion, add_special_tokens=False).input_ids + [eos]
+        ids, labels = p_ids + c_ids, [-100] * len(p_ids) + c_ids
+        if len(ids) > max_length:
+            if overlength == "refuse":
+                raise UsageError(f"{where}:{row.get('_line', '?')}: example has {len(ids)} tokens, more than "
+                                 f"data.max_length={max_length} (set data.overlength: truncate to cut it)")
+            truncated += 1
+            ids, labels = ids[:max_length], labels[:max_length]
+        if all(l == -100 for l in labels):
+            continue  # the prompt alone filled max_length: nothing to learn from this row
+        out.append({"input_ids": ids, "labels": labels})
+    return out, truncated
+
+
+def pack(examples: list[dict], max_length: int) -> list[dict]:
+    """Concatenate examples into sequences of at most max_length tokens (greedy, in order).
+
+    Attention crosses example boundaries inside a packed sequence (as in axolotl's default
+    without flash-attention varlen); labels stay masked per example.
+    """
+    packed, cur_ids, cur_lab = [], [], []
+    for ex in examples:
+        if cur_ids and len(cur_ids) + len(ex["input_ids"]) > max_length:
+            packed.append({"input_ids": cur_ids, "labels": cur_lab})
+            cur_ids, cur_lab = [], []
+        cur_ids = cur_ids + ex["input_ids"]
+        cur_lab = cur_lab + ex["labels"]
+    if cur_ids:
+        packed.append({"input_ids": cur_ids, "labels": cur_lab})
+    return packed
+
+
+def tokenizer_hash(model_dir: str | Path) -> str:
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        p = Path(model_dir) / name
+        if p.is_file():
+            h.update(name.encode() + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def preprocess(data_settings, model_dir: str | Path, out_root: str | Path, *, trust_remote_code: bool = False) -> dict:
+    """Tokenise the training data once into `out_root/<key>/` (a saved datasets.Dataset).
+
+    Returns {'path', 'key', 'examples', 'truncated', 'tokens'}. A cached key is reused as is.
+    """
+    import datasets
+
+    from dipnet.pipeline.convert import load_tokenizer
+
+    rows, data_hash = load_rows(data_settings.train, synthetic=data_settings.synthetic)
+    if data_settings.limit:
+        rows = rows[: data_settings.limit]
+    key_src = json.dumps({"tok": tokenizer_hash(model_dir), "data": data_hash, "format": data_settings.format,
+                          "max_length": data_settings.max_length, "packing": data_settings.packing,
+                          "overlength": data_settings.overlength, "limit": data_settings.limit, "v": 1}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    out = Path(out_root) / key
+    meta_path = out / "preprocess.json"
+    if meta_path.is_file():
+        return json.loads(meta_path.read_text())
+    tok = load_tokenizer(model_dir, trust_remote_code)
+    where = data_settings.train if data_settings.train != "synthetic" else "synthetic:train"
+    examples, truncated = tokenize_rows(rows, data_settings.format, tok, data_settings.max_length,
+                                        data_settings.overlength, where)
+    if data_settings.packing:
+        examples = pack(examples, data_settings.max_length)
+    if not examples:
+        raise UsageError(f"{where}: no usable training examples")
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    datasets.Dataset.from_list(examples).save_to_disk(str(tmp / "dataset"))
+    meta = {"path": str(out / "dataset"), "key": key, "examples": len(examples), "truncated": truncated,
+            "tokens": sum(len(e["input_ids"]) for e in examples), "source": where, "format": data_settings.format}
+    (tmp / "preprocess.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return meta
+
+
+# ----------------------------------------------------------------------------- batches
+
+def batch_indices(n: int, seed: int, step: int, micro: int, accum: int, rank: int, world: int) -> list[list[int]]:
+    """Example indices for each micro step of optimizer step `step` on `rank`.
+
+    The global stream is epoch after epoch of a permutation seeded by (seed, epoch); optimizer
+    step s takes positions [s·G, (s+1)·G) with G = micro·accum·world, split rank-major per micro step.
+    Pure in (seed, step): resuming at step s reproduces the same batches.
+    """
+    import torch
+
+    g = micro * accum * world
+    start = step * g
+    positions = range(start, start + g)
+    perms: dict[int, list[int]] = {}
+
+    def at(pos: int) -> int:
+        epoch, off = divmod(pos, n)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        return perms[epoch][off]
+
+    idx = [at(p) for p in positions]
+    out = []
+    for a in range(accum):
+        block = idx[a * micro * world:(a + 1) * micro * world]
+        out.append(block[rank * micro:(rank + 1) * micro])
+    return out
+
+
+def collate(examples: list[dict], pad_id: int):
+    """Right-padded tensors: input_ids, attention_mask, labels (-100 on padding)."""
+    import torch
+
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

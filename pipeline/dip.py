@@ -1,0 +1,414 @@
+"""Distributional Input Projection (DIPNet, arXiv 2506.04690) for Hugging Face causal LMs.
+
+A projection replaces a layer's input v by a sample u ~ N(v, diag(λ)), reparameterised as
+u = v + sqrt(λ) ⊙ ε, with one learnable variance per feature (stored as log-variance so λ > 0).
+
+- `DistributionalInputProjection`: the module (no knowledge of recipes or training).
+- `attach_dip(model, ...)`: puts one projection on the input of every chosen decoder block
+  (`block_input`; for block 0 that is the token embeddings) or on the residual stream entering
+  the attention and MLP sub-blocks (`attn_mlp`), for any supported family. Projections are
+  child modules of the decoder layers (`model.layers.3.dip_input`), so optimizers, ZeRO
+  partitioning and state dicts see them like any other parameter, and forward pre-hooks apply
+  them, so the model's own forward code is untouched.
+- `dip_objective(...)`: mean NLL over m trajectories + α·mean(λ) − β·mean(ln λ) + γ·variance.
+- Baselines in the same framework: `input_noise` (fixed Gaussian on the embeddings only),
+  `neftune` (uniform embedding noise scaled by α/sqrt(L·d)), `dip_fixed` (λ frozen), `none`.
+- `save_dip` / `load_dip`: `dip/dip.safetensors` + `dip/dip_config.json` beside the base weights.
+  They sit in a subdirectory because vLLM reads every top-level `*.safetensors`.
+
+Why the relative scale exists: in a tiny Llama the embeddings' mean square was ~0.004 against
+0.3-0.6 for deeper block inputs, so one absolute λ barely perturbs block 0 while swamping the
+others. `scale="relative"` multiplies the noise by the per-token RMS of v (detached: the noise
+scale is a unit, not a path through which the loss could reward shrinking activations).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dipnet.pipeline.errors import UsageError
+
+DIP_SUBDIR = "dip"
+DIP_WEIGHTS = "dip.safetensors"
+DIP_CONFIG = "dip_config.json"
+
+# model_type -> (decoder-layer list path, attention-norm attr, MLP-norm attr). The MLP norm is
+# the one whose input is the residual stream entering the MLP sub-block (Gemma's
+# post_attention_layernorm normalises the attention output, so its MLP norm is another one).
+FAMILIES: dict[str, tuple[str, str, str]] = {
+    "llama": ("model.layers", "input_layernorm", "post_attention_layernorm"),
+    "mistral": ("model.layers", "input_layernorm", "post_attention_layernorm"),
+    "qwen2": ("model.layers", "input_layernorm", "post_attention_layernorm"),
+    "qwen3": ("model.layers", "input_layernorm", "post_attention_layernorm"),
+    "phi3": ("model.layers", "input_layernorm", "post_attention_layernorm"),
+    "gemma": ("model.layers", "input_layernorm", "post_attention_layernorm"),
+    "gemma2": ("model.layers", "input_layernorm", "pre_feedforward_layernorm"),
+    "gemma3_text": ("model.layers", "input_layernorm", "pre_feedforward_layernorm"),
+    "gpt_neox": ("gpt_neox.layers", "input_layernorm", "post_attention_layernorm"),
+    "gpt2": ("transformer.h", "ln_1", "ln_2"),
+}
+METHODS = ("none", "input_noise", "neftune", "dip_fixed", "dip")
+
+
+class DistributionalInputProjection(nn.Module):
+    """u = v + sqrt(λ)·ε for one layer's input, with λ one learnable variance per feature.
+
+    Args:
+        hidden_size: features of the input (λ has this shape).
+        init_variance: initial λ for every feature.
+        scale: "absolute" (λ in the hidden state's units, as in the paper) or "relative"
+            (noise multiplied by the per-token RMS of v, so λ is dimensionless).
+        learnable: False freezes λ (the `dip_fixed` and `input_noise` baselines).
+
+    Modes (`.mode`): "sample" draws fresh ε on every call; "mean" returns v itself (the same
+    tensor object, not v + 0·ε, so mean-path logits equal the base model's bit for bit).
+    """
+
+    def __init__(self, hidden_size: int, init_variance: float, scale: str = "relative", learnable: bool = True):
+        super().__init__()
+        if scale not in ("absolute", "relative"):
+            raise ValueError(f"scale must be 'absolute' or 'relative', got {scale!r}")
+        if init_variance <= 0:
+            raise ValueError(f"init_variance must be > 0, got {init_variance}")
+        self.scale = scale
+        self.init_variance = float(init_variance)
+        self.log_variance = nn.Parameter(torch.full((hidden_size,), math.log(init_variance)), requires_grad=learnable)
+        self.mode = "sample"
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.log_variance.exp()
+
+    def reset_parameters(self) -> None:
+        # Called by frameworks that (re)initialise modules after construction (ZeRO-3 Init,
+        # transformers' _init_weights): λ must come back to its configured value, never zero.
+        with torch.no_grad():
+            self.log_variance.fill_(math.log(self.init_variance))
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if self.mode == "mean":
+            return v
+        std = torch.exp(0.5 * self.log_variance).to(v.dtype)
+        noise = torch.randn_like(v) * std
+        if self.scale == "relative":
+            noise = noise * v.detach().pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
+        return v + noise
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.log_variance.numel()}, scale={self.scale}, learnable={self.log_variance.requires_grad}"
+
+
+class NEFTuneNoise(nn.Module):
+    """NEFTune (Jain et al. 2023): uniform noise on the token embeddings, magnitude α/sqrt(L·d)."""
+
+    def __init__(self, alpha: float):
+        super().__init__()
+        self.alpha = float(alpha)
+        self.mode = "sample"
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        if self.mode == "mean" or self.alpha == 0:
+            return emb
+        mag = self.alpha / math.sqrt(emb.shape[-2] * emb.shape[-1])
+        return emb + torch.zeros_like(emb).uniform_(-mag, mag)
+
+
+@dataclass(frozen=True)
+class DipConfig:
+    """What `attach_dip` needs; saved as dip/dip_config.json next to the tensors."""
+
+    method: str = "dip"
+    placement: str = "block_input"
+    scale: str = "relative"
+    init_variance: float = 1e-2
+    layers: Optional[list[int]] = None
+    noise_scale: float = 0.1
+    # Recorded for readers of the directory; attach_dip does not use them.
+    trajectories: int = 1
+    alpha: float = 0.0
+    beta: float = 0.0
+    gamma: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, dip) -> "DipConfig":
+        return cls(method=dip.method, placement=dip.placement, scale=dip.scale, init_variance=dip.init_variance,
+                   layers=list(dip.layers) if dip.layers is not None else None, noise_scale=dip.noise_scale,
+                   trajectories=dip.trajectories, alpha=dip.alpha, beta=dip.beta, gamma=dip.gamma)
+
+
+# ----------------------------------------------------------------------------- finding layers
+
+def model_family(model_or_config) -> str:
+    config = getattr(model_or_config, "config", model_or_config)
+    mt = getattr(config, "model_type", None)
+    if mt not in FAMILIES:
+        raise UsageError(f"unsupported architecture '{mt}' for DIP; supported families: {', '.join(sorted(FAMILIES))}")
+    return mt
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder-layer stack of a supported causal LM (also under a peft wrapper)."""
+    family = model_family(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    obj = base
+    for part in FAMILIES[family][0].split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            break
+    if not isinstance(obj, nn.ModuleList):
+        raise UsageError(f"could not find the decoder layers ({FAMILIES[family][0]}) in {type(base).__name__}")
+    return obj
+
+
+def _hidden_size(model) -> int:
+    c = model.config
+    c = getattr(c, "text_config", None) or c
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        if getattr(c, attr, None):
+            return int(getattr(c, attr))
+    raise UsageError(f"cannot tell the hidden size of {type(model).__name__}")
+
+
+def _replace_first_arg(module: nn.Module, projection: nn.Module):
+    """Forward pre-hook that passes the module's hidden-states input through `projection`."""
+
+    def hook(_mod, args, kwargs):
+        if getattr(projection, "mode", "sample") == "mean":
+            return None  # untouched inputs: the mean path is the base model, bit for bit
+        if args:
+            return (projection(args[0]),) + tuple(args[1:]), kwargs
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": projection(kwargs["hidden_states"])}
+        return None
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+# ----------------------------------------------------------------------------- attach
+
+def attach_dip(model: nn.Module, config: DipConfig) -> list[str]:
+    """Attach the noise of `config.method` to `model` in place.
+
+    Returns the names of the modules added (empty for method 'none'). Raises UsageError for an
+    unsupported family, a bad layer index, or when no block would get a projection.
+    """
+    if config.method not in METHODS:
+        raise UsageError(f"dip.method: expected one of {METHODS}, got {config.method!r}")
+    if config.method == "none":
+        return []
+    if list(iter_noise_modules(model)):
+        raise UsageError("this model already has DIP/noise modules attached")
+    layers = decoder_layers(model)
+    family = model_family(model)
+    hidden = _hidden_size(model)
+    model._dip_hooks = getattr(model, "_dip_hooks", [])
+
+    if config.method == "neftune":
+        emb = model.get_input_embeddings()
+        emb.neftune_noise = NEFTuneNoise(config.noise_scale)
+        model._dip_hooks.append(emb.register_forward_hook(lambda _m, _a, out: emb.neftune_noise(out)))
+        return ["neftune_noise"]
+
+    if config.method == "input_noise":
+        # Fixed Gaussian noise on the token embeddings only (block 0's input), σ = noise_scale.
+        chosen = [0]
+        variance, learnable, placement = config.noise_scale ** 2, False, "block_input"
+        if variance <= 0:
+            raise UsageError("dip.noise_scale must be > 0 for method input_noise")
+    else:
+        chosen = list(range(len(layers))) if config.layers is None else list(config.layers)
+        variance, learnable, placement = config.init_variance, config.method == "dip", config.placement
+    bad = [i for i in chosen if not 0 <= i < len(layers)]
+    if bad:
+        raise UsageError(f"dip.layers: block index {bad[0]} out of range (the model has {len(layers)} blocks)")
+    if not chosen:
+        raise UsageError("dip.layers selects no block: DIP would change nothing")
+
+    names = []
+    _, attn_norm, mlp_norm = FAMILIES[family]
+    for i in chosen:
+        layer = layers[i]
+        if placement == "block_input":
+            layer.dip_input = DistributionalInputProjection(hidden, variance, config.scale, learnable)
+            model._dip_hooks.append(_replace_first_arg(layer, layer.dip_input))
+            names.append(f"{i}.dip_input")
+        else:
+            for tag, norm_name in (("dip_attn", attn_norm), ("dip_mlp", mlp_norm)):
+                norm = getattr(layer, norm_name, None)
+                if norm is None:
+                    raise UsageError(f"placement attn_mlp: block {i} of {family} has no '{norm_name}'")
+                proj = DistributionalInputProjection(hidden, variance, config.scale, learnable)
+                setattr(layer, tag, proj)
+                model._dip_hooks.append(_replace_first_arg(norm, proj))
+                names.append(f"{i}.{tag}")
+    return names
+
+
+def iter_noise_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, (DistributionalInputProjection, NEFTuneNoise)):
+            yield name, mod
+
+
+def projections(model: nn.Module) -> list[tuple[str, DistributionalInputProjection]]:
+    return [(n, m) for n, m in iter_noise_modules(model) if isinstance(m, DistributionalInputProjection)]
+
+
+def set_dip_mode(model: nn.Module, mode: str) -> None:
+    """'sample' or 'mean' for every noise module. ('average:k' is sampling, averaged by the
+    evaluation runner over k trajectories; here it sets sampling.)"""
+    if mode != "mean" and mode != "sample" and not mode.startswith("average:"):
+        raise ValueError(f"unknown DIP mode {mode!r}")
+    for _, m in iter_noise_modules(model):
+        m.mode = "mean" if mode == "mean" else "sample"
+
+
+def is_dip_key(key: str) -> bool:
+    return ".dip_input." in key or ".dip_attn." in key or ".dip_mlp." in key or key.startswith(("dip_input.", "dip_attn.", "dip_mlp."))
+
+
+def lambda_stats(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per projection: mean/min/max λ (for metrics and plots)."""
+    out = {}
+    for name, p in projections(model):
+        lam = p.log_variance.detach().float().exp()
+        if lam.numel() == 0:  # a ZeRO-3 partitioned parameter outside a gather
+            continue
+        out[_short(name)] = {"mean": lam.mean().item(), "min": lam.min().item(), "max": lam.max().item()}
+    return out
+
+
+def _short(name: str) -> str:
+    # "model.layers.3.dip_input" -> "3.dip_input"; the same under peft's prefixes.
+    parts = name.split(".")
+    return ".".join(parts[-2:])
+
+
+# ----------------------------------------------------------------------------- objective
+
+def dip_prior(model: nn.Module, alpha: float, beta: float) -> torch.Tensor:
+    """α·mean(λ) − β·mean(ln λ) over every feature of every learnable projection.
+
+    Means, not sums, so α and β do not scale with model size. Minimised at λ = β/α.
+    """
+    logs = [p.log_variance for _, p in projections(model) if p.log_variance.requires_grad]
+    if not logs or (alpha == 0 and beta == 0):
+        dev = next(model.parameters()).device
+        return torch.zeros((), device=dev)
+    log_var = torch.cat([l.float().reshape(-1) for l in logs])
+    return alpha * log_var.exp().mean() - beta * log_var.mean()
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each next target token, and the mask of counted positions.
+
+    logits [N, T, V], labels [N, T] with -100 for ignored positions (HF convention, shifted here).
+    """
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    mask = target != -100
+    lp = torch.gather(F.log_softmax(logits, -1), -1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return lp * mask, mask
+
+
+def dip_objective(logits: torch.Tensor, labels: torch.Tensor, trajectories: int, model: nn.Module,
+                  alpha: float, beta: float, gamma: float) -> dict[str, torch.Tensor]:
+    """The DIP loss for a batch that was repeated `trajectories` times along dim 0.
+
+    Returns a dict with `loss` (to backpropagate) and its terms `nll`, `prior`, `var_penalty`.
+    NLL is the mean over all counted tokens of all m trajectories; the variance penalty is the
+    variance over trajectories of each target token's log-probability, averaged over tokens.
+    """
+    m = trajectories
+    lp, mask = token_logprobs(logits, labels)
+    n_tok = mask.sum().clamp_min(1)
+    nll = -lp.sum() / n_tok
+    if gamma > 0:
+        if m < 2:
+            raise ValueError("gamma > 0 needs trajectories >= 2")
+        lp_m = lp.view(m, -1, lp.shape[-1])
+        var = lp_m.var(dim=0, unbiased=False)  # [B, T]
+        mask1 = mask.view(m, -1, mask.shape[-1])[0]
+        var_penalty = (var * mask1).sum() / mask1.sum().clamp_min(1)
+    else:
+        var_penalty = torch.zeros((), device=logits.device)
+    prior = dip_prior(model, alpha, beta).to(logits.device)
+    loss = nll + prior + gamma * var_penalty
+    return {"loss": loss, "nll": nll.detach(), "prior": prior.detach(), "var_penalty": var_penalty.detach()}
+
+
+def repeat_for_trajectories(batch: dict[str, torch.Tensor], m: int) -> dict[str, torch.Tensor]:
+    """The batch stacked m times along dim 0: one forward/backward runs all m trajectories."""
+    if m == 1:
+        return batch
+    return {k: v.repeat(m, *([1] * (v.dim() - 1))) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- save / load
+
+def dip_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{'<block>.<tag>': log-variance [hidden]} for every projection (CPU, contiguous)."""
+    return {_short(n): p.log_variance.detach().float().cpu().contiguous() for n, p in projections(model)}
+
+
+def save_dip(model: nn.Module, config: DipConfig, model_dir: str | Path, state: dict | None = None) -> None:
+    """Write dip/dip.safetensors (log-variances) and dip/dip_config.json into `model_dir`."""
+    from safetensors.torch import save_file
+
+    d = Path(model_dir) / DIP_SUBDIR
+    d.mkdir(parents=True, exist_ok=True)
+    state = dip_state(model) if state is None else state
+    save_file(state, str(d / DIP_WEIGHTS), metadata={"format": "pt", "content": "log_variance per projection"})
+    (d / DIP_CONFIG).write_text(json.dumps({**asdict(config), "projections": sorted(state)}, indent=2))
+
+
+def read_dip_config(model_dir: str | Path) -> Optional[DipConfig]:
+    p = Path(model_dir) / DIP_SUBDIR / DIP_CONFIG
+    if not p.is_file():
+        return None
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{p}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    raw.pop("projections", None)
+    known = set(DipConfig.__dataclass_fields__)
+    return DipConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+def load_dip(model: nn.Module, model_dir: str | Path) -> list[str]:
+    """Reattach the projections saved in `model_dir/dip/` and load their λ exactly.
+
+    A missing, extra or wrong-shaped tensor is an error naming it (no silent loading).
+    """
+    from safetensors.torch import load_file
+
+    config = read_dip_config(model_dir)
+    if config is None:
+        return []
+    names = attach_dip(model, config)
+    wpath = Path(model_dir) / DIP_SUBDIR / DIP_WEIGHTS
+    state = load_file(str(wpath)) if wpath.is_file() else {}
+    mods = {_short(n): p for n, p in projections(model)}
+    missing, extra = sorted(set(mods) - set(state)), sorted(set(state) - set(mods))
+    if missing or extra:
+        raise UsageError(f"{wpath}: projections do not match dip_config.json (missing {missing}, unexpected {extra})")
+    with torch.no_grad():
+        for k, mod in mods.items():
+            if state[k].shape != mod.log_variance.shape:
+                raise UsageError(f"{wpath}: '{k}' has shape {tuple(state[k].shape)}, expected {tuple(mod.log_variance.shape)}")
+            mod.log_variance.copy_(state[k])
+    return names
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict without DIP tensors: exactly the base architecture's keys."""
+    return {k: v for k, v in model.state_dict().items() if not is_dip_key(k)}

@@ -1,0 +1,381 @@
+"""Recipes: one YAML file, validated against typed settings before any work starts.
+
+A recipe has one section per concern (`run`, `model`, `dip`, `data`, `train`, `launch`,
+`export`, `eval`, `report`, `study`) plus `variants` and `seeds` for studies. Each section is a
+frozen pydantic model with a default for every field, so a recipe only states what it changes.
+`recipes/README.md` documents every key.
+
+    recipe = load_recipe("recipes/tiny-arith.yaml", ["train.lr=1e-4", "dip.alpha=0.1"])
+
+Every problem (unknown key, wrong type, impossible combination, missing file) raises
+`UsageError` with one line naming the file and the dotted key, and suggests the closest valid
+key for a misspelling.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dipnet.pipeline.errors import UsageError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSettings(_Section):
+    name: str = Field("run", description="Run name; the run directory defaults to runs/<name>.")
+    output_dir: Optional[str] = Field(None, description="Run directory (default runs/<name>).")
+    seed: int = Field(0, description="Seed for the base model, data order and noise.")
+
+
+class TinyBaseSettings(_Section):
+    """The embedded default base: a small Llama pretrained here on synthetic arithmetic text."""
+
+    vocab_size: int = Field(384, gt=32, description="Sentencepiece vocabulary size.")
+    hidden_size: int = Field(128, gt=0, description="Model width.")
+    num_layers: int = Field(4, gt=0, description="Decoder blocks.")
+    num_heads: int = Field(4, gt=0, description="Attention heads (head dim = hidden/heads; vLLM CPU needs 32, 64, 80, ...).")
+    intermediate_size: int = Field(384, gt=0, description="MLP width.")
+    max_position: int = Field(256, gt=0, description="Longest sequence the base is built for.")
+    pretrain_steps: int = Field(560, gt=0, description="Pretraining optimizer steps.")
+    pretrain_batch: int = Field(24, gt=0, description="Sequences per pretraining step.")
+    pretrain_lr: float = Field(3e-3, gt=0, description="Peak pretraining learning rate.")
+
+
+class ModelSettings(_Section):
+    base: str = Field("tiny", description="'tiny' (built here) or a Hugging Face model directory / hub id.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model directory (off unless you trust it).")
+    tiny: TinyBaseSettings = TinyBaseSettings()
+
+
+DipMethod = Literal["none", "input_noise", "neftune", "dip_fixed", "dip"]
+
+
+class DipSettings(_Section):
+    method: DipMethod = Field("dip", description="none (plain fine-tuning) | input_noise | neftune | dip_fixed | dip.")
+    trajectories: int = Field(1, ge=1, description="m: noisy trajectories per example, run as one batch.")
+    alpha: float = Field(1e-3, ge=0, description="Weight of mean(λ) in the loss (keeps variances from growing).")
+    beta: float = Field(1e-5, ge=0, description="Weight of −mean(ln λ) (keeps variances from collapsing); prior minimum at λ = β/α.")
+    gamma: float = Field(0.0, ge=0, description="Weight of the variance across trajectories of the target log-probability (needs m ≥ 2).")
+    init_variance: float = Field(1e-2, gt=0, description="Initial λ for every feature.")
+    scale: Literal["absolute", "relative"] = Field("relative", description="relative: noise × per-token RMS of the input; absolute: λ in hidden-state units.")
+    placement: Literal["block_input", "attn_mlp"] = Field("block_input", description="Where projections sit.")
+    layers: Optional[list[int]] = Field(None, description="Restrict to these block indices (default: all).")
+    lr_scale: float = Field(10.0, gt=0, description="Learning-rate multiplier for the λ parameters.")
+    noise_scale: float = Field(0.1, ge=0, description="σ for input_noise (relative to embedding RMS); NEFTune's α for neftune.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.gamma > 0 and self.trajectories < 2:
+            raise ValueError("dip.gamma > 0 needs dip.trajectories >= 2 (a variance across one trajectory is zero)")
+        return self
+
+
+DataFormat = Literal["gsm8k", "alpaca", "chat", "prompt_completion"]
+
+
+class SyntheticSettings(_Section):
+    n_train: int = Field(1200, gt=0, description="Training problems.")
+    n_test: int = Field(300, gt=0, description="Problems in each test split (test-id, test-ood).")
+    seed: int = Field(1234, description="Generator seed (same seed → byte-identical files).")
+
+
+class DataSettings(_Section):
+    train: str = Field("synthetic", description="'synthetic', a local JSONL/Parquet path, or a datasets hub name.")
+    format: DataFormat = Field("gsm8k", description="gsm8k (question/answer) | alpaca | chat (messages) | prompt_completion.")
+    max_length: int = Field(192, gt=0, description="Tokens per training sequence.")
+    overlength: Literal["truncate", "refuse"] = Field("truncate", description="What to do with longer examples.")
+    packing: bool = Field(False, description="Pack several examples into each sequence.")
+    limit: Optional[int] = Field(None, gt=0, description="Use only the first N training examples.")
+    synthetic: SyntheticSettings = SyntheticSettings()
+
+
+class LoraSettings(_Section):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class TrainSettings(_Section):
+    method: Literal["full", "lora"] = Field("full", description="full fine-tuning or LoRA (peft).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    max_steps: Optional[int] = Field(300, gt=0, description="Optimizer steps (takes precedence over epochs).")
+    epochs: Optional[float] = Field(None, gt=0, description="Epochs, used when max_steps is null.")
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per rank per micro step.")
+    grad_accum: int = Field(1, gt=0, description="Micro steps per optimizer step.")
+    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip (0: off).")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3.")
+    offload: bool = Field(False, description="Offload optimizer state to CPU (DeepSpeed CPU Adam).")
+    precision: Literal["fp32", "bf16"] = Field("fp32")
+    save_every: int = Field(100, gt=0, description="Checkpoint every N optimizer steps (and at the end).")
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept.")
+    log_every: int = Field(10, gt=0)
+    lora: LoraSettings = LoraSettings()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs")
+        return self
+
+
+class SlurmSettings(_Section):
+    nodes: int = Field(1, gt=0)
+    gpus_per_node: int = Field(0, ge=0, description="0: CPU nodes, launch.procs_per_node ranks on gloo.")
+    cpus_per_task: Optional[int] = Field(None, gt=0)
+    partition: Optional[str] = None
+    time: Optional[str] = Field(None, description="Slurm time limit, e.g. 04:00:00.")
+    account: Optional[str] = None
+    launcher: Literal["torchrun", "deepspeed"] = Field("torchrun", description="What spawns per-node ranks inside the job.")
+    extra_sbatch: list[str] = Field(default_factory=list, description="Extra '#SBATCH' option lines, e.g. '--qos=high'.")
+    env: dict[str, str] = Field(default_factory=dict, description="Exports in the job (NCCL_SOCKET_IFNAME, HF_HOME, ...).")
+
+
+class LaunchSettings(_Section):
+    launcher: Literal["deepspeed", "torchrun", "single"] = Field("deepspeed")
+    procs_per_node: Optional[int] = Field(None, gt=0, description="Ranks per node (default: GPUs, or 2 on CPU).")
+    master_port: Optional[int] = Field(None, gt=0, lt=65536, description="Default: a free port.")
+    master_addr: Optional[str] = None
+    hostfile: Optional[str] = Field(None, description="deepspeed hostfile ('host slots=N' lines) for multi-node.")
+    timeout_s: int = Field(3600, gt=0, description="Stage time-out.")
+    slurm: SlurmSettings = SlurmSettings()
+
+
+class ExportSettings(_Section):
+    dtype: Literal["float32", "bfloat16"] = Field("float32")
+    tolerance: float = Field(1e-5, gt=0, description="Max |logit difference| exported vs trained mean mode.")
+
+
+EvalTask = Literal["arith-id", "arith-ood", "arith-perturbed", "gsm8k", "gsm8k-perturbed"]
+
+
+class EvalSettings(_Section):
+    engine: Literal["vllm", "hf"] = Field("vllm")
+    tasks: list[EvalTask] = Field(default_factory=lambda: ["arith-id", "arith-ood", "arith-perturbed"])
+    shots: int = Field(0, ge=0, description="Few-shot examples (lm-evaluation-harness uses 5 for gsm8k).")
+    limit: Optional[int] = Field(None, gt=0, description="Evaluate only the first N problems per task.")
+    max_new_tokens: int = Field(64, gt=0)
+    chat_template: bool = False
+    gsm8k_path: Optional[str] = Field(None, description="Directory with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k if present, else the hub).")
+    noise_sigmas: list[float] = Field(default_factory=list, description="Embedding-noise sweep σ values (hf engine).")
+    dip_mode: str = Field("mean", description="mean | average:k (hf engine only).")
+    eval_base: bool = Field(True, description="Also evaluate the base model.")
+
+    @field_validator("dip_mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        if v != "mean" and not (v.startswith("average:") and v[8:].isdigit() and int(v[8:]) > 0):
+            raise ValueError("expected 'mean' or 'average:K' with K a positive integer")
+        return v
+
+
+class ReportSettings(_Section):
+    baseline: str = Field("sft", description="Variant every other is compared against.")
+    bootstrap: int = Field(2000, gt=0, description="Bootstrap resamples for CIs.")
+    smoothness: bool = Field(True, description="Measure input smoothness of each trained model.")
+
+
+class StudySettings(_Section):
+    match: Literal["steps", "tokens", "time"] = Field("steps", description="What is held equal across variants.")
+
+
+SECTIONS = ("run", "model", "dip", "data", "train", "launch", "export", "eval", "report", "study")
+
+
+class Recipe(_Section):
+    run: RunSettings = RunSettings()
+    model: ModelSettings = ModelSettings()
+    dip: DipSettings = DipSettings()
+    data: DataSettings = DataSettings()
+    train: TrainSettings = TrainSettings()
+    launch: LaunchSettings = LaunchSettings()
+    export: ExportSettings = ExportSettings()
+    eval: EvalSettings = EvalSettings()
+    report: ReportSettings = ReportSettings()
+    study: StudySettings = StudySettings()
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="name -> overrides ('dip.method': none, ...).")
+    seeds: list[int] = Field(default_factory=list, description="Seeds per variant (default: [run.seed]).")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir or f"runs/{self.run.name}")
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def section_hash(self, *names: str) -> str:
+        """Content hash of the named sections (what a stage reads), for skip decisions."""
+        d = self.to_dict()
+        blob = json.dumps({n: d[n] for n in names}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- loading
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=1e-4` -> ("train.lr", 1e-4). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise UsageError(f"override '{text}': expected KEY=VALUE, e.g. train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UsageError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise UsageError(f"override '{key}': '{p}' is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any] | list[str]) -> dict:
+    out = copy.deepcopy(raw)
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for k, v in items:
+        set_dotted(out, k, v)
+    return out
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Valid keys at a dotted location of the schema, for 'did you mean' suggestions."""
+    model: Any = Recipe
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        ann = fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _describe_expected(err: dict) -> str:
+    typ = err["type"]
+    ctx = err.get("ctx") or {}
+    simple = {
+        "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+        "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+        "bool_parsing": "true or false", "string_type": "a string", "list_type": "a list",
+        "dict_type": "a mapping", "model_type": "a mapping of keys", "model_attributes_type": "a mapping of keys",
+    }
+    if typ in simple:
+        return f"expected {simple[typ]}"
+    if typ == "literal_error":
+        return f"expected one of {ctx.get('expected')}"
+    if typ in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        sym = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[typ]
+        bound = next(iter(ctx.values())) if ctx else "?"
+        return f"expected a value {sym} {bound}"
+    msg = err["msg"]
+    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """First pydantic error as one line naming the dotted key (errors are fixed one at a time)."""
+    err = exc.errors()[0]
+    loc = tuple(str(p) for p in err["loc"])
+    dotted = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(tuple(loc[:-1]))
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f" (did you mean '{'.'.join(loc[:-1] + (close[0],))}'?)" if close else (
+            f" (valid keys here: {', '.join(valid)})" if valid else "")
+        return f"{source}: unknown key '{dotted}'{hint}"
+    got = err.get("input")
+    got_s = "" if isinstance(got, (dict, list)) or err["type"].startswith("value_error") else f", got {got!r}"
+    where = f"'{dotted}'" if dotted else "recipe"
+    return f"{source}: {where}: {_describe_expected(err)}{got_s}"
+
+
+def validate_dict(raw: dict, source: str) -> Recipe:
+    if not isinstance(raw, dict):
+        raise UsageError(f"{source}: expected a mapping of sections (run, model, dip, ...), got {type(raw).__name__}")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise UsageError(format_validation_error(exc, source)) from None
+    # Each variant must itself give a valid recipe; its keys are checked like the file's.
+    for name, ov in recipe.variants.items():
+        if not isinstance(ov, dict):
+            raise UsageError(f"{source}: 'variants.{name}': expected a mapping of overrides")
+        try:
+            Recipe.model_validate(apply_overrides({k: v for k, v in raw.items() if k not in ("variants", "seeds")}, ov))
+        except ValidationError as exc:
+            raise UsageError(format_validation_error(exc, f"{source} (variant '{name}')")) from None
+    if recipe.variants and recipe.report.baseline not in recipe.variants and len(recipe.variants) > 1:
+        raise UsageError(f"{source}: 'report.baseline': '{recipe.report.baseline}' is not one of the variants {sorted(recipe.variants)}")
+    _check_paths(recipe, source)
+    return recipe
+
+
+def _check_paths(recipe: Recipe, source: str) -> None:
+    base = recipe.model.base
+    if base != "tiny" and (base.startswith((".", "/", "~")) or Path(base).exists()):
+        if not Path(base).expanduser().is_dir():
+            raise UsageError(f"{source}: 'model.base': no such model directory: {base}")
+    train = recipe.data.train
+    if train != "synthetic" and (train.endswith((".jsonl", ".json", ".parquet")) or train.startswith((".", "/", "~"))):
+        if not Path(train).expanduser().is_file():
+            raise UsageError(f"{source}: 'data.train': no such file: {train}")
+    if recipe.launch.hostfile and not Path(recipe.launch.hostfile).expanduser().is_file():
+        raise UsageError(f"{source}: 'launch.hostfile': no such file: {recipe.launch.hostfile}")
+    if recipe.eval.gsm8k_path and not Path(recipe.eval.gsm8k_path).expanduser().is_dir():
+        raise UsageError(f"{source}: 'eval.gsm8k_path': no such directory: {recipe.eval.gsm8k_path}")
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p}: no such recipe file")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{p}:{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe. Raises UsageError with one line on any problem."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return validate_dict(raw, str(path))
+
+
+def expand_runs(recipe: Recipe) -> list[tuple[str, int, Recipe]]:
+    """The (variant, seed, recipe) triples a study trains. No variants: one run named 'main'."""
+    raw = recipe.to_dict()
+    raw.pop("variants"), raw.pop("seeds")
+    seeds = recipe.seeds or [recipe.run.seed]
+    variants = recipe.variants or {"main": {}}
+    runs = []
+    for name, ov in variants.items():
+        for seed in seeds:
+            r = Recipe.model_validate(apply_overrides(raw, {**ov, "run.seed": seed}))
+            runs.append((name, seed, r))
+    return runs
