@@ -40,7 +40,7 @@ class RunSettings(_Section):
 class TinyBaseSettings(_Section):
     """The embedded default base: a small Llama pretrained here on synthetic arithmetic text."""
 
-    vocab_size: int = Field(384, gt=32, description="Sentencepiece vocabulary size.")
+    vocab_size: int = Field(512, gt=32, description="Sentencepiece vocabulary size.")
     hidden_size: int = Field(128, gt=0, description="Model width.")
     num_layers: int = Field(4, gt=0, description="Decoder blocks.")
     num_heads: int = Field(4, gt=0, description="Attention heads (head dim = hidden/heads; vLLM CPU needs 32, 64, 80, ...).")

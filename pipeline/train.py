@@ -1,2 +1,402 @@
-def unfreeze_lambda(model, method):
-    pass
+"""Distributed fine-tuning entry point (one process per rank), in the style of a torchtune recipe.
+
+Started by the `train` stage through the deepspeed launcher, torchrun, or as one process:
+
+    deepspeed --num_gpus 2 pipeline/train.py --recipe RESOLVED.json --model MODEL_DIR \
+        --data PREPROCESSED_DIR --out TRAIN_DIR
+
+Reads top to bottom: recipe -> distributed set-up -> tokenizer -> model (+ DIP, + LoRA) ->
+data -> DeepSpeed engine -> resume -> loop -> save -> clean exit.
+
+Outputs under --out: `checkpoints/step-NNNNNN/` (DeepSpeed checkpoint + trainer_state.json,
+written under a temporary name and renamed when complete), `checkpoints/latest`,
+`metrics.jsonl`, `tb/` (TensorBoard), `plots/*.png`, `train_summary.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from dipnet.pipeline import dip as dipmod
+from dipnet.pipeline.data import batch_indices, collate
+from dipnet.pipeline.ds_config import build_ds_config
+from dipnet.pipeline.errors import DipnetError, RunError
+from dipnet.pipeline.recipe import Recipe
+
+CKPT_PREFIX = "step-"
+
+
+# ----------------------------------------------------------------------------- set-up helpers
+
+def setup_distributed() -> tuple[int, int, int, bool]:
+    """Initialise torch.distributed through DeepSpeed; returns (rank, world, local_rank, is_main)."""
+    import importlib
+
+    import deepspeed
+
+    # Not `import deepspeed.comm.torch as m`: that binds the attribute deepspeed.comm.torch,
+    # which is the real `torch` package re-exported there.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+
+    if os.environ.get("DS_ACCELERATOR") == "cpu" and not os.environ.get("DIPNET_DS_SHM"):
+        # DeepSpeed compiles a shared-memory all-reduce op at every cold start on CPU (20-55 s);
+        # only inference all-reduce uses it. Training all-reduces go through gloo either way.
+        ds_torch.build_shm_op = lambda: None
+    if "RANK" not in os.environ:  # a single process without a launcher
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", os.environ.get("DIPNET_MASTER_PORT", "29500"))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return rank, world, local_rank, rank == 0
+
+
+def unfreeze_lambda(model, method: str) -> None:
+    """peft freezes every non-adapter parameter; DIP's λ train alongside the adapters."""
+    learn = method == "dip"
+    for _, p in dipmod.projections(model):
+        p.log_variance.requires_grad_(learn)
+
+
+def setup_model(recipe: Recipe, model_dir: str):
+    """Base weights + the recipe's noise method (+ LoRA). λ come from model_dir/dip when the
+    converted directory was made with the same DIP settings, else from dip.init_variance."""
+    from dipnet.pipeline.convert import load_causal_lm
+
+    model = load_causal_lm(model_dir, trust_remote_code=recipe.model.trust_remote_code, with_dip=False)
+    config = dipmod.DipConfig.from_settings(recipe.dip)
+    saved = dipmod.read_dip_config(model_dir)
+    if saved is not None and _same_noise(saved, config):
+        dipmod.load_dip(model, model_dir)
+    else:
+        dipmod.attach_dip(model, config)
+    if recipe.train.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lc = recipe.train.lora
+        present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in lc.target_modules if t not in present]
+        if missing:
+            raise RunError(f"train.lora.target_modules: '{missing[0]}' matches no module of the model")
+        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                 target_modules=list(lc.target_modules), task_type="CAUSAL_LM"))
+        unfreeze_lambda(model, recipe.dip.method)
+    model.config.use_cache = False
+    return model, config
+
+
+def _same_noise(a: dipmod.DipConfig, b: dipmod.DipConfig) -> bool:
+    keys = ("method", "placement", "scale", "init_variance", "layers", "noise_scale")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def build_optimizer(model, recipe: Recipe):
+    """AdamW with two groups: the model's weights at train.lr, λ at train.lr × dip.lr_scale."""
+    lam = [p for n, p in model.named_parameters() if p.requires_grad and "log_variance" in n]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and "log_variance" not in n]
+    t = recipe.train
+    groups = [{"params": rest, "lr": t.lr, "weight_decay": t.weight_decay, "base_lr": t.lr}]
+    if lam:
+        lr = t.lr * recipe.dip.lr_scale
+        groups.append({"params": lam, "lr": lr, "weight_decay": 0.0, "base_lr": lr})
+    if t.offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(0.9, 0.95), adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95))
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def total_steps(recipe: Recipe, n_examples: int, world: int) -> int:
+    t = recipe.train
+    if t.max_steps:
+        return t.max_steps
+    per_step = t.micro_batch_size * t.grad_accum * world
+    return max(1, math.ceil(t.epochs * n_examples / per_step))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint `latest` names, if it is complete; else the newest complete one."""
+    pointer = ckpt_root / "latest"
+    if pointer.is_file():
+        cand = ckpt_root / pointer.read_text().strip()
+        if (cand / "trainer_state.json").is_file():
+            return cand
+    done = sorted(p for p in ckpt_root.glob(f"{CKPT_PREFIX}*") if (p / "trainer_state.json").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, is_main: bool) -> Path:
+    """All ranks write into a temporary directory; rank 0 renames it when complete, then moves
+    the `latest` pointer. A checkpoint interrupted mid-write keeps its `.tmp-` name and is never
+    chosen by `latest_checkpoint`."""
+    name = f"{CKPT_PREFIX}{step:06d}"
+    tmp, final = ckpt_root / f".tmp-{name}", ckpt_root / name
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()
+    try:
+        engine.save_checkpoint(str(tmp), tag=name)
+    except OSError as exc:
+        raise RunError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}") from None
+    torch.distributed.barrier()
+    if is_main:
+        try:
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            if os.environ.get("DIPNET_FAULT_SLOW_SAVE"):  # fault-injection hook used by the tests
+                time.sleep(float(os.environ["DIPNET_FAULT_SLOW_SAVE"]))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            ptr = ckpt_root / "latest.tmp"
+            ptr.write_text(name)
+            os.replace(ptr, ckpt_root / "latest")
+        except OSError as exc:
+            raise RunError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}") from None
+        done = sorted(p for p in ckpt_root.glob(f"{CKPT_PREFIX}*") if (p / "trainer_state.json").is_file())
+        for old in done[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    torch.distributed.barrier()
+    return final
+
+
+def gather_lambda_stats(model, zero_stage: int) -> dict:
+    """Per-projection λ statistics; under ZeRO-3 the partitioned λ are gathered (all ranks call)."""
+    projs = dipmod.projections(model)
+    if not projs:
+        return {}
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p.log_variance for _, p in projs]):
+            return dipmod.lambda_stats(model)
+    return dipmod.lambda_stats(model)
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", required=True, help="resolved recipe JSON")
+    ap.add_argument("--model", required=True, help="model directory (converted or base)")
+    ap.add_argument("--data", required=True, help="preprocessed dataset directory")
+    ap.add_argument("--out", required=True, help="training output directory")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    import datasets
+    import deepspeed
+
+    args = parse_args(argv)
+    recipe = Recipe.model_validate(json.loads(Path(args.recipe).read_text()))
+    t, d = recipe.train, recipe.dip
+    out = Path(args.out)
+    ckpt_root = out / "checkpoints"
+
+    # Distributed set-up: everything rank-dependent is decided here.
+    rank, world, local_rank, is_main = setup_distributed()
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(recipe.run.seed)
+
+    # Tokenizer, model (+ DIP, + LoRA), data.
+    from dipnet.pipeline.convert import check_vocab, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model, recipe.model.trust_remote_code)
+    model, dip_config = setup_model(recipe, args.model)
+    check_vocab(model, tokenizer, args.model)
+    dataset = datasets.load_from_disk(args.data)
+    examples = dataset.to_list()
+    steps = total_steps(recipe, len(examples), world)
+
+    # DeepSpeed engine (ZeRO partitions every parameter, λ included, at initialize: λ exist and
+    # hold their initial values before partitioning, so ZeRO-3 never sees an uninitialised one).
+    ds_config = build_ds_config(t, world)
+    optimizer = build_optimizer(model, recipe)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    # Resume from the latest complete checkpoint, if any.
+    start_step, tokens_seen = 0, 0
+    if is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_root.glob(".tmp-*"):  # interrupted writes: never used, removed
+            shutil.rmtree(stale, ignore_errors=True)
+    torch.distributed.barrier()
+    resume = latest_checkpoint(ckpt_root)
+    if resume is not None:
+        state = json.loads((resume / "trainer_state.json").read_text())
+        if state["world_size"] != world:
+            raise RunError(f"checkpoint {resume} was written by {state['world_size']} ranks, this run has {world}; "
+                           f"resume with launch.procs_per_node={state['world_size']} (x nodes), or start afresh by "
+                           f"removing {ckpt_root}")
+        engine.load_checkpoint(str(resume), tag=resume.name, load_optimizer_states=True, load_lr_scheduler_states=False)
+        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        if is_main:
+            print(f"resumed from {resume} at step {start_step}", flush=True)
+
+    # Logging (main rank only).
+    writer, metrics_f, bar = None, None, None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        writer = SummaryWriter(str(out / "tb"))
+        metrics_f = open(out / "metrics.jsonl", "a")
+        bar = tqdm(total=steps, initial=start_step, desc=f"train {recipe.run.name}", dynamic_ncols=True,
+                   mininterval=1.0, file=sys.stderr)
+
+    m = d.trajectories
+    learn_lambda = d.method == "dip"
+    alpha, beta = (d.alpha, d.beta) if learn_lambda else (0.0, 0.0)
+    gamma = d.gamma
+    pad = tokenizer.pad_token_id
+    engine.train()
+    t_loop = time.time()
+    last = None
+    for step in range(start_step, steps):
+        t0 = time.time()
+        f = lr_factor(step, t.warmup_steps, steps)
+        for g in optimizer.param_groups:
+            g["lr"] = g.get("base_lr", t.lr) * f
+        # Noise and data order depend only on (seed, step, rank): a resumed run repeats them exactly.
+        torch.manual_seed(recipe.run.seed * 1_000_003 + step * 1009 + rank)
+        micro_batches = batch_indices(len(examples), recipe.run.seed, step, t.micro_batch_size, t.grad_accum, rank, world)
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, nll, prior, var, tokens
+        for idx in micro_batches:
+            batch = collate([examples[i] for i in idx], pad)
+            batch = {k: v.to(device) for k, v in dipmod.repeat_for_trajectories(batch, m).items()}
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            terms = dipmod.dip_objective(logits, batch["labels"], m, engine.module, alpha, beta, gamma)
+            engine.backward(terms["loss"])
+            engine.step()
+            n_tok = int(batch["attention_mask"].sum())
+            sums += torch.tensor([terms["loss"].item(), terms["nll"].item(), terms["prior"].item(),
+                                  terms["var_penalty"].item(), n_tok], dtype=torch.float64)
+        # Every rank learns whether any rank saw a non-finite loss, so all stop together.
+        flag = torch.tensor([float(math.isfinite(sums[0].item()))], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        if flag.item() < 1:
+            good = latest_checkpoint(ckpt_root)
+            raise RunError(f"non-finite loss at step {step + 1}; stopped without saving "
+                           f"(last good checkpoint: {good.name if good else 'none'})")
+        stats = sums.clone().to(device)
+        torch.distributed.all_reduce(stats)
+        stats = (stats / world).cpu()
+        tokens_step = int(stats[4].item() * world)
+        tokens_seen += tokens_step
+        step_time = time.time() - t0
+        done = step + 1
+
+        if done % t.log_every == 0 or done == steps or done == 1:
+            lam = gather_lambda_stats(engine.module, t.zero_stage)
+            if is_main:
+                na = len(micro_batches)
+                rec = {"step": done, "loss": stats[0].item() / na, "nll": stats[1].item() / na,
+                       "prior": stats[2].item() / na, "var_penalty": stats[3].item() / na,
+                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": _grad_norm(engine),
+                       "tokens": tokens_step, "tokens_seen": tokens_seen, "tokens_per_s": tokens_step / step_time,
+                       "step_time_s": step_time, "peak_mem_mb": peak_memory_mb(), "lambda": lam,
+                       "wall_s": time.time() - t_loop}
+                metrics_f.write(json.dumps(rec) + "\n")
+                metrics_f.flush()
+                for k in ("loss", "nll", "prior", "var_penalty", "lr", "tokens_per_s", "step_time_s"):
+                    writer.add_scalar(f"train/{k}", rec[k], done)
+                for layer, s in lam.items():
+                    writer.add_scalar(f"lambda/{layer}", s["mean"], done)
+                last = rec
+        if is_main:
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats[0].item() / len(micro_batches):.4f}",
+                            tok_s=f"{tokens_step / step_time:.0f}", refresh=False)
+
+        if done % t.save_every == 0 or done == steps:
+            state = {"step": done, "tokens_seen": tokens_seen, "world_size": world, "seed": recipe.run.seed,
+                     "data_position": done * t.micro_batch_size * t.grad_accum * world,
+                     "recipe": recipe.to_dict(), "dip_config": asdict(dip_config),
+                     "model_dir": str(args.model), "zero_stage": t.zero_stage, "train_method": t.method,
+                     "rng_note": "noise and batches are functions of (seed, step, rank)"}
+            save_checkpoint(engine, ckpt_root, done, state, t.keep_last, is_main)
+
+    if is_main:
+        bar.close()
+        writer.close()
+        metrics_f.close()
+        summary = {"steps": steps, "resumed_from": start_step, "tokens_seen": tokens_seen, "world_size": world,
+                   "wall_s": time.time() - t_loop, "last": last,
+                   "checkpoint": str(latest_checkpoint(ckpt_root))}
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        from dipnet.pipeline.plots import plot_training
+
+        plot_training(out / "metrics.jsonl", out / "plots")
+
+
+def _grad_norm(engine) -> float | None:
+    try:
+        g = engine.get_global_grad_norm()
+    except Exception:
+        return None
+    if g is None:
+        return None
+    return float(g.item() if hasattr(g, "item") else g)
+
+
+def finish(code: int) -> None:
+    """ZeRO-3 on gloo can abort at interpreter exit: barrier, destroy the group, flush, _exit."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if code == 0:
+            try:
+                torch.distributed.barrier()
+            except Exception:
+                pass
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception:
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    code = 0
+    try:
+        main()
+    except DipnetError as exc:
+        print(f"dipnet error: {exc}", file=sys.stderr, flush=True)
+        code = exc.exit_code
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finish(code)
