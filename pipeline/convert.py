@@ -61,7 +61,8 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(model_dir: str | Path, *, trust_remote_code: bool = False, dtype=None, with_dip: bool = True):
+def load_causal_lm(model_dir: str | Path, *, trust_remote_code: bool = False, dtype=None, with_dip: bool = True,
+                   attn_implementation: str | None = None):
     """Load a causal LM from safetensors and reattach its DIP projections if it has any."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -70,7 +71,7 @@ def load_causal_lm(model_dir: str | Path, *, trust_remote_code: bool = False, dt
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), use_safetensors=True, trust_remote_code=trust_remote_code,
-            dtype=dtype or torch.float32)
+            dtype=dtype or torch.float32, **({"attn_implementation": attn_implementation} if attn_implementation else {}))
     except ValueError as exc:
         raise UsageError(f"{model_dir}: cannot load model ({str(exc).splitlines()[0][:300]})") from None
     if with_dip:

@@ -210,6 +210,7 @@ def parse_args(argv=None):
     ap.add_argument("--model", required=True, help="model directory (converted or base)")
     ap.add_argument("--data", required=True, help="preprocessed dataset directory")
     ap.add_argument("--out", required=True, help="training output directory")
+    ap.add_argument("--max-seconds", type=float, default=None, help="stop (and save) after this much training time")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return ap.parse_args(argv)
 
@@ -302,10 +303,14 @@ def main(argv=None) -> None:
             n_tok = int(batch["attention_mask"].sum())
             sums += torch.tensor([terms["loss"].item(), terms["nll"].item(), terms["prior"].item(),
                                   terms["var_penalty"].item(), n_tok], dtype=torch.float64)
-        # Every rank learns whether any rank saw a non-finite loss, so all stop together.
-        flag = torch.tensor([float(math.isfinite(sums[0].item()))], device=device)
+        # Every rank learns whether any rank saw a non-finite loss (or ran out of its time
+        # budget, study.match=time), so all stop together.
+        over = args.max_seconds is not None and time.time() - t_loop >= args.max_seconds
+        flag = torch.tensor([float(math.isfinite(sums[0].item())), float(not over)], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        if flag.item() < 1:
+        if flag[1].item() < 1:
+            steps = step + 1  # time budget spent: this step is the last one
+        if flag[0].item() < 1:
             good = latest_checkpoint(ckpt_root)
             raise RunError(f"non-finite loss at step {step + 1}; stopped without saving "
                            f"(last good checkpoint: {good.name if good else 'none'})")
@@ -346,6 +351,8 @@ def main(argv=None) -> None:
                      "model_dir": str(args.model), "zero_stage": t.zero_stage, "train_method": t.method,
                      "rng_note": "noise and batches are functions of (seed, step, rank)"}
             save_checkpoint(engine, ckpt_root, done, state, t.keep_last, is_main)
+        if done >= steps:
+            break
 
     if is_main:
         bar.close()

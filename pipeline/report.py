@@ -1,0 +1,313 @@
+"""The `report` stage (and `dipnet report RUN_DIR`): report.md, report.json and PNG plots.
+
+Everything comes from files already in the run directory (eval results and samples, training
+metrics, smoothness), so the report can be regenerated at any time. Per task and variant:
+accuracy (both GSM8K scores) and teacher-forced answer NLL as mean ± std over seeds, each
+variant's paired difference to the baseline with a bootstrap 95% CI (problems and seeds
+resampled), training cost relative to the baseline, and a plain-language summary that states
+the sign and size of every effect and whether its CI excludes zero, whatever the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from dipnet.eval.metrics import bootstrap_ci, mean, paired_bootstrap, std
+from dipnet.pipeline.plots import _plt, read_metrics
+
+
+def _load_json(p: Path):
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _samples(p: Path) -> list[dict]:
+    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.is_file() else []
+
+
+def collect(run_dir: Path) -> dict:
+    """{variant: {seed: {'results', 'samples': {task: [...]}, 'metrics', 'summary'}}}."""
+    out: dict = defaultdict(dict)
+    manifest = _load_json(run_dir / "manifest.json") or {"stages": {}}
+    evals = manifest["stages"].get("eval", {}).get("outputs", {})
+    for name, m in evals.items():
+        d = Path(m["results"]).parent
+        res = _load_json(d / "results.json")
+        if res is None:
+            continue
+        entry = {"results": res, "samples": {t: _samples(d / f"samples_{t}.jsonl") for t in res["tasks"]}}
+        tdir = run_dir / "train" / name
+        entry["metrics"] = read_metrics(tdir / "metrics.jsonl")
+        entry["summary"] = _load_json(tdir / "train_summary.json")
+        entry["smoothness"] = _load_json(run_dir / "report" / "smoothness" / f"{name}.json")
+        out[m["variant"]][m["seed"] if m["seed"] is not None else 0] = entry
+    return out
+
+
+def _cost(entries: dict) -> dict:
+    steps, toks, mems, tokens_seen, walls = [], [], [], [], []
+    for e in entries.values():
+        rows = [r for r in e["metrics"] if r["step"] > 1]  # step 1 includes warm-up
+        if rows:
+            st = sorted(r["step_time_s"] for r in rows)
+            steps.append(st[len(st) // 2])
+            toks.append(mean(r["tokens_per_s"] for r in rows))
+            mems.append(max(r["peak_mem_mb"] for r in rows))
+        if e["summary"]:
+            tokens_seen.append(e["summary"]["tokens_seen"])
+            walls.append(e["summary"]["wall_s"])
+    return {"step_time_s": mean(steps) if steps else None, "tokens_per_s": mean(toks) if toks else None,
+            "peak_mem_mb": mean(mems) if mems else None, "tokens_seen": mean(tokens_seen) if tokens_seen else None,
+            "train_wall_s": mean(walls) if walls else None}
+
+
+def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000) -> dict:
+    data = collect(run_dir)
+    tasks = sorted({t for v in data.values() for e in v.values() for t in e["results"]["tasks"]})
+    report = {"run_dir": str(run_dir), "baseline": baseline, "tasks": tasks, "variants": {}, "differences": {},
+              "cost": {}, "smoothness": {}, "noise_sweep": {}}
+    for variant, entries in data.items():
+        vrep = {}
+        for t in tasks:
+            per = [e["results"]["tasks"][t] for e in entries.values() if t in e["results"]["tasks"]]
+            if not per:
+                continue
+            vrep[t] = {
+                "seeds": len(per), "n": per[0]["n"],
+                "strict": {"mean": mean(p["scores"]["strict-match"]["accuracy"] for p in per),
+                           "std": std(p["scores"]["strict-match"]["accuracy"] for p in per)},
+                "flexible": {"mean": mean(p["scores"]["flexible-extract"]["accuracy"] for p in per),
+                             "std": std(p["scores"]["flexible-extract"]["accuracy"] for p in per)},
+                "answer_nll": {"mean": mean(p["teacher_forced"]["answer_nll"] for p in per),
+                               "std": std(p["teacher_forced"]["answer_nll"] for p in per)},
+            }
+        report["variants"][variant] = vrep
+        if variant != "base":
+            report["cost"][variant] = _cost(entries)
+        sm = [e["smoothness"] for e in entries.values() if e.get("smoothness")]
+        if sm:
+            report["smoothness"][variant] = {k: mean(s[k] for s in sm) for k in
+                                             ("grad_norm", "random_increase", "adversarial_increase", "hessian_trace", "loss")}
+        sweeps = [e["results"].get("noise_sweep") for e in entries.values() if e["results"].get("noise_sweep")]
+        if sweeps:
+            report["noise_sweep"][variant] = {t: {s: mean(sw[t][s] for sw in sweeps) for s in sweeps[0][t]} for t in sweeps[0]}
+    base_cost = report["cost"].get(baseline)
+    for variant, c in report["cost"].items():
+        if base_cost:
+            c["relative"] = {k: (c[k] / base_cost[k]) if c.get(k) and base_cost.get(k) else None
+                             for k in ("step_time_s", "tokens_per_s", "peak_mem_mb", "train_wall_s")}
+            # Training FLOPs ≈ 6 · parameters · tokens processed (same model for every variant,
+            # and DIP's m trajectories are counted in tokens_seen), so the ratio is the token ratio.
+            c["relative"]["flops"] = (c["tokens_seen"] / base_cost["tokens_seen"]) if c.get("tokens_seen") and base_cost.get("tokens_seen") else None
+    if baseline in data:
+        for variant in data:
+            if variant in (baseline, "base"):
+                continue
+            report["differences"][variant] = {}
+            for t in tasks:
+                a = [[float(s["correct"]["flexible-extract"]) for s in e["samples"].get(t, [])] for e in data[variant].values()]
+                b = [[float(s["correct"]["flexible-extract"]) for s in e["samples"].get(t, [])] for e in data[baseline].values()]
+                if not a or not b or not a[0] or len(a[0]) != len(b[0]):
+                    continue
+                d, lo, hi = paired_bootstrap(a, b, resamples=resamples)
+                na = [[s["answer_nll"] for s in e["samples"][t]] for e in data[variant].values()]
+                nb = [[s["answer_nll"] for s in e["samples"][t]] for e in data[baseline].values()]
+                dn, lon, hin = paired_bootstrap(na, nb, resamples=resamples, seed=1)
+                report["differences"][variant][t] = {"accuracy": {"diff": d, "ci95": [lo, hi]},
+                                                     "answer_nll": {"diff": dn, "ci95": [lon, hin]}}
+    report["summary"] = summary_sentences(report)
+    return report
+
+
+def summary_sentences(report: dict) -> list[str]:
+    lines = []
+    base = report["baseline"]
+    for variant, per_task in report["differences"].items():
+        for t, d in per_task.items():
+            acc, nll = d["accuracy"], d["answer_nll"]
+            excl = acc["ci95"][0] > 0 or acc["ci95"][1] < 0
+            sign = "higher" if acc["diff"] > 0 else "lower" if acc["diff"] < 0 else "equal"
+            lines.append(
+                f"{variant} vs {base} on {t}: accuracy {sign} by {abs(acc['diff']) * 100:.1f} points "
+                f"(95% CI {acc['ci95'][0] * 100:+.1f} to {acc['ci95'][1] * 100:+.1f}; "
+                f"{'excludes zero' if excl else 'includes zero: no detectable effect'}); answer NLL "
+                f"{nll['diff']:+.3f} nats (CI {nll['ci95'][0]:+.3f} to {nll['ci95'][1]:+.3f}"
+                f"{', excludes zero' if nll['ci95'][0] > 0 or nll['ci95'][1] < 0 else ', includes zero'}).")
+    for variant, c in report["cost"].items():
+        rel = c.get("relative") or {}
+        if variant != base and rel.get("step_time_s"):
+            lines.append(f"{variant} costs {rel['step_time_s']:.2f}x {base}'s step time and "
+                         f"{rel['flops']:.2f}x its training FLOPs." if rel.get("flops") else
+                         f"{variant} costs {rel['step_time_s']:.2f}x {base}'s step time.")
+    if not lines:
+        lines.append("No variant could be compared with the baseline (needs a variant named "
+                     f"'{base}' and the same tasks evaluated).")
+    return lines
+
+
+def _fmt(x, pct=True):
+    if x is None:
+        return "n/a"
+    return f"{x * 100:.1f}" if pct else f"{x:.3f}"
+
+
+def render_markdown(report: dict, plots: list[Path]) -> str:
+    lines = [f"# DIP study report: {Path(report['run_dir']).name}", ""]
+    lines += ["## Summary", ""] + [f"- {s}" for s in report["summary"]] + [""]
+    lines += ["## Accuracy (flexible-extract / strict-match, %, mean ± std over seeds) and answer NLL", ""]
+    hdr = "| variant | seeds | " + " | ".join(report["tasks"]) + " |"
+    lines += [hdr, "|" + "---|" * (len(report["tasks"]) + 2)]
+    for v, per in report["variants"].items():
+        cells = []
+        for t in report["tasks"]:
+            r = per.get(t)
+            cells.append("—" if r is None else
+                         f"{_fmt(r['flexible']['mean'])} ± {_fmt(r['flexible']['std'])} / {_fmt(r['strict']['mean'])}"
+                         f" · NLL {r['answer_nll']['mean']:.3f} ± {r['answer_nll']['std']:.3f}")
+        seeds = max((r["seeds"] for r in per.values()), default=0)
+        lines.append(f"| {v} | {seeds} | " + " | ".join(cells) + " |")
+    lines += ["", f"## Paired difference to `{report['baseline']}` (bootstrap 95% CI over problems and seeds)", "",
+              "| variant | task | Δ accuracy (points) | CI | Δ answer NLL | CI |", "|---|---|---|---|---|---|"]
+    for v, per in report["differences"].items():
+        for t, d in per.items():
+            a, n = d["accuracy"], d["answer_nll"]
+            lines.append(f"| {v} | {t} | {a['diff'] * 100:+.1f} | [{a['ci95'][0] * 100:+.1f}, {a['ci95'][1] * 100:+.1f}] | "
+                         f"{n['diff']:+.3f} | [{n['ci95'][0]:+.3f}, {n['ci95'][1]:+.3f}] |")
+    lines += ["", "## Cost (relative to the baseline)", "",
+              "| variant | step time (s) | tokens/s | peak mem (MB) | train wall (s) | × step time | × FLOPs |",
+              "|---|---|---|---|---|---|---|"]
+    for v, c in report["cost"].items():
+        rel = c.get("relative") or {}
+        f = lambda x, d=3: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
+        lines.append(f"| {v} | {f(c['step_time_s'], 4)} | {f(c['tokens_per_s'], 0)} | {f(c['peak_mem_mb'], 0)} | "
+                     f"{f(c['train_wall_s'], 1)} | {f(rel.get('step_time_s'), 2)} | {f(rel.get('flops'), 2)} |")
+    if report["smoothness"]:
+        lines += ["", "## Smoothness w.r.t. input embeddings (lower is smoother)", "",
+                  "| variant | loss | ‖∇L‖ | Δloss random ε | Δloss adversarial ε | Hessian trace |", "|---|---|---|---|---|---|"]
+        for v, s in report["smoothness"].items():
+            lines.append(f"| {v} | {s['loss']:.3f} | {s['grad_norm']:.4f} | {s['random_increase']:.4f} | "
+                         f"{s['adversarial_increase']:.4f} | {s['hessian_trace']:.4f} |")
+    if report["noise_sweep"]:
+        lines += ["", "## Embedding-noise sweep (flexible-extract accuracy, %)", ""]
+        for v, per in report["noise_sweep"].items():
+            for t, row in per.items():
+                lines.append(f"- {v} / {t}: " + ", ".join(f"σ={s}: {a * 100:.1f}" for s, a in row.items()))
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}](report/{p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def make_plots(run_dir: Path, report: dict) -> list[Path]:
+    plt = _plt()
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    variants = list(report["variants"])
+    tasks = report["tasks"]
+    if variants and tasks:
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) * max(1, len(variants)) / 2), 3.8))
+        w = 0.8 / len(variants)
+        for i, v in enumerate(variants):
+            m = [report["variants"][v].get(t, {}).get("flexible", {}).get("mean", 0) * 100 for t in tasks]
+            s = [report["variants"][v].get(t, {}).get("flexible", {}).get("std", 0) * 100 for t in tasks]
+            ax.bar([j + i * w for j in range(len(tasks))], m, w, yerr=s, capsize=3, label=v)
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(tasks))], tasks)
+        ax.set_ylabel("flexible-extract accuracy (%)"), ax.legend(fontsize=8), ax.set_title("accuracy (mean ± std over seeds)")
+        fig.tight_layout()
+        paths.append(out / "accuracy.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    data = collect(run_dir)
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+    any_curve = False
+    for v, entries in data.items():
+        for seed, e in entries.items():
+            if e["metrics"]:
+                any_curve = True
+                ax[0].plot([r["step"] for r in e["metrics"]], [r["nll"] for r in e["metrics"]], alpha=0.7,
+                           label=f"{v} s{seed}")
+                lam = [r for r in e["metrics"] if r.get("lambda")]
+                if lam:
+                    for layer in sorted(lam[0]["lambda"]):
+                        ax[1].plot([r["step"] for r in lam], [r["lambda"][layer]["mean"] for r in lam], alpha=0.6,
+                                   label=f"{v} s{seed} {layer}" if seed == min(entries) else None)
+    if any_curve:
+        ax[0].set_xlabel("step"), ax[0].set_ylabel("training NLL"), ax[0].legend(fontsize=6), ax[0].set_title("training curves")
+        ax[1].set_xlabel("step"), ax[1].set_ylabel("mean λ"), ax[1].set_title("λ per projection")
+        ax[1].set_yscale("log")
+        if ax[1].get_legend_handles_labels()[0]:
+            ax[1].legend(fontsize=5, ncol=2)
+        fig.tight_layout()
+        paths.append(out / "training.png")
+        fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    if report["noise_sweep"]:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for v, per in report["noise_sweep"].items():
+            for t, row in per.items():
+                ax.plot([float(s) for s in row], [a * 100 for a in row.values()], marker="o", label=f"{v} / {t}")
+        ax.set_xlabel("σ (× embedding RMS)"), ax.set_ylabel("accuracy (%)"), ax.legend(fontsize=7)
+        ax.set_title("embedding-noise robustness")
+        fig.tight_layout()
+        paths.append(out / "noise_sweep.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    if report["smoothness"]:
+        keys = ("grad_norm", "adversarial_increase", "hessian_trace")
+        fig, ax = plt.subplots(1, 3, figsize=(11, 3.3))
+        vs = list(report["smoothness"])
+        for a, k in zip(ax, keys):
+            a.bar(vs, [report["smoothness"][v][k] for v in vs])
+            a.set_title(k), a.tick_params(axis="x", rotation=30)
+        fig.tight_layout()
+        paths.append(out / "smoothness.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write_report(run_dir: str | Path, recipe=None, *, smoothness: bool | None = None) -> dict:
+    """Build report.json/report.md/plots from the run directory's stored results."""
+    run_dir = Path(run_dir).resolve()
+    baseline = recipe.report.baseline if recipe is not None else "sft"
+    resamples = recipe.report.bootstrap if recipe is not None else 2000
+    do_smooth = smoothness if smoothness is not None else (recipe.report.smoothness if recipe is not None else False)
+    if do_smooth:
+        _measure_smoothness(run_dir, recipe)
+    report = build_report(run_dir, baseline, resamples)
+    plots = make_plots(run_dir, report)
+    report["plots"] = [str(p) for p in plots]
+    for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", render_markdown(report, plots))):
+        tmp = run_dir / f"{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, run_dir / name)
+    return {"report_md": str(run_dir / "report.md"), "report_json": str(run_dir / "report.json"),
+            "plots": [str(p) for p in plots]}
+
+
+def _measure_smoothness(run_dir: Path, recipe) -> None:
+    from dipnet.pipeline.smoothness import measure_smoothness
+
+    manifest = _load_json(run_dir / "manifest.json") or {"stages": {}}
+    evals = manifest["stages"].get("eval", {}).get("outputs", {})
+    out = run_dir / "report" / "smoothness"
+    out.mkdir(parents=True, exist_ok=True)
+    from dipnet.eval.evaluate import model_fingerprint
+
+    for name, m in evals.items():
+        p = out / f"{name}.json"
+        fp = model_fingerprint(m["model_dir"])
+        if p.is_file() and json.loads(p.read_text()).get("fingerprint") == fp:
+            continue
+        res = measure_smoothness(m["model_dir"], synthetic_settings=recipe.data.synthetic if recipe else None)
+        p.write_text(json.dumps({**res, "fingerprint": fp}, indent=2))
+
+
+def headline_table(report_path: str | Path) -> str:
+    """The accuracy table of report.md, for printing at the end of `make demo`."""
+    text = Path(report_path).read_text()
+    start = text.find("## Accuracy")
+    end = text.find("## Paired")
+    return text[start:end].strip() if start != -1 else text[:2000]

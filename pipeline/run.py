@@ -1,0 +1,363 @@
+"""`dipnet run RECIPE`: the staged pipeline in one run directory.
+
+    runs/<name>/
+      recipe.yaml        the resolved recipe (every default filled in)
+      manifest.json      per stage: status, start/end, input hash, outputs, error
+      .lock              held while a run writes here (a second run is refused with our PID)
+      base/ convert/ preprocess/ train/<variant>-s<seed>/ export/<variant>-s<seed>/ eval/<model>/
+      report.md report.json report/*.png
+
+Stages run in order: base -> convert -> preprocess -> train -> export -> eval -> report.
+A stage whose input hash (the recipe sections it reads + its upstream outputs) matches a
+completed entry is skipped; `--from STAGE` re-runs from there, `--only STAGE` runs one.
+Stage outputs are written under temporary names and renamed when complete, so an interrupted
+stage is simply re-run; training resumes from its latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from dipnet.pipeline.errors import DipnetError, RunError, UsageError
+from dipnet.pipeline.recipe import Recipe, expand_runs
+
+STAGES = ("base", "convert", "preprocess", "train", "export", "eval", "report")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- lock + manifest
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """An exclusive flock on run_dir/.lock (released by the OS if we die); holds our PID."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UsageError(f"{run_dir}: another dipnet run (PID {other}) is writing this run directory") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    try:
+        yield
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class Manifest:
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "manifest.json"
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)
+
+    def entry(self, stage: str) -> dict:
+        return self.data["stages"].get(stage, {})
+
+    def is_complete(self, stage: str, inputs: str) -> bool:
+        e = self.entry(stage)
+        return e.get("status") == "completed" and e.get("inputs_hash") == inputs
+
+    def start(self, stage: str, inputs: str) -> None:
+        self.data["stages"][stage] = {"status": "running", "started": _now(), "inputs_hash": inputs, "pid": os.getpid()}
+        self.save()
+
+    def finish(self, stage: str, status: str, outputs: dict | None = None, error: str | None = None) -> None:
+        e = self.data["stages"].setdefault(stage, {})
+        e.update(status=status, ended=_now())
+        if outputs is not None:
+            e["outputs"] = outputs
+            e["outputs_hash"] = _hash(outputs)
+        if error:
+            e["error"] = error
+        else:
+            e.pop("error", None)
+        self.save()
+
+    def outputs(self, stage: str) -> dict:
+        e = self.entry(stage)
+        if e.get("status") != "completed":
+            raise UsageError(f"stage '{stage}' has not completed in {self.path.parent}; run it first "
+                             f"(dipnet run RECIPE --from {stage})")
+        return e["outputs"]
+
+
+# ----------------------------------------------------------------------------- the stages
+
+class Run:
+    """One pipeline run: the recipe, its directory and manifest, and one method per stage."""
+
+    def __init__(self, recipe: Recipe, *, progress: bool = True):
+        self.recipe = recipe
+        self.dir = recipe.output_dir.resolve()
+        self.manifest = Manifest(self.dir)
+        self.progress = progress
+        self.runs = expand_runs(recipe)
+
+    def say(self, msg: str) -> None:
+        if self.progress:
+            print(msg, flush=True)
+
+    # Each stage returns its outputs (recorded in the manifest, hashed into downstream inputs).
+    def stage_inputs(self, stage: str) -> str:
+        r = self.recipe
+        up = lambda s: self.manifest.entry(s).get("outputs_hash")  # noqa: E731
+        parts = {
+            "base": (r.section_hash("model"), r.run.seed),
+            "convert": (up("base"), r.section_hash("dip"), r.model.trust_remote_code),
+            "preprocess": (up("base"), r.section_hash("data")),
+            "train": (up("convert"), up("preprocess"), r.section_hash("train", "dip", "run", "study"),
+                      _hash(r.to_dict()["variants"]), r.seeds),
+            "export": (up("train"), r.section_hash("export")),
+            "eval": (up("export"), up("base"), r.section_hash("eval", "data")),
+            "report": (up("eval"), up("train"), r.section_hash("report", "study")),
+        }[stage]
+        return _hash(parts)
+
+    def stage_base(self) -> dict:
+        from dipnet.pipeline.base_model import tiny_base
+
+        model = self.recipe.model
+        if model.base == "tiny":
+            self.say("  building (or reusing) the embedded tiny base")
+            path = tiny_base(model.tiny, seed=self.recipe.run.seed, progress=self.progress)
+            meta = json.loads((path / "pretrain.json").read_text())
+        else:
+            from dipnet.pipeline.convert import check_model_dir
+
+            path = Path(model.base).expanduser()
+            if not path.is_dir():
+                raise UsageError(f"model.base: no such model directory: {model.base} (hub ids need a reachable hub; "
+                                 "download the model and give its directory)")
+            check_model_dir(path, model.trust_remote_code)
+            meta = {}
+        from dipnet.eval.evaluate import model_fingerprint
+
+        return {"model_dir": str(path.resolve()), "fingerprint": model_fingerprint(path), "pretrain": meta}
+
+    def stage_convert(self) -> dict:
+        from dipnet.pipeline.convert import convert
+        from dipnet.pipeline.dip import DipConfig
+
+        base = self.manifest.outputs("base")["model_dir"]
+        out = self.dir / "convert" / "model"
+        summary = convert(base, out, DipConfig.from_settings(self.recipe.dip),
+                          trust_remote_code=self.recipe.model.trust_remote_code)
+        self.say(f"  converted {summary['family']} with {summary['projections']} projections ({summary['method']})")
+        return {"model_dir": str(out), **summary}
+
+    def stage_preprocess(self) -> dict:
+        from dipnet.pipeline.data import preprocess
+
+        base = self.manifest.outputs("base")["model_dir"]
+        meta = preprocess(self.recipe.data, base, self.dir / "preprocess", trust_remote_code=self.recipe.model.trust_remote_code)
+        if meta["truncated"]:
+            self.say(f"  {meta['truncated']} examples truncated to data.max_length={self.recipe.data.max_length}")
+        self.say(f"  {meta['examples']} training sequences, {meta['tokens']} tokens")
+        return meta
+
+    def stage_train(self) -> dict:
+        from dipnet.pipeline import launch
+
+        model_dir = self.manifest.outputs("convert")["model_dir"]
+        data = self.manifest.outputs("preprocess")
+        out = {}
+        budget_s = None
+        for variant, seed, r in self.runs:
+            run_id = f"{variant}-s{seed}"
+            r = self.matched(r, variant)
+            d = self.dir / "train" / run_id
+            key = _hash([r.section_hash("train", "dip", "run", "data", "model"), model_dir, data["key"], budget_s])
+            inputs = d / "inputs.json"
+            if inputs.is_file() and json.loads(inputs.read_text()).get("key") != key:
+                shutil.rmtree(d)  # settings changed: these checkpoints belong to another run
+            if (d / "train_summary.json").is_file():
+                self.say(f"  {run_id}: done (skipped)")
+                out[run_id] = self._train_outputs(d, variant, seed)
+                continue
+            d.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(inputs, {"key": key})
+            (d / "recipe.json").write_text(json.dumps(r.to_dict(), indent=2))
+            procs = r.launch.procs_per_node or launch.default_procs_per_node()
+            if r.launch.launcher == "single":
+                procs = 1
+            port = launch.choose_master_port(r.launch.master_port)
+            args = ["--recipe", str(d / "recipe.json"), "--model", model_dir, "--data", data["path"], "--out", str(d)]
+            if budget_s:
+                args += ["--max-seconds", f"{budget_s:.2f}"]
+            cmd = launch.train_command(r.launch, procs, port, args)
+            self.say(f"  {run_id}: {r.launch.launcher} x{procs} ranks, ZeRO-{r.train.zero_stage}, "
+                     f"dip.method={r.dip.method} (log: {d / 'train.log'})")
+            t0 = time.time()
+            launch.run_ranks(cmd, launch.rank_env(procs, port), d / "train.log", r.launch.timeout_s,
+                             single=r.launch.launcher == "single", port=port)
+            self.say(f"  {run_id}: trained in {time.time() - t0:.1f}s")
+            out[run_id] = self._train_outputs(d, variant, seed)
+            if self.recipe.study.match == "time" and budget_s is None and variant == self.recipe.report.baseline:
+                budget_s = json.loads((d / "train_summary.json").read_text())["wall_s"]
+        return out
+
+    def matched(self, r: Recipe, variant: str) -> Recipe:
+        """Compute matching: with match=tokens a variant with m trajectories gets steps/m."""
+        if self.recipe.study.match != "tokens" or r.dip.trajectories == 1 or r.dip.method == "none":
+            return r
+        steps = r.train.max_steps
+        if steps is None:
+            return r
+        d = r.to_dict()
+        d["train"]["max_steps"] = max(1, steps // r.dip.trajectories)
+        return Recipe.model_validate(d)
+
+    def _train_outputs(self, d: Path, variant: str, seed: int) -> dict:
+        s = json.loads((d / "train_summary.json").read_text())
+        return {"dir": str(d), "variant": variant, "seed": seed, "checkpoint": s["checkpoint"], "steps": s["steps"],
+                "wall_s": s["wall_s"]}
+
+    def stage_export(self) -> dict:
+        from dipnet.pipeline.export import export_checkpoint
+
+        out = {}
+        for run_id, t in self.manifest.outputs("train").items():
+            dest = self.dir / "export" / run_id
+            if (dest / "export.json").is_file() and json.loads((dest / "export.json").read_text())["checkpoint"] == t["checkpoint"]:
+                out[run_id] = {"model_dir": str(dest), "variant": t["variant"], "seed": t["seed"]}
+                continue
+            s = export_checkpoint(t["checkpoint"], dest, dtype=self.recipe.export.dtype, tolerance=self.recipe.export.tolerance)
+            self.say(f"  {run_id}: exported {s['tensors']} tensors, max |Δlogit| {s['max_logit_diff']:.2e}")
+            out[run_id] = {"model_dir": str(dest), "variant": t["variant"], "seed": t["seed"]}
+        return out
+
+    def eval_targets(self) -> dict[str, dict]:
+        models = {}
+        if self.recipe.eval.eval_base:
+            models["base"] = {"model_dir": self.manifest.outputs("base")["model_dir"], "variant": "base", "seed": None}
+        models.update(self.manifest.outputs("export"))
+        return models
+
+    def stage_eval(self) -> dict:
+        from dipnet.eval.evaluate import evaluate_model
+
+        e = self.recipe.eval
+        out, failures = {}, []
+        for name, m in self.eval_targets().items():
+            dest = self.dir / "eval" / name
+            if (dest / "results.json").is_file() and (dest / "inputs.json").is_file() and \
+                    json.loads((dest / "inputs.json").read_text()).get("key") == self._eval_key(m):
+                out[name] = {**m, "results": str(dest / "results.json")}
+                continue
+            tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.say(f"  evaluating {name} ({e.engine})")
+            try:
+                evaluate_model(m["model_dir"], list(e.tasks), tmp, engine=e.engine, shots=e.shots, limit=e.limit,
+                               max_new_tokens=e.max_new_tokens, chat_template=e.chat_template, gsm8k_path=e.gsm8k_path,
+                               synthetic_settings=self.recipe.data.synthetic, dip_mode=e.dip_mode,
+                               noise_sigmas=list(e.noise_sigmas), progress=self.progress, label=name)
+            except DipnetError as exc:
+                failures.append(f"{name}: {exc}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                continue  # results of the models already evaluated are kept
+            write_json_atomic(tmp / "inputs.json", {"key": self._eval_key(m)})
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+            out[name] = {**m, "results": str(dest / "results.json")}
+        if failures:
+            raise RunError(f"eval failed for {len(failures)} model(s): {failures[0]}")
+        return out
+
+    def _eval_key(self, m: dict) -> str:
+        from dipnet.eval.evaluate import model_fingerprint
+
+        return _hash([model_fingerprint(m["model_dir"]), self.recipe.section_hash("eval", "data")])
+
+    def stage_report(self) -> dict:
+        from dipnet.pipeline.report import write_report
+
+        paths = write_report(self.dir, self.recipe)
+        self.say(f"  report: {paths['report_md']}")
+        return paths
+
+
+def run_pipeline(recipe: Recipe, *, from_stage: str | None = None, only: str | None = None,
+                 progress: bool = True, recipe_path: str | None = None) -> Path:
+    """Run the stages of `recipe` in its run directory. Returns the run directory."""
+    for name, val in (("--from", from_stage), ("--only", only)):
+        if val is not None and val not in STAGES:
+            raise UsageError(f"{name} {val}: unknown stage; expected one of {', '.join(STAGES)}")
+    run = Run(recipe, progress=progress)
+    with run_lock(run.dir), _sigterm_as_interrupt():
+        resolved = run.dir / "recipe.yaml"
+        tmp = resolved.with_name("recipe.yaml.tmp")
+        tmp.write_text(f"# resolved from {recipe_path or 'recipe'} at {_now()}\n" +
+                       yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        os.replace(tmp, resolved)
+        forced = False
+        for stage in STAGES:
+            if only and stage != only:
+                continue
+            if from_stage and stage == from_stage:
+                forced = True
+            inputs = run.stage_inputs(stage)
+            if not (forced or only) and run.manifest.is_complete(stage, inputs):
+                run.say(f"[{stage}] up to date (skipped)")
+                continue
+            if from_stage and not forced and not run.manifest.is_complete(stage, inputs):
+                pass  # an earlier stage is stale: it runs anyway before --from's stage
+            run.say(f"[{stage}]")
+            run.manifest.start(stage, inputs)
+            try:
+                outputs = getattr(run, f"stage_{stage}")()
+            except KeyboardInterrupt:
+                run.manifest.finish(stage, "interrupted", error="interrupted (SIGINT/SIGTERM)")
+                raise
+            except DipnetError as exc:
+                run.manifest.finish(stage, "failed", error=str(exc))
+                raise
+            except Exception as exc:
+                run.manifest.finish(stage, "failed", error=f"{type(exc).__name__}: {exc}")
+                raise
+            run.manifest.finish(stage, "completed", outputs=outputs)
+    return run.dir
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM behaves like Ctrl-C: children are stopped and the manifest says 'interrupted'."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
