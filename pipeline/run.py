@@ -163,6 +163,13 @@ class Run:
             meta = {}
         from dipnet.eval.evaluate import model_fingerprint
 
+        # base/model points at the model used (the tiny base lives in the user's cache, shared by runs).
+        link = self.dir / "base" / "model"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name(f"model.tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(path.resolve(), target_is_directory=True)
+        os.replace(tmp, link)
         return {"model_dir": str(path.resolve()), "fingerprint": model_fingerprint(path), "pretrain": meta}
 
     def stage_convert(self) -> dict:
@@ -203,7 +210,7 @@ class Run:
                 shutil.rmtree(d)  # settings changed: these checkpoints belong to another run
             if (d / "train_summary.json").is_file():
                 self.say(f"  {run_id}: done (skipped)")
-                out[run_id] = self._train_outputs(d, variant, seed)
+                out[run_id] = self._train_outputs(d, variant, seed, key)
                 continue
             d.mkdir(parents=True, exist_ok=True)
             write_json_atomic(inputs, {"key": key})
@@ -222,7 +229,7 @@ class Run:
             launch.run_ranks(cmd, launch.rank_env(procs, port), d / "train.log", r.launch.timeout_s,
                              single=r.launch.launcher == "single", port=port)
             self.say(f"  {run_id}: trained in {time.time() - t0:.1f}s")
-            out[run_id] = self._train_outputs(d, variant, seed)
+            out[run_id] = self._train_outputs(d, variant, seed, key)
             if self.recipe.study.match == "time" and budget_s is None and variant == self.recipe.report.baseline:
                 budget_s = json.loads((d / "train_summary.json").read_text())["wall_s"]
         return out
@@ -238,23 +245,23 @@ class Run:
         d["train"]["max_steps"] = max(1, steps // r.dip.trajectories)
         return Recipe.model_validate(d)
 
-    def _train_outputs(self, d: Path, variant: str, seed: int) -> dict:
+    def _train_outputs(self, d: Path, variant: str, seed: int, key: str) -> dict:
         s = json.loads((d / "train_summary.json").read_text())
+        # `key` (the run's input hash) makes the outputs' hash change whenever the weights do.
         return {"dir": str(d), "variant": variant, "seed": seed, "checkpoint": s["checkpoint"], "steps": s["steps"],
-                "wall_s": s["wall_s"]}
+                "wall_s": s["wall_s"], "key": key}
 
     def stage_export(self) -> dict:
+        from dipnet.eval.evaluate import model_fingerprint
         from dipnet.pipeline.export import export_checkpoint
 
         out = {}
         for run_id, t in self.manifest.outputs("train").items():
             dest = self.dir / "export" / run_id
-            if (dest / "export.json").is_file() and json.loads((dest / "export.json").read_text())["checkpoint"] == t["checkpoint"]:
-                out[run_id] = {"model_dir": str(dest), "variant": t["variant"], "seed": t["seed"]}
-                continue
             s = export_checkpoint(t["checkpoint"], dest, dtype=self.recipe.export.dtype, tolerance=self.recipe.export.tolerance)
             self.say(f"  {run_id}: exported {s['tensors']} tensors, max |Δlogit| {s['max_logit_diff']:.2e}")
-            out[run_id] = {"model_dir": str(dest), "variant": t["variant"], "seed": t["seed"]}
+            out[run_id] = {"model_dir": str(dest), "variant": t["variant"], "seed": t["seed"],
+                           "fingerprint": model_fingerprint(dest)}
         return out
 
     def eval_targets(self) -> dict[str, dict]:
@@ -271,9 +278,10 @@ class Run:
         out, failures = {}, []
         for name, m in self.eval_targets().items():
             dest = self.dir / "eval" / name
+            key = self._eval_key(m)
             if (dest / "results.json").is_file() and (dest / "inputs.json").is_file() and \
-                    json.loads((dest / "inputs.json").read_text()).get("key") == self._eval_key(m):
-                out[name] = {**m, "results": str(dest / "results.json")}
+                    json.loads((dest / "inputs.json").read_text()).get("key") == key:
+                out[name] = {**m, "results": str(dest / "results.json"), "key": key}
                 continue
             tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -287,10 +295,10 @@ class Run:
                 failures.append(f"{name}: {exc}")
                 shutil.rmtree(tmp, ignore_errors=True)
                 continue  # results of the models already evaluated are kept
-            write_json_atomic(tmp / "inputs.json", {"key": self._eval_key(m)})
+            write_json_atomic(tmp / "inputs.json", {"key": key})
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(tmp, dest)
-            out[name] = {**m, "results": str(dest / "results.json")}
+            out[name] = {**m, "results": str(dest / "results.json"), "key": key}
         if failures:
             raise RunError(f"eval failed for {len(failures)} model(s): {failures[0]}")
         return out

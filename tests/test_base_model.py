@@ -1,0 +1,48 @@
+"""The embedded tiny base: files, tokenizer round trip, and that pretraining really happened."""
+
+import json
+
+import torch
+
+from dipnet.pipeline import synthetic
+from dipnet.pipeline.base_model import EOS_ID, tiny_base
+from dipnet.pipeline.recipe import TinyBaseSettings
+
+
+def test_base_directory_is_a_hf_model(tiny_base_dir):
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.model",
+                 "tokenizer_config.json", "pretrain.json"):
+        assert (tiny_base_dir / name).is_file(), name
+    gen = json.loads((tiny_base_dir / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == EOS_ID
+    cfg = json.loads((tiny_base_dir / "config.json").read_text())
+    assert cfg["hidden_size"] // cfg["num_attention_heads"] in (32, 64, 80, 96, 112, 128)  # vLLM CPU head sizes
+    # Cached by content hash: asking again returns the same directory without rebuilding.
+    assert tiny_base(TinyBaseSettings(), seed=0, progress=False) == tiny_base_dir
+
+
+def test_tokenizer_round_trip(tiny_base_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    for text in ["Question: Ann has 12 pens. She buys 7 more.\nAnswer: 12 + 7 = 19\n#### 19",
+                 "Janet's ducks lay 16 eggs per day; $2 each (50% off)!"]:
+        ids = tok(text).input_ids
+        assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
+        assert tok.decode(ids, skip_special_tokens=True) == text
+    assert len(tok(" 57", add_special_tokens=False).input_ids) == 1  # numbers < 100: one token
+
+
+def test_pretrained_far_below_untrained(tiny_base_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    text = synthetic.pretraining_corpus(40, seed=4242)  # text neither model has seen
+    ids = torch.tensor([sum((tok(t).input_ids for t in text), [])[:8 * 96]]).view(8, 96)
+    trained = AutoModelForCausalLM.from_pretrained(tiny_base_dir).eval()
+    torch.manual_seed(0)
+    untrained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_base_dir)).eval()
+    with torch.no_grad():
+        lt = trained(input_ids=ids, labels=ids).loss.item()
+        lu = untrained(input_ids=ids, labels=ids).loss.item()
+    assert lu > 5.0 and lt < 0.4 * lu, (lt, lu)

@@ -1,0 +1,90 @@
+"""Recipe validation: the shipped recipes, overrides, and bad recipes with their exact messages."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, run_cli
+
+from dipnet.pipeline.errors import UsageError
+from dipnet.pipeline.recipe import expand_runs, load_recipe, parse_override
+
+TINY = REPO / "recipes" / "tiny-arith.yaml"
+
+
+def test_shipped_recipe_validates():
+    r = load_recipe(TINY)
+    assert r.run.name == "tiny-arith" and str(r.output_dir) == "runs/tiny-arith"
+    runs = expand_runs(r)
+    assert {(v, s) for v, s, _ in runs} == {(v, s) for v in ("sft", "dip") for s in (0, 1, 2)}
+    sft = next(rr for v, _, rr in runs if v == "sft")
+    assert sft.dip.method == "none" and sft.train.lr == r.train.lr
+
+
+def test_overrides_typed_and_nested():
+    r = load_recipe(TINY, ["train.lr=1e-4", "dip.alpha=0.1", "eval.tasks=[arith-id]", "run.name=x"])
+    assert r.train.lr == 1e-4 and r.dip.alpha == 0.1 and r.eval.tasks == ["arith-id"]
+    assert str(r.output_dir) == "runs/x"
+    assert parse_override("a.b=") == ("a.b", "")
+
+
+BAD = [
+    ({"trian": {}}, "unknown key 'trian' (did you mean 'train'?)"),
+    ({"train": {"lrr": 1}}, "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+    ({"dip": {"init_varaince": 0.1}}, "unknown key 'dip.init_varaince' (did you mean 'dip.init_variance'?)"),
+    ({"train": {"lr": "fast"}}, "'train.lr': expected a number, got 'fast'"),
+    ({"train": {"max_steps": 0}}, "'train.max_steps': expected a value > 0, got 0"),
+    ({"train": {"micro_batch_size": -2}}, "'train.micro_batch_size': expected a value > 0, got -2"),
+    ({"train": {"zero_stage": 4}}, "'train.zero_stage': expected a value <= 3, got 4"),
+    ({"dip": {"gamma": 0.01}}, "dip.gamma > 0 needs dip.trajectories >= 2"),
+    ({"dip": {"method": "dipp"}}, "'dip.method': expected one of 'none', 'input_noise', 'neftune', 'dip_fixed' or 'dip', got 'dipp'"),
+    ({"dip": {"scale": "log"}}, "'dip.scale': expected one of 'absolute' or 'relative', got 'log'"),
+    ({"data": {"packing": "maybe"}}, "'data.packing': expected true or false, got 'maybe'"),
+    ({"data": {"train": "/nonexistent/train.jsonl"}}, "'data.train': no such file: /nonexistent/train.jsonl"),
+    ({"model": {"base": "/nonexistent/model"}}, "'model.base': no such model directory: /nonexistent/model"),
+    ({"eval": {"tasks": ["arith-xyz"]}}, "'eval.tasks.0': expected one of"),
+    ({"eval": {"dip_mode": "average:0"}}, "'eval.dip_mode': expected 'mean' or 'average:K'"),
+    ({"variants": {"a": {"train.lrr": 1}}}, "(variant 'a'): unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+    ({"train": {"max_steps": None}}, "set train.max_steps or train.epochs"),
+    ({"launch": {"master_port": 70000}}, "'launch.master_port': expected a value < 65536, got 70000"),
+]
+
+
+@pytest.mark.parametrize("raw,message", BAD, ids=[b[1][:40] for b in BAD])
+def test_bad_recipes_have_exact_messages(tmp_path, raw, message):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UsageError) as e:
+        load_recipe(p)
+    text = str(e.value)
+    assert message in text, text
+    assert text.startswith(str(p)) and "\n" not in text
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("run:\n  name: a\n  seed: [1,\n")
+    with pytest.raises(UsageError, match=r"r.yaml: line \d+: invalid YAML"):
+        load_recipe(p)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["validate", "recipes/tiny-arith.yaml", "trian.lr=1"], "unknown key 'trian' (did you mean 'train'?)"),
+    (["validate", "recipes/missing.yaml"], "recipes/missing.yaml: no such recipe file"),
+    (["validate", "recipes/tiny-arith.yaml", "train.zero_stage=4"], "'train.zero_stage': expected a value <= 3"),
+    (["valdate", "recipes/tiny-arith.yaml"], "unknown command 'valdate' (did you mean 'validate'?)"),
+])
+def test_cli_validate_errors_one_line_exit_2(tmp_path, args, needle):
+    before = set(Path(REPO).glob("runs/*"))
+    res = run_cli(*args, cwd=REPO)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert set(Path(REPO).glob("runs/*")) == before  # nothing written
+
+
+def test_cli_validate_ok():
+    res = run_cli("validate", "recipes/tiny-arith.yaml", cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert "ok (6 training run(s)" in res.stdout

@@ -1,0 +1,132 @@
+"""The staged run: all stages once, skipping on rerun, --from / --only, invalidation by
+recipe change, the lock file, and atomic stage outputs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO, run_cli
+
+from dipnet.pipeline.errors import UsageError
+from dipnet.pipeline.recipe import load_recipe
+from dipnet.pipeline.run import STAGES, run_lock, run_pipeline
+
+FAST = {
+    "run": {"name": "fast", "seed": 0},
+    "data": {"synthetic": {"n_train": 64, "n_test": 16}, "max_length": 96},
+    "train": {"max_steps": 4, "micro_batch_size": 4, "save_every": 4, "log_every": 1, "zero_stage": 1},
+    "launch": {"launcher": "single"},
+    "eval": {"engine": "hf", "tasks": ["arith-id"], "limit": 8, "max_new_tokens": 24},
+    "report": {"smoothness": False},
+}
+
+
+def write_recipe(tmp_path, extra=None, name="fast"):
+    raw = json.loads(json.dumps(FAST))
+    raw["run"]["output_dir"] = str(tmp_path / name)
+    for k, v in (extra or {}).items():
+        raw.setdefault(k, {}).update(v) if isinstance(v, dict) else raw.__setitem__(k, v)
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def stage_log(out: str) -> dict:
+    """{stage: 'ran' | 'skipped'} from `dipnet run` output."""
+    res = {}
+    for line in out.splitlines():
+        for s in STAGES:
+            if line.startswith(f"[{s}]"):
+                res[s] = "skipped" if "up to date" in line else "ran"
+    return res
+
+
+@pytest.mark.slow
+def test_stages_run_skip_from_only_and_invalidate(tmp_path, tiny_base_dir):
+    p = write_recipe(tmp_path)
+    r1 = run_cli("run", p, cwd=tmp_path)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    assert stage_log(r1.stdout) == {s: "ran" for s in STAGES}
+    run_dir = tmp_path / "fast"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert all(manifest["stages"][s]["status"] == "completed" for s in STAGES)
+    for s in ("base", "convert", "preprocess", "train", "export", "eval"):
+        assert (run_dir / s).is_dir(), s
+    assert (run_dir / "recipe.yaml").is_file() and (run_dir / "report.md").is_file()
+    assert (run_dir / "train" / "main-s0" / "checkpoints" / "latest").is_file()
+    assert (run_dir / "eval" / "main-s0" / "results.json").is_file()
+    assert not list(run_dir.rglob("*.tmp-*"))
+
+    r2 = run_cli("run", p, cwd=tmp_path)
+    assert r2.returncode == 0 and stage_log(r2.stdout) == {s: "skipped" for s in STAGES}
+
+    r3 = run_cli("run", p, "--from", "export", cwd=tmp_path)
+    assert r3.returncode == 0, r3.stderr[-2000:]
+    log = stage_log(r3.stdout)
+    assert [s for s in STAGES if log[s] == "ran"] == ["export", "eval", "report"]
+
+    r4 = run_cli("run", p, "--only", "report", cwd=tmp_path)
+    assert r4.returncode == 0 and stage_log(r4.stdout) == {"report": "ran"}
+
+    # Changing what eval reads re-runs eval and report only.
+    r5 = run_cli("run", p, "eval.limit=4", cwd=tmp_path)
+    assert r5.returncode == 0, r5.stderr[-2000:]
+    log = stage_log(r5.stdout)
+    assert [s for s in STAGES if log[s] == "ran"] == ["eval", "report"]
+    res = json.loads((run_dir / "eval" / "main-s0" / "results.json").read_text())
+    assert res["tasks"]["arith-id"]["n"] == 4
+
+
+def test_lock_refuses_second_run(tmp_path):
+    run_dir = tmp_path / "locked"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time, pathlib; from dipnet.pipeline.run import run_lock\n"
+        f"with run_lock(pathlib.Path({str(run_dir)!r})):\n"
+        "    print('held', flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UsageError, match=f"another dipnet run \\(PID {holder.pid}\\) is writing this run directory"):
+            with run_lock(run_dir):
+                pass
+        p = write_recipe(tmp_path, name="locked")
+        res = run_cli("run", p, cwd=tmp_path)
+        assert res.returncode == 2 and f"PID {holder.pid}" in res.stderr and "Traceback" not in res.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(run_dir):  # released when its holder died
+        pass
+
+
+def test_unknown_stage_names(tmp_path):
+    r = load_recipe(write_recipe(tmp_path))
+    with pytest.raises(UsageError, match="--from trian: unknown stage"):
+        run_pipeline(r, from_stage="trian", progress=False)
+
+
+def test_interrupted_convert_is_simply_rerun(tmp_path, tiny_base_dir, monkeypatch):
+    """A stage killed mid-write leaves only a .tmp- directory; the rerun completes it."""
+    from dipnet.pipeline import convert as conv
+
+    r = load_recipe(write_recipe(tmp_path, name="atomic"))
+    calls = {"n": 0}
+    orig = conv.copy_tokenizer_files
+
+    def crash(*a, **k):
+        calls["n"] += 1
+        raise KeyboardInterrupt  # as if Ctrl-C arrived while the weights were being written
+
+    monkeypatch.setattr(conv, "copy_tokenizer_files", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(r, only=None, progress=False)
+    run_dir = tmp_path / "atomic"
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["stages"]["convert"]["status"] == "interrupted"
+    assert not (run_dir / "convert" / "model").exists()  # nothing half-written under the real name
+    monkeypatch.setattr(conv, "copy_tokenizer_files", orig)
+    run_pipeline(r, only="convert", progress=False)
+    assert (run_dir / "convert" / "model" / "dip" / "dip.safetensors").is_file()
+    assert json.loads((run_dir / "manifest.json").read_text())["stages"]["convert"]["status"] == "completed"
+    assert calls["n"] == 1
