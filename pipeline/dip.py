@@ -82,6 +82,9 @@ class DistributionalInputProjection(nn.Module):
         self.init_variance = float(init_variance)
         self.log_variance = nn.Parameter(torch.full((hidden_size,), math.log(init_variance)), requires_grad=learnable)
         self.mode = "sample"
+        # (sum λ, sum ln λ, count) from the last sampling forward, for the prior. Recorded inside
+        # forward because ZeRO-3 only gathers a partitioned parameter while its module runs.
+        self.prior_terms: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     @property
     def variance(self) -> torch.Tensor:
@@ -96,7 +99,10 @@ class DistributionalInputProjection(nn.Module):
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if self.mode == "mean":
             return v
-        std = torch.exp(0.5 * self.log_variance).to(v.dtype)
+        log_var = self.log_variance
+        if log_var.requires_grad and torch.is_grad_enabled():
+            self.prior_terms = (log_var.float().exp().sum(), log_var.float().sum(), log_var.numel())
+        std = torch.exp(0.5 * log_var).to(v.dtype)
         noise = torch.randn_like(v) * std
         if self.scale == "relative":
             noise = noise * v.detach().pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
@@ -299,13 +305,25 @@ def dip_prior(model: nn.Module, alpha: float, beta: float) -> torch.Tensor:
     """α·mean(λ) − β·mean(ln λ) over every feature of every learnable projection.
 
     Means, not sums, so α and β do not scale with model size. Minimised at λ = β/α.
+    Uses the terms each projection recorded in its last forward (consumed here), which is the
+    only place a ZeRO-3-partitioned λ is whole; without a forward it reads λ directly.
     """
-    logs = [p.log_variance for _, p in projections(model) if p.log_variance.requires_grad]
-    if not logs or (alpha == 0 and beta == 0):
+    projs = [p for _, p in projections(model) if p.log_variance.requires_grad]
+    if not projs or (alpha == 0 and beta == 0):
+        for p in projs:
+            p.prior_terms = None
         dev = next(model.parameters()).device
         return torch.zeros((), device=dev)
-    log_var = torch.cat([l.float().reshape(-1) for l in logs])
-    return alpha * log_var.exp().mean() - beta * log_var.mean()
+    sum_lam, sum_log, count = 0.0, 0.0, 0
+    for p in projs:
+        if p.prior_terms is not None:
+            sl, slog, n = p.prior_terms
+            p.prior_terms = None
+        else:
+            lv = p.log_variance.float()
+            sl, slog, n = lv.exp().sum(), lv.sum(), lv.numel()
+        sum_lam, sum_log, count = sum_lam + sl, sum_log + slog, count + n
+    return alpha * sum_lam / count - beta * sum_log / count
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -276,6 +277,11 @@ def main(argv=None) -> None:
         bar = tqdm(total=steps, initial=start_step, desc=f"train {recipe.run.name}", dynamic_ncols=True,
                    mininterval=1.0, file=sys.stderr)
 
+    # Fault injection for the tests: DIPNET_FAULT_KILL="RANK:STEP", DIPNET_FAULT_NAN="STEP".
+    fk = os.environ.get("DIPNET_FAULT_KILL")
+    fault_kill = tuple(int(x) for x in fk.split(":")) if fk else None
+    fault_nan = int(os.environ["DIPNET_FAULT_NAN"]) if os.environ.get("DIPNET_FAULT_NAN") else None
+
     m = d.trajectories
     learn_lambda = d.method == "dip"
     alpha, beta = (d.alpha, d.beta) if learn_lambda else (0.0, 0.0)
@@ -298,6 +304,10 @@ def main(argv=None) -> None:
             batch = {k: v.to(device) for k, v in dipmod.repeat_for_trajectories(batch, m).items()}
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             terms = dipmod.dip_objective(logits, batch["labels"], m, engine.module, alpha, beta, gamma)
+            if fault_kill == (rank, step + 1):  # fault injection (tests): die mid-step, like kill -9
+                os.kill(os.getpid(), signal.SIGKILL)
+            if fault_nan == step + 1:
+                terms["loss"] = terms["loss"] * float("nan")
             engine.backward(terms["loss"])
             engine.step()
             n_tok = int(batch["attention_mask"].sum())

@@ -1,0 +1,171 @@
+"""Real 2-rank DeepSpeed runs on the tiny base: ZeRO-1/2/3 agreement, λ under ZeRO-3,
+checkpoints, kill -9 and resume, LoRA + DIP, export round trip, EOS."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from trainhelp import metrics, train
+
+from dipnet.pipeline.errors import RunError
+from dipnet.pipeline.export import consolidate_zero_checkpoint, export_checkpoint
+from dipnet.pipeline.train import latest_checkpoint
+
+pytestmark = pytest.mark.slow
+
+STEPS = {"train.max_steps": 8, "train.save_every": 4, "train.keep_last": 2}
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zero")
+    runs = {}
+    for stage in (1, 2, 3):
+        out = root / f"z{stage}"
+        train(out, {**STEPS, "train.zero_stage": stage, "dip.method": "dip", "dip.lr_scale": 50.0})
+        runs[stage] = out
+    return runs
+
+
+def test_zero_stages_train_and_agree(zero_runs):
+    per = {s: metrics(out) for s, out in zero_runs.items()}
+    for s, rows in per.items():
+        assert rows[-1]["nll"] < rows[0]["nll"] - 0.5, (s, rows[0]["nll"], rows[-1]["nll"])  # loss falls
+        init, last = rows[0]["lambda"]["0.dip_input"], rows[-1]["lambda"]["0.dip_input"]
+        assert abs(last["mean"] - 0.01) > 1e-5 or last["max"] - last["min"] > 1e-4  # λ moved
+        ck = zero_runs[s] / "checkpoints"
+        assert sorted(p.name for p in ck.glob("step-*")) == ["step-000004", "step-000008"]
+        assert (ck / "latest").read_text() == "step-000008"
+    # ZeRO-1/2/3 losses agree over the first steps. (ZeRO-1 and 2 are bit-identical; ZeRO-3's
+    # reduce-scatter sums in another order: ~1e-6 at step 2, growing to ~1e-4 by step 4 at this lr.)
+    for step in range(3):
+        ref = per[1][step]["loss"]
+        for s in (2, 3):
+            assert abs(per[s][step]["loss"] - ref) <= 1e-5, (s, step, per[s][step]["loss"], ref)
+
+
+def test_lambda_under_zero3_equals_zero1(zero_runs):
+    w1 = consolidate_zero_checkpoint(latest_checkpoint(zero_runs[1] / "checkpoints"))
+    w3 = consolidate_zero_checkpoint(latest_checkpoint(zero_runs[3] / "checkpoints"))
+    keys = [k for k in w1 if "log_variance" in k]
+    assert len(keys) == 4 and set(keys) <= set(w3)
+    init = torch.tensor(0.01).log()
+    for k in keys:
+        assert w3[k].shape == (128,)
+        moved = (w1[k] - init).abs().max().item()
+        diff = (w1[k] - w3[k]).abs().max().item()
+        # λ trained (moved ~0.1-0.4 in log-variance) and ZeRO-3 agrees with ZeRO-1 to the same
+        # reduction-order drift the losses show (~3e-4 after 8 steps): a λ left uninitialised or
+        # lost under partitioning would be off by the whole movement.
+        assert moved > 0.05, (k, moved)
+        assert diff < 1e-3 and diff < moved / 50, (k, diff, moved)
+
+
+def test_export_round_trip_every_stage(zero_runs, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dipnet.pipeline import dip
+    from dipnet.pipeline.convert import load_causal_lm
+
+    for s, out in zero_runs.items():
+        summary = export_checkpoint(out, tmp_path / f"export{s}")
+        assert summary["max_logit_diff"] == 0.0 and summary["tensors"] == 39 and summary["dip_projections"] == 4
+    d = tmp_path / "export3"
+    assert not any(p.name.startswith("dip") for p in d.glob("*.safetensors"))
+    plain = AutoModelForCausalLM.from_pretrained(d).eval()
+    with_dip = load_causal_lm(d)
+    dip.set_dip_mode(with_dip, "mean")
+    tok = AutoTokenizer.from_pretrained(d)
+    x = tok(["Question: Ann has 3 pens.\nAnswer:"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(plain(**x).logits, with_dip.eval()(**x).logits)
+    w3 = consolidate_zero_checkpoint(latest_checkpoint(zero_runs[3] / "checkpoints"))
+    for name, p in dip.projections(with_dip):
+        key = next(k for k in w3 if k.endswith(name.split("model.", 1)[-1] + ".log_variance"))
+        assert torch.equal(p.log_variance.detach(), w3[key])
+
+
+def test_kill_one_rank_then_resume_equals_uninterrupted(tmp_path):
+    cfg = {"train.max_steps": 12, "train.save_every": 4, "train.zero_stage": 2, "dip.method": "dip"}
+    ref = tmp_path / "ref"
+    train(ref, cfg)
+    run = tmp_path / "killed"
+    with pytest.raises(RunError, match="training failed"):
+        train(run, cfg, env={"DIPNET_FAULT_KILL": "1:7"})  # rank 1 SIGKILLs itself mid-step 7
+    assert (run / "checkpoints" / "latest").read_text() == "step-000004"
+    _no_rank_alive(run)
+    train(run, cfg)  # the rerun resumes from step 4
+    log = (run / "train.log").read_text()
+    assert "resumed from" in log and "step-000004" in log
+    a = consolidate_zero_checkpoint(latest_checkpoint(ref / "checkpoints"))
+    b = consolidate_zero_checkpoint(latest_checkpoint(run / "checkpoints"))
+    assert set(a) == set(b)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff <= 1e-6, diff
+
+
+def _no_rank_alive(run):
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().decode(errors="replace")
+                state = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            assert not (str(run) in cmd and "train.py" in cmd and state != "Z"), f"rank still running: {d} {cmd}"
+
+
+def test_resume_refuses_other_world_size(tmp_path):
+    cfg = {"train.max_steps": 4, "train.save_every": 2, "train.zero_stage": 1, "launch.launcher": "single"}
+    run = tmp_path / "ws"
+    train(run, {**cfg, "train.max_steps": 2}, procs=1)
+    with pytest.raises(RunError, match="written by 1 ranks, this run has 2; resume with launch.procs_per_node=1"):
+        train(run, {**cfg, "launch.launcher": "deepspeed"}, procs=2)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good(tmp_path):
+    run = tmp_path / "nan"
+    with pytest.raises(RunError, match=r"non-finite loss at step 3; stopped without saving \(last good checkpoint: step-000002\)"):
+        train(run, {"train.max_steps": 6, "train.save_every": 2, "train.zero_stage": 1}, env={"DIPNET_FAULT_NAN": "3"})
+    assert (run / "checkpoints" / "latest").read_text() == "step-000002"
+
+
+def test_lora_with_dip_trains_and_merges(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "lora"
+    train(run, {"train.max_steps": 4, "train.save_every": 4, "train.zero_stage": 2, "train.method": "lora",
+                "dip.method": "dip", "dip.lr_scale": 50.0, "train.lora.r": 4})
+    w = consolidate_zero_checkpoint(latest_checkpoint(run / "checkpoints"))
+    assert any("lora_A" in k for k in w) and sum("log_variance" in k for k in w) == 4
+    lam = [v for k, v in w.items() if "log_variance" in k]
+    assert any(not torch.allclose(v, torch.full_like(v, torch.tensor(0.01).log())) for v in lam)  # λ trained
+    s = export_checkpoint(run, tmp_path / "lora_export")
+    assert s["max_logit_diff"] <= 1e-5 * s["logit_scale"]
+    m, info = AutoModelForCausalLM.from_pretrained(tmp_path / "lora_export", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert not any("lora" in k for k in m.state_dict())
+
+
+def test_lora_target_that_matches_nothing(tmp_path):
+    with pytest.raises(RunError, match="train.lora.target_modules: 'qkv_proj' matches no module"):
+        train(tmp_path / "bad", {"train.max_steps": 1, "train.method": "lora", "train.lora.target_modules": ["qkv_proj"],
+                                  "launch.launcher": "single"}, procs=1)
+
+
+def test_finetuned_model_emits_eos(tmp_path):
+    from dipnet.eval.hf_runner import greedy_generate, load_hf
+    from dipnet.eval.tasks import build_task
+
+    run = tmp_path / "eos"
+    train(run, {"train.max_steps": 60, "train.save_every": 60, "train.zero_stage": 1, "dip.method": "none",
+                "train.micro_batch_size": 8})
+    export_checkpoint(run, tmp_path / "eos_export")
+    model, tok = load_hf(tmp_path / "eos_export")
+    task = build_task("arith-id", limit=32)
+    prompts = [tok(task.prompt(p["question"])).input_ids for p in task.problems]
+    gens = greedy_generate(model, tok, prompts, 64, stops=[])
+    stopped = sum(len(g[1]) < 64 for g in gens)
+    assert stopped == len(gens), f"{len(gens) - stopped} generations ran to the limit without EOS"

@@ -1,0 +1,38 @@
+"""Start real training runs from tests: preprocess once, then launch ranks like the train stage."""
+
+import json
+from pathlib import Path
+
+from dipnet.pipeline import launch
+from dipnet.pipeline.base_model import tiny_base
+from dipnet.pipeline.data import preprocess
+from dipnet.pipeline.recipe import Recipe, apply_overrides
+
+BASE_TRAIN = {
+    "data.synthetic.n_train": 96, "data.synthetic.n_test": 16, "data.max_length": 96,
+    "train.micro_batch_size": 4, "train.log_every": 1, "train.warmup_steps": 2, "train.lr": 2e-3,
+}
+
+
+def make_recipe(overrides: dict) -> Recipe:
+    return Recipe.model_validate(apply_overrides({}, {**BASE_TRAIN, **overrides}))
+
+
+def train(out: Path, overrides: dict, procs: int = 2, env: dict | None = None, model_dir=None, timeout: int = 600):
+    """Run pipeline/train.py on `procs` ranks into `out`; raises RunError if it fails."""
+    r = make_recipe(overrides)
+    base = model_dir or tiny_base(r.model.tiny, progress=False)
+    meta = preprocess(r.data, base, out.parent / "_preprocessed")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(r.to_dict()))
+    port = launch.choose_master_port(None)
+    cmd = launch.train_command(r.launch, procs, port, ["--recipe", str(out / "recipe.json"), "--model", str(base),
+                                                       "--data", meta["path"], "--out", str(out)])
+    e = launch.rank_env(procs, port)
+    e.update(env or {})
+    launch.run_ranks(cmd, e, out / "train.log", timeout, single=r.launch.launcher == "single", port=port)
+    return r
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
