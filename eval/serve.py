@@ -1,0 +1,57 @@
+"""`dipnet serve MODEL_DIR`: vLLM's OpenAI-compatible server for an exported model.
+
+Binds 127.0.0.1 unless `--host` says otherwise. Runs in the foreground until Ctrl-C/SIGTERM,
+which stop the server and every process it started. (`vllm serve` fails in the CPU build, whose
+CLI looks up the `vllm` distribution name; the module entry point works in both builds.)
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from dipnet.eval.vllm_runner import INSTALL_HINT, _has_cuda, vllm_environment
+from dipnet.pipeline.convert import check_model_dir
+from dipnet.pipeline.errors import UsageError
+
+
+def serve_command(model_dir: str | Path, host: str, port: int, max_model_len: int | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--host", host, "--port", str(port), "--served-model-name", Path(model_dir).name]
+    if not _has_cuda():
+        cmd += ["--dtype", "float32", "--enforce-eager"]
+    if max_model_len:
+        cmd += ["--max-model-len", str(max_model_len)]
+    return cmd
+
+
+def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, workdir: str | None = None) -> int:
+    import importlib.util
+    import json
+    import os
+
+    check_model_dir(model_dir)
+    if importlib.util.find_spec("vllm") is None:
+        raise UsageError(f"engine vllm is not installed: {INSTALL_HINT}")
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    max_len = min(int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048), 4096)
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="dipnet-serve-"))
+    env = {**os.environ, **vllm_environment(work)}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine in a child process
+    print(f"serving {model_dir} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+    proc = subprocess.Popen(serve_command(model_dir, host, port, max_len), env=env, start_new_session=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        from dipnet.pipeline.launch import kill_group
+
+        kill_group(proc, grace_s=10)
+        return 0

@@ -1,0 +1,231 @@
+"""GSM8K scoring against lm-evaluation-harness rules, tasks and perturbations, both engines,
+average:k, results files, re-scoring, and the OpenAI-compatible server."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import SHARED_GSM8K, run_cli
+
+from dipnet.eval import extract
+from dipnet.eval.metrics import paired_bootstrap, wilson_interval
+from dipnet.eval.tasks import build_task
+
+# (output, target, strict extracted, strict correct, flexible extracted, flexible correct)
+CASES = [
+    ("She has 5 + 3 = 8 apples.\n#### 8", "#### 8", "8", True, "8", True),
+    ("#### 1,234", "Janet makes 1234\n#### 1234", "1,234", True, "1,234", True),
+    ("The total is $18.", "#### 18", "[invalid]", False, "$18.", True),
+    ("#### 18.", "#### 18", "18.", True, "18.", True),
+    ("First 3, then 4, answer 7", "#### 7", "[invalid]", False, "7", True),
+    ("#### 5\nQuestion: next #### 9", "#### 5", "5", True, "9", False),
+    ("#### -3", "#### -3", "-3", True, "-3", True),
+    ("The answer is 2.5 hours", "#### 2.5", "[invalid]", False, "2.5", True),
+    ("no numbers here", "#### 4", "[invalid]", False, "[invalid]", False),
+    ("#### 10\n\nSo 10 dollars, i.e. 1,000 cents", "#### 10", "10", True, "1,000", False),
+    ("x = 12, y = 1", "#### 12", "[invalid]", False, "1", False),
+    ("####12", "#### 12", "[invalid]", False, "12", True),  # strict needs the space; flexible does not
+    ("It costs $1,000.00 in total.", "#### 1000.00", "[invalid]", False, "$1,000.00", True),
+]
+
+
+@pytest.mark.parametrize("out,target,se,sc,fe,fc", CASES)
+def test_extraction_matches_lm_eval_rules(out, target, se, sc, fe, fc):
+    s = extract.score_output(out, target)
+    assert s["strict-match"] == {"extracted": se, "correct": sc}
+    assert s["flexible-extract"] == {"extracted": fe, "correct": fc}
+
+
+def test_normalize_and_stop():
+    assert extract.normalize("Janet sells 3\n#### $1,234.") == "1234"
+    assert extract.truncate_at_stop("7\n#### 7\n\nQuestion: more", ["Question:"]) == "7\n#### 7\n\n"
+
+
+def test_wilson_and_bootstrap():
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    a = [[1.0] * 50 + [0.0] * 50] * 3
+    d, lo, hi = paired_bootstrap(a, a)
+    assert d == 0 and lo == 0 and hi == 0
+    d, lo, hi = paired_bootstrap([[1.0] * 100], [[0.0] * 100])
+    assert d == 1 and lo == 1
+
+
+@pytest.mark.skipif(not (SHARED_GSM8K / "test.jsonl").is_file(), reason="../shared/data/gsm8k not present")
+def test_gsm8k_gold_answers_score_100(tmp_path):
+    from dipnet.eval.evaluate import rescore_predictions
+
+    rows = [json.loads(l) for l in (SHARED_GSM8K / "test.jsonl").read_text().splitlines()]
+    assert len(rows) == 1319
+    pred = tmp_path / "gold.jsonl"
+    pred.write_text("".join(json.dumps({"output": r["answer"], "target": r["answer"]}) + "\n" for r in rows))
+    res = rescore_predictions(pred, "gsm8k", tmp_path / "out")
+    s = res["tasks"]["gsm8k"]["scores"]
+    assert s["strict-match"]["accuracy"] == 1.0 and s["flexible-extract"]["accuracy"] == 1.0
+    assert s["strict-match"]["n"] == 1319
+
+
+@pytest.mark.skipif(not (SHARED_GSM8K / "test.jsonl").is_file(), reason="../shared/data/gsm8k not present")
+def test_gsm8k_prompt_is_lm_eval_format():
+    t = build_task("gsm8k", shots=5, gsm8k_path=str(SHARED_GSM8K))
+    p = t.prompt(t.problems[0]["question"])
+    assert p.count("Question: ") == 6 and p.endswith(f"Question: {t.problems[0]['question']}\nAnswer:")
+    assert "\n\nQuestion: " in p and p.split("\n\n")[0].split("\nAnswer: ")[1].rstrip().split("#### ")[-1].strip().replace(",", "").isdigit()
+    assert t.stops[0] == "Question:" and len(t.problems) == 1319
+    assert build_task("gsm8k", shots=5, gsm8k_path=str(SHARED_GSM8K)).shots == t.shots  # deterministic shots
+    tp = build_task("gsm8k-perturbed", gsm8k_path=str(SHARED_GSM8K), limit=10)
+    assert all(a["answer"] == b["answer"] for a, b in zip(tp.problems, t.problems[:10]))
+    assert all(a["question"] != b["question"] for a, b in zip(tp.problems, t.problems[:10]))
+
+
+def test_arith_perturbed_keeps_answers():
+    base, pert = build_task("arith-id"), build_task("arith-perturbed")
+    assert len(base.problems) == len(pert.problems)
+    assert all(a["answer"] == b["answer"] and a["question"] != b["question"] for a, b in zip(base.problems, pert.problems))
+    assert build_task("arith-perturbed").problems == pert.problems  # deterministic
+
+
+def test_unknown_task_cli(tmp_path):
+    res = run_cli("eval", "some_dir", "--tasks", "arith-idd", "--out", tmp_path / "o")
+    assert res.returncode == 2 and "unknown task 'arith-idd' (did you mean 'arith-id'?)" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A briefly fine-tuned, exported tiny model (2 ranks, ZeRO-2)."""
+    from trainhelp import train
+
+    from dipnet.pipeline.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("evalmodel")
+    train(root / "run", {"train.max_steps": 60, "train.save_every": 60, "train.zero_stage": 2, "dip.method": "dip",
+                         "train.micro_batch_size": 8})
+    export_checkpoint(root / "run", root / "export")
+    return root / "export"
+
+
+@pytest.mark.slow
+def test_vllm_and_hf_agree_and_results_complete(exported, tmp_path):
+    from dipnet.eval.evaluate import evaluate_model
+
+    tasks = ["arith-id", "arith-ood", "arith-perturbed"]
+    rv = evaluate_model(exported, tasks, tmp_path / "v", engine="vllm", limit=48, max_new_tokens=40, progress=False)
+    rh = evaluate_model(exported, tasks, tmp_path / "h", engine="hf", limit=48, max_new_tokens=40, progress=False)
+    for t in tasks:
+        sv = [json.loads(l) for l in (tmp_path / "v" / f"samples_{t}.jsonl").read_text().splitlines()]
+        sh = [json.loads(l) for l in (tmp_path / "h" / f"samples_{t}.jsonl").read_text().splitlines()]
+        assert [s["output"] for s in sv] == [s["output"] for s in sh], t
+        assert rv["tasks"][t]["scores"] == rh["tasks"][t]["scores"]
+        for s in sv:
+            assert set(s) >= {"prompt", "output", "target", "extracted", "correct", "answer_nll"}
+        r = rv["tasks"][t]
+        assert set(r) >= {"n", "setup", "scores", "teacher_forced", "wall_s", "generated_tokens_per_s"}
+        for sc in ("strict-match", "flexible-extract"):
+            assert set(r["scores"][sc]) == {"accuracy", "correct", "n", "ci95"}
+        assert r["setup"]["stop"][0] == "Question:" and r["setup"]["shots"] == 0
+    assert rv["engine"] == "vllm" and rv["engine_version"].startswith("vllm") and len(rv["model_fingerprint"]) == 16
+    # It learned the format: the untrained-on-problems base sits at an answer NLL of ~5.6.
+    assert rv["tasks"]["arith-id"]["teacher_forced"]["answer_nll"] < 1.5
+    assert not list((tmp_path / "v").glob("vllm/tmp/*.sock"))  # nothing left in /tmp or here
+
+
+@pytest.mark.slow
+def test_average_k1_without_noise_equals_mean(exported):
+    from dipnet.eval.hf_runner import greedy_generate, load_hf
+    from dipnet.pipeline import dip
+
+    model, tok = load_hf(exported, dip_mode="mean")
+    task = build_task("arith-id", limit=16)
+    prompts = [tok(task.prompt(p["question"])).input_ids for p in task.problems]
+    mean = greedy_generate(model, tok, prompts, 32, task.stops, k=1)
+    dip.set_dip_mode(model, "mean")  # no noise
+    avg = greedy_generate(model, tok, prompts, 32, task.stops, k=1)
+    avg3 = greedy_generate(model, tok, prompts, 32, task.stops, k=3)  # k copies of a noiseless path
+    assert mean == avg == avg3
+    dip.set_dip_mode(model, "sample")
+    noisy = greedy_generate(model, tok, prompts, 32, task.stops, k=4)
+    assert len(noisy) == len(mean)
+
+
+@pytest.mark.slow
+def test_hf_noise_sweep_and_average_mode(exported, tmp_path):
+    from dipnet.eval.evaluate import evaluate_model
+
+    r = evaluate_model(exported, ["arith-id"], tmp_path / "n", engine="hf", limit=24, max_new_tokens=32,
+                       dip_mode="average:2", noise_sigmas=[0.0, 1.0], progress=False)
+    sweep = r["noise_sweep"]["arith-id"]
+    assert set(sweep) == {"0.0", "1.0"} and all(0 <= v <= 1 for v in sweep.values())
+    assert r["dip_mode"] == "average:2"
+    # The noise really reaches the embeddings: σ = 0 is the clean path, σ = 1 changes the text.
+    from dipnet.eval.hf_runner import embedding_noise, greedy_generate, load_hf
+
+    model, tok = load_hf(exported)
+    task = build_task("arith-id", limit=8)
+    prompts = [tok(task.prompt(p["question"])).input_ids for p in task.problems]
+    clean = greedy_generate(model, tok, prompts, 24, task.stops)
+    with embedding_noise(model, 0.0, seed=0):
+        assert greedy_generate(model, tok, prompts, 24, task.stops) == clean
+    with embedding_noise(model, 1.0, seed=0):
+        assert greedy_generate(model, tok, prompts, 24, task.stops) != clean
+
+
+@pytest.mark.slow
+def test_cli_eval_and_rescore(exported, tmp_path):
+    res = run_cli("eval", exported, "--tasks", "arith-id", "--engine", "hf", "--limit", "8", "--out", tmp_path / "e")
+    assert res.returncode == 0, res.stderr[-1500:]
+    res2 = run_cli("eval", "--predictions", tmp_path / "e" / "samples_arith-id.jsonl", "--task", "arith-id",
+                   "--out", tmp_path / "r")
+    assert res2.returncode == 0, res2.stderr
+    a = json.loads((tmp_path / "e" / "results.json").read_text())["tasks"]["arith-id"]["scores"]
+    b = json.loads((tmp_path / "r" / "results.json").read_text())["tasks"]["arith-id"]["scores"]
+    assert a == b
+
+
+def test_vllm_engine_that_fails_to_start(tmp_path):
+    from dipnet.eval.vllm_runner import VllmEngine
+    from dipnet.pipeline.errors import RunError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(RunError, match="vLLM engine failed to start for"):
+        VllmEngine(tmp_path, tmp_path / "w", 128)
+
+
+@pytest.mark.slow
+def test_serve_answers_one_completion(exported, tmp_path):
+    from dipnet.pipeline.launch import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dipnet.pipeline.cli", "serve", str(exported), "--port", str(port),
+                             "--workdir", str(tmp_path / "w")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+                    models = json.load(r)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+                assert time.time() < deadline, "server did not come up"
+                time.sleep(1)
+        name = models["data"][0]["id"]
+        body = json.dumps({"model": name, "prompt": "Question: Ann has 3 pens. She buys 4 more. How many pens does Ann have now?\nAnswer:",
+                           "max_tokens": 24, "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            out = json.load(r)
+        assert out["choices"][0]["text"].strip()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
