@@ -266,7 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # KEY=VALUE overrides may also come after options (`launch R --slurm train.lr=1`).
+        if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        elif extra:
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
         return globals()[f"cmd_{args.command}"](args)
     except DipnetError as exc:
         if debug:

@@ -194,17 +194,16 @@ class Run:
         return meta
 
     def stage_train(self) -> dict:
-        from dipnet.pipeline import launch
-
+        """Train every (variant, seed). Pending runs share one launch (start-up paid once);
+        with study.match=time the baseline runs first and sets the others' time budget."""
         model_dir = self.manifest.outputs("convert")["model_dir"]
         data = self.manifest.outputs("preprocess")
-        out = {}
-        budget_s = None
+        out, pending = {}, []
         for variant, seed, r in self.runs:
             run_id = f"{variant}-s{seed}"
             r = self.matched(r, variant)
             d = self.dir / "train" / run_id
-            key = _hash([r.section_hash("train", "dip", "run", "data", "model"), model_dir, data["key"], budget_s])
+            key = _hash([r.section_hash("train", "dip", "run", "data", "model"), model_dir, data["key"]])
             inputs = d / "inputs.json"
             if inputs.is_file() and json.loads(inputs.read_text()).get("key") != key:
                 shutil.rmtree(d)  # settings changed: these checkpoints belong to another run
@@ -215,24 +214,60 @@ class Run:
             d.mkdir(parents=True, exist_ok=True)
             write_json_atomic(inputs, {"key": key})
             (d / "recipe.json").write_text(json.dumps(r.to_dict(), indent=2))
-            procs = r.launch.procs_per_node or launch.default_procs_per_node()
-            if r.launch.launcher == "single":
-                procs = 1
-            port = launch.choose_master_port(r.launch.master_port)
-            args = ["--recipe", str(d / "recipe.json"), "--model", model_dir, "--data", data["path"], "--out", str(d)]
-            if budget_s:
-                args += ["--max-seconds", f"{budget_s:.2f}"]
-            cmd = launch.train_command(r.launch, procs, port, args)
-            self.say(f"  {run_id}: {r.launch.launcher} x{procs} ranks, ZeRO-{r.train.zero_stage}, "
-                     f"dip.method={r.dip.method} (log: {d / 'train.log'})")
-            t0 = time.time()
-            launch.run_ranks(cmd, launch.rank_env(procs, port), d / "train.log", r.launch.timeout_s,
-                             single=r.launch.launcher == "single", port=port)
-            self.say(f"  {run_id}: trained in {time.time() - t0:.1f}s")
+            pending.append((run_id, variant, seed, r, d, key))
+        if not pending:
+            return out
+        if self.recipe.study.match == "time":
+            base = [p for p in pending if p[1] == self.recipe.report.baseline]
+            rest = [p for p in pending if p[1] != self.recipe.report.baseline]
+            self._launch(base, model_dir, data, None)
+            budget = None
+            for run_id, variant, seed, *_ in self.runs_of(self.recipe.report.baseline):
+                summary = self.dir / "train" / f"{variant}-s{seed}" / "train_summary.json"
+                if summary.is_file():
+                    budget = json.loads(summary.read_text())["wall_s"]
+            for p in rest:  # one launch each: the budget is wall-clock of the training loop
+                self._launch([p], model_dir, data, budget)
+        else:
+            self._launch(pending, model_dir, data, None)
+        for run_id, variant, seed, r, d, key in pending:
+            if not (d / "train_summary.json").is_file():
+                raise RunError(f"training of {run_id} did not finish (see {self.dir / 'train' / 'train.log'})")
+            self.say(f"  {run_id}: trained {json.loads((d / 'train_summary.json').read_text())['steps']} steps")
             out[run_id] = self._train_outputs(d, variant, seed, key)
-            if self.recipe.study.match == "time" and budget_s is None and variant == self.recipe.report.baseline:
-                budget_s = json.loads((d / "train_summary.json").read_text())["wall_s"]
         return out
+
+    def runs_of(self, variant: str):
+        return [(f"{v}-s{s}", v, s, r) for v, s, r in self.runs if v == variant]
+
+    def _launch(self, batch: list, model_dir: str, data: dict, budget_s: float | None) -> None:
+        from dipnet.pipeline import launch, slurm
+
+        if not batch:
+            return
+        r = batch[0][3]  # launch settings are shared by the study's runs
+        spec = self.dir / "train" / f"launch-{batch[0][0]}.json"
+        spec.write_text(json.dumps([{"recipe": str(d / "recipe.json"), "out": str(d)} for *_, d, _ in batch], indent=2))
+        args = ["--runs", str(spec), "--model", model_dir, "--data", data["path"]]
+        if budget_s:
+            args += ["--max-seconds", f"{budget_s:.2f}"]
+        single = r.launch.launcher == "single"
+        if slurm.in_slurm_job():  # inside `dipnet launch --slurm`'s train job: ranks on every node
+            procs, single = int(os.environ["DIPNET_PROCS_PER_NODE"]), False
+            port = int(os.environ.get("MASTER_PORT", slurm.RDZV_PORT))
+            cmd = slurm.slurm_train_command(args, procs)
+            how = f"slurm {os.environ['DIPNET_SLURM_LAUNCHER']} {os.environ.get('SLURM_NNODES', '1')} node(s) x{procs}"
+        else:
+            procs = 1 if single else (r.launch.procs_per_node or launch.default_procs_per_node())
+            port = launch.choose_master_port(r.launch.master_port)
+            cmd = launch.train_command(r.launch, procs, port, args)
+            how = f"{r.launch.launcher} x{procs} ranks"
+        log = self.dir / "train" / "train.log"
+        names = ", ".join(b[0] for b in batch)
+        self.say(f"  {names}: {how}, ZeRO-{r.train.zero_stage} (log: {log})")
+        t0 = time.time()
+        launch.run_ranks(cmd, launch.rank_env(procs, port), log, r.launch.timeout_s, single=single, port=port)
+        self.say(f"  launch finished in {time.time() - t0:.1f}s")
 
     def matched(self, r: Recipe, variant: str) -> Recipe:
         """Compute matching: with match=tokens a variant with m trajectories gets steps/m."""
@@ -318,10 +353,12 @@ class Run:
 
 def run_pipeline(recipe: Recipe, *, from_stage: str | None = None, only: str | None = None,
                  progress: bool = True, recipe_path: str | None = None) -> Path:
-    """Run the stages of `recipe` in its run directory. Returns the run directory."""
-    for name, val in (("--from", from_stage), ("--only", only)):
-        if val is not None and val not in STAGES:
-            raise UsageError(f"{name} {val}: unknown stage; expected one of {', '.join(STAGES)}")
+    """Run the stages of `recipe` in its run directory (`only`: one stage or a comma list)."""
+    only_set = set(only.split(",")) if only else None
+    for name, vals in (("--from", [from_stage] if from_stage else []), ("--only", sorted(only_set or []))):
+        for val in vals:
+            if val not in STAGES:
+                raise UsageError(f"{name} {val}: unknown stage; expected one of {', '.join(STAGES)}")
     run = Run(recipe, progress=progress)
     with run_lock(run.dir), _sigterm_as_interrupt():
         resolved = run.dir / "recipe.yaml"
@@ -331,7 +368,7 @@ def run_pipeline(recipe: Recipe, *, from_stage: str | None = None, only: str | N
         os.replace(tmp, resolved)
         forced = False
         for stage in STAGES:
-            if only and stage != only:
+            if only_set and stage not in only_set:
                 continue
             if from_stage and stage == from_stage:
                 forced = True

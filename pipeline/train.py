@@ -207,37 +207,52 @@ def peak_memory_mb() -> float:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", required=True, help="resolved recipe JSON")
+    ap.add_argument("--recipe", help="resolved recipe JSON")
     ap.add_argument("--model", required=True, help="model directory (converted or base)")
     ap.add_argument("--data", required=True, help="preprocessed dataset directory")
-    ap.add_argument("--out", required=True, help="training output directory")
+    ap.add_argument("--out", help="training output directory")
+    ap.add_argument("--runs", help="JSON list of {recipe, out}: train several runs one after another in this "
+                                   "launch (a study's variants x seeds pay the start-up once)")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop (and save) after this much training time")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if not args.runs and not (args.recipe and args.out):
+        ap.error("give --recipe and --out, or --runs")
+    return args
 
 
 def main(argv=None) -> None:
+    args = parse_args(argv)
+    runs = json.loads(Path(args.runs).read_text()) if args.runs else [{"recipe": args.recipe, "out": args.out}]
+    # Distributed set-up: everything rank-dependent is decided here, once per launch.
+    rank, world, local_rank, is_main = setup_distributed()
+    for spec in runs:
+        if (Path(spec["out"]) / "train_summary.json").is_file():
+            continue  # finished in an earlier launch
+        train_one(spec["recipe"], args.model, args.data, Path(spec["out"]), args.max_seconds,
+                  rank, world, local_rank, is_main)
+
+
+def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, world, local_rank, is_main) -> None:
+    """One training run: model, data, engine, resume, loop, save."""
+    import gc
+
     import datasets
     import deepspeed
 
-    args = parse_args(argv)
-    recipe = Recipe.model_validate(json.loads(Path(args.recipe).read_text()))
+    recipe = Recipe.model_validate(json.loads(Path(recipe_path).read_text()))
     t, d = recipe.train, recipe.dip
-    out = Path(args.out)
     ckpt_root = out / "checkpoints"
-
-    # Distributed set-up: everything rank-dependent is decided here.
-    rank, world, local_rank, is_main = setup_distributed()
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(recipe.run.seed)
 
     # Tokenizer, model (+ DIP, + LoRA), data.
     from dipnet.pipeline.convert import check_vocab, load_tokenizer
 
-    tokenizer = load_tokenizer(args.model, recipe.model.trust_remote_code)
-    model, dip_config = setup_model(recipe, args.model)
-    check_vocab(model, tokenizer, args.model)
-    dataset = datasets.load_from_disk(args.data)
+    tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
+    model, dip_config = setup_model(recipe, model_dir)
+    check_vocab(model, tokenizer, model_dir)
+    dataset = datasets.load_from_disk(data_path)
     examples = dataset.to_list()
     steps = total_steps(recipe, len(examples), world)
 
@@ -315,7 +330,7 @@ def main(argv=None) -> None:
                                   terms["var_penalty"].item(), n_tok], dtype=torch.float64)
         # Every rank learns whether any rank saw a non-finite loss (or ran out of its time
         # budget, study.match=time), so all stop together.
-        over = args.max_seconds is not None and time.time() - t_loop >= args.max_seconds
+        over = max_seconds is not None and time.time() - t_loop >= max_seconds
         flag = torch.tensor([float(math.isfinite(sums[0].item())), float(not over)], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         if flag[1].item() < 1:
@@ -358,7 +373,7 @@ def main(argv=None) -> None:
             state = {"step": done, "tokens_seen": tokens_seen, "world_size": world, "seed": recipe.run.seed,
                      "data_position": done * t.micro_batch_size * t.grad_accum * world,
                      "recipe": recipe.to_dict(), "dip_config": asdict(dip_config),
-                     "model_dir": str(args.model), "zero_stage": t.zero_stage, "train_method": t.method,
+                     "model_dir": str(model_dir), "zero_stage": t.zero_stage, "train_method": t.method,
                      "rng_note": "noise and batches are functions of (seed, step, rank)"}
             save_checkpoint(engine, ckpt_root, done, state, t.keep_last, is_main)
         if done >= steps:
@@ -375,6 +390,9 @@ def main(argv=None) -> None:
         from dipnet.pipeline.plots import plot_training
 
         plot_training(out / "metrics.jsonl", out / "plots")
+    del engine, optimizer, model
+    gc.collect()
+    torch.distributed.barrier()
 
 
 def _grad_norm(engine) -> float | None:

@@ -1,0 +1,254 @@
+"""Slurm: render stage jobs from `launch/slurm/stage.sbatch`, submit them as a dependency chain,
+follow and cancel them.
+
+    dipnet launch RECIPE --slurm --nodes 2 --gpus-per-node 8 [--dry-run]
+    dipnet status RUN_DIR [--wait]
+    dipnet cancel RUN_DIR
+
+The chain is preprocess (base, convert, preprocess) -> train -> export -> eval (eval, report),
+each `sbatch --dependency=afterok:PREV --kill-on-invalid-dep=yes`, so a failed stage cancels the
+rest. Every job runs `dipnet run RECIPE --only STAGES` on the run directory (a shared file
+system), so skipping and resuming work exactly as without Slurm. Inside the train job the train
+stage spawns ranks with one srun task per node running torchrun (c10d rendezvous on the head
+node from `scontrol show hostnames`, node rank from SLURM_NODEID), or with the deepspeed
+launcher (`--launcher slurm`, hostfile written from the node list).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from string import Template
+
+import yaml
+
+from dipnet.pipeline.errors import RunError, UsageError
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "launch" / "slurm" / "stage.sbatch"
+CHAIN = [("preprocess", "base,convert,preprocess"), ("train", "train"), ("export", "export"), ("eval", "eval,report")]
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+            "DEADLINE"}
+RDZV_PORT = 29400
+
+
+def slurm_settings(recipe, args) -> dict:
+    """Recipe's launch.slurm with the command line's flags on top."""
+    s = recipe.launch.slurm.model_dump()
+    for key in ("nodes", "gpus_per_node", "cpus_per_task", "partition", "time", "account", "launcher"):
+        val = getattr(args, key, None)
+        if val is not None:
+            s[key] = val
+    if s["cpus_per_task"] is None:
+        s["cpus_per_task"] = max(2, 4 * s["gpus_per_node"]) if s["gpus_per_node"] else (os.cpu_count() or 2)
+    return s
+
+
+def procs_per_node(recipe, s: dict) -> int:
+    return s["gpus_per_node"] or recipe.launch.procs_per_node or 2
+
+
+def render_job(recipe, recipe_path: Path, run_dir: Path, stage_name: str, stages: str, s: dict) -> str:
+    """The sbatch script of one stage job."""
+    train = stage_name == "train"
+    lines = []
+    if s["partition"]:
+        lines.append(f"#SBATCH --partition={s['partition']}")
+    if s["time"]:
+        lines.append(f"#SBATCH --time={s['time']}")
+    if s["account"]:
+        lines.append(f"#SBATCH --account={s['account']}")
+    if s["gpus_per_node"] and train:
+        lines.append(f"#SBATCH --gpus-per-node={s['gpus_per_node']}")
+    for extra in s["extra_sbatch"]:
+        lines.append(extra if extra.startswith("#SBATCH") else f"#SBATCH {extra}")
+    env = [f"export {k}={shlex.quote(str(v))}" for k, v in s["env"].items()]
+    if not s["gpus_per_node"]:
+        env.append("export DS_ACCELERATOR=cpu")
+    return Template(TEMPLATE.read_text()).substitute(
+        job_name=f"dipnet-{recipe.run.name}-{stage_name}", nodes=s["nodes"] if train else 1,
+        cpus_per_task=s["cpus_per_task"], log=str(run_dir / "slurm" / f"{stage_name}-%j.log"),
+        sbatch_lines="\n".join(lines), env_lines="\n".join(env), launcher=s["launcher"],
+        procs_per_node=procs_per_node(recipe, s), master_port=RDZV_PORT, stages=stages, workdir=shlex.quote(str(Path.cwd())),
+        python=shlex.quote(sys.executable), recipe=shlex.quote(str(recipe_path)))
+
+
+def slurm_train_command(script_args: list[str], procs: int) -> list[str]:
+    """Inside a dipnet train job: spawn the ranks on every node of the allocation."""
+    from dipnet.pipeline.launch import TRAIN_SCRIPT
+
+    launcher = os.environ.get("DIPNET_SLURM_LAUNCHER", "torchrun")
+    py = shlex.quote(sys.executable)
+    args = " ".join(shlex.quote(a) for a in [str(TRAIN_SCRIPT)] + script_args)
+    if launcher == "deepspeed":
+        flag = "--out" if "--out" in script_args else "--runs"
+        where = Path(script_args[script_args.index(flag) + 1])
+        hostfile = (where if flag == "--out" else where.parent) / "hostfile"
+        ds = shlex.quote(str(Path(sys.executable).parent / "deepspeed"))
+        inner = (f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots={procs}/" > {shlex.quote(str(hostfile))} && '
+                 f'exec {ds} --hostfile {shlex.quote(str(hostfile))} --launcher slurm --num_nodes "$SLURM_NNODES" '
+                 f'--num_gpus {procs} --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" {args}')
+        return ["bash", "-c", inner]
+    inner = (f'exec {py} -m torch.distributed.run --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" '
+             f'--nproc_per_node {procs} --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" '
+             f'--rdzv_id "$SLURM_JOB_ID" {args}')
+    return ["srun", "--nodes", os.environ.get("SLURM_NNODES", "1"), "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
+            "bash", "-c", inner]
+
+
+def in_slurm_job() -> bool:
+    return bool(os.environ.get("SLURM_JOB_ID") and os.environ.get("DIPNET_SLURM_LAUNCHER"))
+
+
+# ----------------------------------------------------------------------------- submit
+
+def _sbatch() -> str:
+    exe = shutil.which("sbatch")
+    if exe is None:
+        raise UsageError("sbatch not found: run `dipnet launch --slurm` on a Slurm login node (or use --dry-run)")
+    return exe
+
+
+def launch_slurm(args) -> int:
+    from dipnet.pipeline.recipe import load_recipe
+    from dipnet.pipeline.run import Manifest, Run
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.hostfile:
+        raise UsageError("--hostfile is for the deepspeed launcher without Slurm (launch.hostfile); inside Slurm the "
+                         "hostfile is written from the node list")
+    s = slurm_settings(recipe, args)
+    d = recipe.to_dict()
+    d["run"]["output_dir"] = str(recipe.output_dir.resolve())
+    from dipnet.pipeline.recipe import Recipe
+
+    recipe = Recipe.model_validate(d)
+    run_dir = recipe.output_dir
+    recipe_path = run_dir / "slurm" / "recipe.yaml"
+    scripts = [(name, stages, render_job(recipe, recipe_path, run_dir, name, stages, s)) for name, stages in CHAIN]
+    if args.dry_run:
+        for name, stages, text in scripts:
+            print(f"# ---- {name} job (stages {stages}) ----")
+            print(text)
+        return 0
+    sbatch = _sbatch()
+    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    recipe_path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    run = Run(recipe, progress=False)
+    manifest = Manifest(run_dir)
+    jobs, prev = [], None
+    for name, stages, text in scripts:
+        stage_list = stages.split(",")
+        if all(manifest.entry(st).get("status") == "completed" and manifest.is_complete(st, run.stage_inputs(st))
+               for st in stage_list):
+            print(f"{name}: completed earlier (skipped)")
+            continue
+        path = run_dir / "slurm" / f"{name}.sbatch"
+        path.write_text(text)
+        cmd = [sbatch, "--parsable", "--kill-on-invalid-dep=yes"]
+        if prev:
+            cmd.append(f"--dependency=afterok:{prev}")
+        res = subprocess.run(cmd + [str(path)], capture_output=True, text=True)
+        if res.returncode != 0:
+            msg = " ".join((res.stderr or res.stdout).split()) or f"exit {res.returncode}"
+            if jobs:
+                subprocess.run(["scancel"] + [j["job_id"] for j in jobs], capture_output=True)
+            raise RunError(f"sbatch refused {path}: {msg}")
+        job_id = res.stdout.strip().split(";")[0]
+        jobs.append({"stage": name, "stages": stages, "job_id": job_id, "script": str(path),
+                     "log": str(run_dir / "slurm" / f"{name}-{job_id}.log")})
+        prev = job_id
+        print(f"{name}: submitted job {job_id}")
+    _write_jobs(run_dir, jobs)
+    if jobs:
+        print(f"job ids: {' '.join(j['job_id'] for j in jobs)}   (dipnet status {run_dir} --wait)")
+    else:
+        print("every stage is complete; nothing submitted")
+    return 0
+
+
+def _write_jobs(run_dir: Path, jobs: list[dict]) -> None:
+    p = run_dir / "slurm" / "jobs.json"
+    tmp = p.with_name("jobs.json.tmp")
+    tmp.write_text(json.dumps({"submitted": time.time(), "jobs": jobs}, indent=2))
+    os.replace(tmp, p)
+
+
+def _read_jobs(run_dir: str | Path) -> tuple[Path, list[dict]]:
+    d = Path(run_dir)
+    p = d / "slurm" / "jobs.json"
+    if not d.is_dir():
+        raise UsageError(f"{d}: no such run directory")
+    if not p.is_file():
+        raise UsageError(f"{d}: no Slurm jobs recorded (expected {p}; submit with dipnet launch --slurm)")
+    return d, json.loads(p.read_text())["jobs"]
+
+
+# ----------------------------------------------------------------------------- status / cancel
+
+def job_state(job_id: str) -> tuple[str, str]:
+    """(state, reason) from squeue, else scontrol (for MinJobAge after the end)."""
+    res = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True)
+    if res.returncode == 0 and res.stdout.strip():
+        state, _, reason = res.stdout.strip().partition("|")
+        return state, reason
+    res = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
+    if res.returncode == 0:
+        fields = dict(tok.split("=", 1) for tok in res.stdout.split() if "=" in tok)
+        return fields.get("JobState", "UNKNOWN"), fields.get("Reason", "")
+    return "UNKNOWN", "no longer known to Slurm"
+
+
+def status(run_dir: str | Path, wait: bool = False, timeout: float = 3600, poll: float = 0.5) -> int:
+    from dipnet.pipeline.run import Manifest
+
+    d, jobs = _read_jobs(run_dir)
+    deadline = time.time() + timeout
+    while True:
+        states = [(j, *job_state(j["job_id"])) for j in jobs]
+        if not wait or all(s in TERMINAL for _, s, _ in states) or time.time() > deadline:
+            break
+        time.sleep(poll)
+    manifest = Manifest(d)
+    failed = None
+    for j, state, reason in states:
+        stages = j["stages"].split(",")
+        errors = [manifest.entry(st).get("error") for st in stages if manifest.entry(st).get("error")]
+        extra = f"  ({reason})" if reason and reason not in ("None", "(null)") else ""
+        print(f"{j['stage']:10s} job {j['job_id']:>8s}  {state}{extra}")
+        if state in TERMINAL and state != "COMPLETED" and failed is None and state != "CANCELLED":
+            failed = (j, state, errors)
+    if failed:
+        j, state, errors = failed
+        print(f"\nstage {j['stage']} {state}: {errors[0] if errors else 'see its log'}")
+        print(f"log: {j['log']}")
+        log = Path(j["log"])
+        if log.is_file():
+            print("".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:]))
+        return 1
+    if wait and not all(s in TERMINAL for _, s, _ in states):
+        print("timed out waiting for the chain")
+        return 1
+    return 0
+
+
+def cancel(run_dir: str | Path) -> int:
+    d, jobs = _read_jobs(run_dir)
+    ids = [j["job_id"] for j in jobs]
+    if shutil.which("scancel") is None:
+        raise UsageError("scancel not found: not a Slurm node")
+    subprocess.run(["scancel"] + ids, capture_output=True, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        live = [i for i in ids if job_state(i)[0] not in TERMINAL | {"UNKNOWN"}]
+        if not live:
+            break
+        time.sleep(0.5)
+    for j in jobs:
+        print(f"{j['stage']:10s} job {j['job_id']:>8s}  {job_state(j['job_id'])[0]}")
+    return 0

@@ -1,0 +1,194 @@
+"""Slurm: rendering of multi-node jobs, and real chains on the one-node cluster that
+tests/slurm_cluster.sh starts (`.ci/run` starts it; elsewhere these skip with the reason)."""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, run_cli
+
+from dipnet.pipeline import slurm
+from dipnet.pipeline.recipe import load_recipe
+
+CONF = REPO / "tests" / ".slurm" / "etc" / "slurm.conf"
+
+
+def _cluster_up() -> str | None:
+    """None if the test cluster answers, else why not."""
+    if shutil.which("sbatch") is None:
+        return "sbatch not installed (run tests/slurm_cluster.sh start)"
+    env = {**os.environ, "SLURM_CONF": os.environ.get("SLURM_CONF", str(CONF))}
+    res = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env)
+    if res.returncode != 0 or not res.stdout.strip():
+        return f"no Slurm cluster answers (sinfo: {(res.stderr or 'no nodes').strip()[:120]})"
+    return None
+
+
+def need_cluster():
+    why = _cluster_up()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must start the Slurm test cluster: {why}")
+        pytest.skip(why)
+    os.environ.setdefault("SLURM_CONF", str(CONF))
+
+
+def _args(**kw):
+    base = dict(nodes=None, gpus_per_node=None, cpus_per_task=None, partition=None, time=None, account=None,
+                launcher=None, hostfile=None, dry_run=True)
+    return Namespace(**{**base, **kw})
+
+
+def test_render_four_nodes_by_eight_gpus(tmp_path):
+    raw = yaml.safe_load((REPO / "recipes" / "tiny-arith.yaml").read_text())
+    raw["launch"]["slurm"] = {"env": {"NCCL_SOCKET_IFNAME": "ib0", "HF_HOME": "/shared/hf"},
+                              "extra_sbatch": ["--qos=high"], "partition": "gpu", "time": "04:00:00"}
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(p)
+    s = slurm.slurm_settings(recipe, _args(nodes=4, gpus_per_node=8, account="proj"))
+    text = slurm.render_job(recipe, tmp_path / "recipe.yaml", tmp_path / "run", "train", "train", s)
+    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=04:00:00", "#SBATCH --account=proj", "#SBATCH --qos=high",
+                 "#SBATCH --cpus-per-task=32", "export NCCL_SOCKET_IFNAME=ib0", "export HF_HOME=/shared/hf",
+                 'nodes=( $(scontrol show hostnames "$SLURM_JOB_NODELIST") )', 'export MASTER_ADDR="${nodes[0]}"',
+                 "export DIPNET_PROCS_PER_NODE=8", "--only train"]:
+        assert line in text, line
+    assert "DS_ACCELERATOR" not in text  # GPU nodes
+    prep = slurm.render_job(recipe, tmp_path / "recipe.yaml", tmp_path / "run", "preprocess", "base,convert,preprocess", s)
+    assert "#SBATCH --nodes=1" in prep and "--gpus-per-node" not in prep
+
+    env = {"SLURM_NNODES": "4", "DIPNET_SLURM_LAUNCHER": "torchrun"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        cmd = slurm.slurm_train_command(["--recipe", "r.json", "--out", "/o"], 8)
+        assert cmd[:7] == ["srun", "--nodes", "4", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "bash"]
+        inner = cmd[-1]
+        for part in ['--nnodes "$SLURM_NNODES"', '--node_rank "$SLURM_NODEID"', "--nproc_per_node 8",
+                     "--rdzv_backend c10d", '--rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT"', '--rdzv_id "$SLURM_JOB_ID"']:
+            assert part in inner, part
+        os.environ["DIPNET_SLURM_LAUNCHER"] = "deepspeed"
+        inner = slurm.slurm_train_command(["--recipe", "r.json", "--out", "/o"], 8)[-1]
+        assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots=8/" > /o/hostfile' in inner
+        assert "--launcher slurm" in inner and "--num_gpus 8" in inner and '--master_addr "$MASTER_ADDR"' in inner
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_cli_dry_run_prints_the_chain():
+    res = run_cli("launch", "recipes/tiny-arith.yaml", "--slurm", "--nodes", "2", "--gpus-per-node", "8", "--dry-run",
+                  cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert [l for l in res.stdout.splitlines() if l.startswith("# ----")] == [
+        "# ---- preprocess job (stages base,convert,preprocess) ----", "# ---- train job (stages train) ----",
+        "# ---- export job (stages export) ----", "# ---- eval job (stages eval,report) ----"]
+    assert "#SBATCH --nodes=2" in res.stdout
+
+
+def test_cpu_nodes_render_gloo_ranks(tmp_path):
+    recipe = load_recipe(REPO / "recipes" / "tiny-arith.yaml")
+    s = slurm.slurm_settings(recipe, _args(gpus_per_node=0))
+    text = slurm.render_job(recipe, tmp_path / "r.yaml", tmp_path, "train", "train", s)
+    assert "export DS_ACCELERATOR=cpu" in text and "export DIPNET_PROCS_PER_NODE=2" in text
+
+
+def test_sbatch_missing_is_a_plain_error(tmp_path):
+    env = {"PATH": "/usr/bin/nonexistent"}
+    res = run_cli("launch", REPO / "recipes" / "tiny-arith.yaml", "--slurm", f"run.output_dir={tmp_path}/x",
+                  env={**env, "PATH": str(Path(os.sys.executable).parent)})
+    assert res.returncode == 2 and "sbatch not found" in res.stderr
+
+
+# ----------------------------------------------------------------------------- the real cluster
+
+FAST = {
+    "data": {"synthetic": {"n_train": 64, "n_test": 16}, "max_length": 96},
+    "train": {"max_steps": 6, "micro_batch_size": 4, "save_every": 3, "log_every": 1, "zero_stage": 2},
+    "launch": {"launcher": "torchrun", "procs_per_node": 2, "slurm": {"cpus_per_task": 2}},
+    "eval": {"engine": "hf", "tasks": ["arith-id"], "limit": 8, "max_new_tokens": 24},
+    "report": {"smoothness": False},
+}
+
+
+def _recipe(tmp_path, name, extra=None):
+    raw = json.loads(json.dumps(FAST))
+    raw["run"] = {"name": name, "output_dir": str(tmp_path / name)}
+    for k, v in (extra or {}).items():
+        raw.setdefault(k, {}).update(v)
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def _launch(p, *extra):
+    res = run_cli("launch", p, "--slurm", "--gpus-per-node", "0", *extra, cwd=REPO)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+@pytest.mark.slurm
+def test_chain_runs_on_two_ranks(tmp_path, tiny_base_dir):
+    need_cluster()
+    p = _recipe(tmp_path, "chain")
+    res = _launch(p)
+    assert res.stdout.count("submitted job") == 4
+    st = run_cli("status", tmp_path / "chain", "--wait", "--timeout", "600", cwd=REPO, timeout=700)
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert [l.split()[-1] for l in st.stdout.splitlines() if " job " in l] == ["COMPLETED"] * 4
+    run = tmp_path / "chain"
+    summary = json.loads((run / "train" / "main-s0" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2
+    log = (run / "train" / "train.log").read_text()
+    assert "torch.distributed.run" in log and "--nproc_per_node 2" in log
+    assert (run / "export" / "main-s0" / "model.safetensors").is_file()
+    assert (run / "eval" / "main-s0" / "results.json").is_file() and (run / "report.md").is_file()
+    # A rerun of a finished chain submits nothing.
+    again = _launch(p)
+    assert "nothing submitted" in again.stdout and "submitted job" not in again.stdout
+
+
+@pytest.mark.slurm
+def test_failing_stage_cancels_the_rest(tmp_path, tiny_base_dir):
+    need_cluster()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a", "answer": "#### 1"}\n{"question": oops\n')  # exists, so it validates
+    p = _recipe(tmp_path, "failing", {"data": {"train": str(bad)}})
+    _launch(p)
+    st = run_cli("status", tmp_path / "failing", "--wait", "--timeout", "300", cwd=REPO, timeout=400)
+    assert st.returncode == 1
+    states = [l.split()[3] for l in st.stdout.splitlines() if " job " in l and l.split()[0] in ("preprocess", "train", "export", "eval")]
+    assert states[0] == "FAILED" and all(s == "CANCELLED" for s in states[1:]), st.stdout
+    assert f"stage preprocess FAILED: {bad}:2: invalid JSON" in st.stdout
+
+
+@pytest.mark.slurm
+def test_cancel_leaves_nothing_running(tmp_path, tiny_base_dir):
+    need_cluster()
+    p = _recipe(tmp_path, "cancelled", {"train": {"max_steps": 400, "save_every": 400}})
+    _launch(p)
+    run = tmp_path / "cancelled"
+    jobs = json.loads((run / "slurm" / "jobs.json").read_text())["jobs"]
+    train_id = jobs[1]["job_id"]
+    deadline = time.time() + 300
+    while slurm.job_state(train_id)[0] != "RUNNING":
+        assert time.time() < deadline and slurm.job_state(train_id)[0] in ("PENDING", "RUNNING", "CONFIGURING"), slurm.job_state(train_id)
+        time.sleep(0.5)
+    while not (run / "train" / "main-s0" / "metrics.jsonl").is_file():  # ranks are training
+        assert time.time() < deadline
+        time.sleep(0.5)
+    res = run_cli("cancel", run, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert all(slurm.job_state(j["job_id"])[0] == "CANCELLED" for j in jobs[1:])
+    steps = subprocess.run(["squeue", "-h", "-s"], capture_output=True, text=True).stdout.strip()
+    assert steps == "", steps
+    time.sleep(2)
+    ps = subprocess.run(["pgrep", "-f", f"{run}/train"], capture_output=True, text=True).stdout.strip()
+    assert ps == "", f"processes left: {ps}"
