@@ -14,8 +14,10 @@ PIP := $(PY) -m pip install -q -c requirements/constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/dipnet run recipes/tiny-arith.yaml
 
+# pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	@$(PY) -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 install: $(STAMP)
 

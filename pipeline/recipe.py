@@ -36,6 +36,14 @@ class RunSettings(_Section):
     output_dir: Optional[str] = Field(None, description="Run directory (default runs/<name>).")
     seed: int = Field(0, description="Seed for the base model, data order and noise.")
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        # The name becomes a directory under runs/: it must not climb out of it.
+        if not v or "/" in v or "\\" in v or v in (".", "..") or v.startswith("."):
+            raise ValueError("expected a plain name (letters, digits, '-', '_'), not a path")
+        return v
+
 
 class TinyBaseSettings(_Section):
     """The embedded default base: a small Llama pretrained here on synthetic arithmetic text."""

@@ -159,15 +159,21 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, state: dict, keep_last: 
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
     try:
+        if os.environ.get("DIPNET_FAULT_SAVE_ERROR") == str(step):  # fault injection (tests): a full disk
+            import errno
+
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
         engine.save_checkpoint(str(tmp), tag=name)
     except OSError as exc:
-        raise RunError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}") from None
+        raise RunError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}; "
+                       f"the latest complete checkpoint is still {latest_checkpoint(ckpt_root)}") from None
     torch.distributed.barrier()
     if is_main:
         try:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            if os.environ.get("DIPNET_FAULT_SLOW_SAVE"):  # fault-injection hook used by the tests
-                time.sleep(float(os.environ["DIPNET_FAULT_SLOW_SAVE"]))
+            slow = os.environ.get("DIPNET_FAULT_SLOW_SAVE", "")  # fault injection (tests): "STEP:SECONDS"
+            if slow.split(":")[0] == str(step):
+                time.sleep(float(slow.split(":")[1]))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             ptr = ckpt_root / "latest.tmp"
