@@ -72,8 +72,8 @@ def load_causal_lm(model_dir: str | Path, *, trust_remote_code: bool = False, dt
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), use_safetensors=True, trust_remote_code=trust_remote_code,
             dtype=dtype or torch.float32, **({"attn_implementation": attn_implementation} if attn_implementation else {}))
-    except ValueError as exc:
-        raise UsageError(f"{model_dir}: cannot load model ({str(exc).splitlines()[0][:300]})") from None
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise UsageError(f"{model_dir}: cannot load model ({' '.join(str(exc).split())[:300]})") from None
     if with_dip:
         load_dip(model, model_dir)
     return model
