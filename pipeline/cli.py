@@ -231,9 +231,7 @@ def cmd_report(a) -> int:
 def cmd_smoothness(a) -> int:
     from dipnet.pipeline.smoothness import measure_smoothness
 
-    if a.data:
-        raise UsageError("--data is not supported yet; use --task (arith-id, arith-ood, gsm8k)")
-    res = measure_smoothness(a.model_dir, task_name=a.task, limit=a.limit, epsilon=a.epsilon)
+    res = measure_smoothness(a.model_dir, task_name=a.task, limit=a.limit, epsilon=a.epsilon, data=a.data)
     text = json.dumps(res, indent=2)
     if a.out:
         Path(a.out).write_text(text)

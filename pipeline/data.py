@@ -85,7 +85,8 @@ def load_rows(source: str, *, synthetic=None, split: str = "train") -> tuple[lis
     try:
         import datasets
 
-        ds = datasets.load_dataset(source, split=split)
+        name, _, config = source.partition(":")  # "openai/gsm8k:main" = data set + config
+        ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as exc:
         raise UsageError(f"data.train: cannot load '{source}' (not a local file, and the hub said: "
                          f"{str(exc).splitlines()[0][:160]})") from None

@@ -52,6 +52,8 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "gemma": ("model.layers", "input_layernorm", "post_attention_layernorm"),
     "gemma2": ("model.layers", "input_layernorm", "pre_feedforward_layernorm"),
     "gemma3_text": ("model.layers", "input_layernorm", "pre_feedforward_layernorm"),
+    # Gemma 3 checkpoints from 4B up are image-text models; DIP goes on the language model.
+    "gemma3": ("model.language_model.layers", "input_layernorm", "pre_feedforward_layernorm"),
     "gpt_neox": ("gpt_neox.layers", "input_layernorm", "post_attention_layernorm"),
     "gpt2": ("transformer.h", "ln_1", "ln_2"),
 }

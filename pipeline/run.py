@@ -157,8 +157,7 @@ class Run:
 
             path = Path(model.base).expanduser()
             if not path.is_dir():
-                raise UsageError(f"model.base: no such model directory: {model.base} (hub ids need a reachable hub; "
-                                 "download the model and give its directory)")
+                path = download_model(model.base)
             check_model_dir(path, model.trust_remote_code)
             meta = {}
         from dipnet.eval.evaluate import model_fingerprint
@@ -349,6 +348,18 @@ class Run:
         paths = write_report(self.dir, self.recipe)
         self.say(f"  report: {paths['report_md']}")
         return paths
+
+
+def download_model(repo_id: str) -> Path:
+    """A hub model's safetensors, config and tokenizer files (where a hub is reachable)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model",
+                                                                "*.jinja", "*.txt"]))
+    except Exception as exc:
+        raise UsageError(f"model.base: '{repo_id}' is not a local directory and the hub could not provide it "
+                         f"({' '.join(str(exc).split())[:160]}); download it and give its directory") from None
 
 
 def run_pipeline(recipe: Recipe, *, from_stage: str | None = None, only: str | None = None,

@@ -43,9 +43,11 @@ def _loss(model, emb, mask, lab, per_example: bool = False):
 
 
 def measure_smoothness(model_dir, task_name: str = "arith-id", limit: int = 64, epsilon: float = 0.05,
-                       probes: int = 8, seed: int = 0, synthetic_settings=None) -> dict:
+                       probes: int = 8, seed: int = 0, synthetic_settings=None, data: str | None = None) -> dict:
+    """Smoothness measures on `task_name`'s problems, or on `data` (JSONL with question/answer)."""
     from dipnet.eval.hf_runner import load_hf
-    from dipnet.eval.tasks import build_task
+    from dipnet.eval.tasks import Task, build_task
+    from dipnet.pipeline.data import format_row, read_jsonl
 
     torch.manual_seed(seed)
     # Eager attention: the CPU SDPA kernels have no double backward (needed for Hessian-vector products).
@@ -53,7 +55,13 @@ def measure_smoothness(model_dir, task_name: str = "arith-id", limit: int = 64, 
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    task = build_task(task_name, synthetic_settings=synthetic_settings)
+    if data:
+        rows = read_jsonl(data)
+        for r in rows:
+            format_row(r, "gsm8k", tok, data)  # names the line of a row without question/answer
+        task, task_name = Task(name=str(data), problems=rows), str(data)
+    else:
+        task = build_task(task_name, synthetic_settings=synthetic_settings)
     ids, lab, mask = _batch(tok, task, limit)
     emb0 = model.get_input_embeddings()(ids).detach()
     rms = emb0.pow(2).mean(-1, keepdim=True).sqrt()

@@ -295,7 +295,7 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
 
         writer = SummaryWriter(str(out / "tb"))
         metrics_f = open(out / "metrics.jsonl", "a")
-        bar = tqdm(total=steps, initial=start_step, desc=f"train {recipe.run.name}", dynamic_ncols=True,
+        bar = tqdm(total=steps, initial=start_step, desc=f"train {out.name}", dynamic_ncols=True,
                    mininterval=1.0, file=sys.stderr)
 
     # Fault injection for the tests: DIPNET_FAULT_KILL="RANK:STEP", DIPNET_FAULT_NAN="STEP".

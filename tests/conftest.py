@@ -29,6 +29,10 @@ def family_configs():
         "mistral": T.MistralConfig(num_key_value_heads=1, **common),
         "gemma2": T.Gemma2Config(num_key_value_heads=1, head_dim=32, **common),
         "gemma3_text": T.Gemma3TextConfig(num_key_value_heads=1, head_dim=32, **common),
+        "gemma3": T.Gemma3Config(
+            text_config=dict(num_key_value_heads=1, head_dim=32, **common),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=16), mm_tokens_per_image=4),
         "phi3": T.Phi3Config(num_key_value_heads=2, **common),
         "gpt_neox": T.GPTNeoXConfig(**common),
         "gpt2": T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=2, n_positions=64,
@@ -36,7 +40,7 @@ def family_configs():
     }
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gemma3_text", "phi3", "gpt_neox", "gpt2"]
+FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gemma3_text", "gemma3", "phi3", "gpt_neox", "gpt2"]
 
 
 @pytest.fixture(scope="session")

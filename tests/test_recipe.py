@@ -88,3 +88,23 @@ def test_cli_validate_ok():
     res = run_cli("validate", "recipes/tiny-arith.yaml", cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert "ok (6 training run(s)" in res.stdout
+
+
+PAPER = sorted((REPO / "recipes" / "paper").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])
+def test_paper_recipes_validate_and_render(path):
+    r = load_recipe(path)
+    assert r.train.method == "lora" and r.train.zero_stage == 2 and r.train.precision == "bf16"
+    assert r.eval.tasks == ["gsm8k"] and r.eval.shots == 5 and r.seeds == [0, 1, 2]
+    assert set(r.variants) == {"sft", "dip"} and r.train.epochs == 1
+    res = run_cli("launch", path, "--slurm", "--dry-run", cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert "#SBATCH --gpus-per-node=8" in res.stdout and "#SBATCH --nodes=1" in res.stdout
+    assert "export DIPNET_PROCS_PER_NODE=8" in res.stdout and "--only train" in res.stdout
+
+
+def test_sweep_recipe_validates():
+    r = load_recipe(REPO / "recipes" / "sweep-lambda.yaml")
+    assert len(expand_runs(r)) == 20 and r.dip.scale == "relative"

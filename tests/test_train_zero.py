@@ -169,3 +169,23 @@ def test_finetuned_model_emits_eos(tmp_path):
     gens = greedy_generate(model, tok, prompts, 64, stops=[])
     stopped = sum(len(g[1]) < 64 for g in gens)
     assert stopped == len(gens), f"{len(gens) - stopped} generations ran to the limit without EOS"
+
+
+@pytest.mark.parametrize("method", ["none", "input_noise", "neftune", "dip_fixed", "dip"])
+def test_every_method_trains_a_few_steps(tmp_path, method):
+    run = tmp_path / method
+    extra = {"dip.trajectories": 2, "dip.gamma": 0.01} if method == "dip" else {}
+    train(run, {"train.max_steps": 3, "train.save_every": 3, "train.zero_stage": 1, "dip.method": method,
+                "launch.launcher": "single", **extra}, procs=1)
+    rows = metrics(run)
+    assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)  # finite, logged every step
+    lam = rows[-1]["lambda"]
+    if method in ("none", "neftune"):
+        assert lam == {}
+    elif method == "input_noise":
+        assert list(lam) == ["0.dip_input"] and lam["0.dip_input"]["mean"] == pytest.approx(0.01, rel=1e-5)
+    elif method == "dip_fixed":
+        assert all(v["mean"] == pytest.approx(0.01, rel=1e-5) for v in lam.values())
+    else:
+        assert rows[-1]["var_penalty"] > 0 and rows[-1]["tokens"] == 2 * rows[-1]["tokens"] // 2
+        assert any(abs(v["mean"] - 0.01) > 1e-7 for v in lam.values())

@@ -1,0 +1,125 @@
+"""Generated tokens/s: vLLM vs transformers batched `generate` vs one prompt at a time.
+
+256 prompts x 64 new tokens (EOS ignored, so every engine generates the same count), greedy,
+on the tiny base and on a ~25M-parameter Llama (hidden 512, 8 layers, head dim 64; random
+weights: throughput does not depend on them). All engines run in this process, one after
+another, and the ratios are printed side by side.
+
+    python bench/eval_throughput.py [--prompts 256] [--new 64] [--single 32] [--compiled]
+
+`--single N` times one-prompt-at-a-time generation on the first N prompts (it is slow) and
+reports its tokens/s. `--compiled` lets vLLM compile (CPU: slower start, faster steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_25m(tmp: Path, tok_dir: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dipnet.pipeline.convert import copy_tokenizer_files
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    d = tmp / "llama25m"
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    copy_tokenizer_files(tok_dir, d)
+    return d
+
+
+def prompts_for(tok, n: int) -> list[list[int]]:
+    from dipnet.eval.tasks import build_task
+
+    task = build_task("arith-id")
+    qs = [p["question"] for p in task.problems]
+    return [tok(task.prompt(qs[i % len(qs)])).input_ids for i in range(n)]
+
+
+def hf_batched(model, prompts, new, batch):
+    pad = 3
+    n_tok = 0
+    for s in range(0, len(prompts), batch):
+        chunk = prompts[s:s + batch]
+        w = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (w - len(p)) + p for p in chunk])
+        mask = (torch.arange(w)[None, :] >= torch.tensor([w - len(p) for p in chunk])[:, None]).long()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, pad_token_id=pad)
+        n_tok += (out.shape[1] - w) * len(chunk)
+    return n_tok
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--single", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=64, help="hf batched generate batch size")
+    ap.add_argument("--compiled", action="store_true")
+    args = ap.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dipnet.eval.vllm_runner import vllm_environment
+    from dipnet.pipeline.base_model import tiny_base
+    from dipnet.pipeline.recipe import TinyBaseSettings
+
+    tmp = Path(tempfile.mkdtemp(prefix="eval-bench-"))
+    os.environ.update(vllm_environment(tmp / "vllm"))
+    tempfile.tempdir = None
+    tiny = tiny_base(TinyBaseSettings(), progress=False)
+    models = {"tiny (1M)": tiny, "llama 25M": make_25m(tmp, tiny)}
+    tok = AutoTokenizer.from_pretrained(tiny)
+    prompts = prompts_for(tok, args.prompts)
+    print(f"{args.prompts} prompts x {args.new} new tokens, greedy, EOS ignored; torch threads {torch.get_num_threads()}")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    for name, d in models.items():
+        model = AutoModelForCausalLM.from_pretrained(d).eval()
+        hf_batched(model, prompts[:2], 4, 2)  # warm-up
+        t0 = time.perf_counter()
+        n = hf_batched(model, prompts, args.new, args.batch)
+        hf_b = n / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        n = hf_batched(model, prompts[:args.single], args.new, 1)
+        hf_1 = n / (time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        kw = dict(model=str(d), dtype="float32", max_model_len=256, seed=0, max_num_seqs=256)
+        if not args.compiled:
+            kw["enforce_eager"] = True
+        llm = LLM(**kw)
+        start_s = time.perf_counter() - t0
+        params = SamplingParams(temperature=0.0, max_tokens=args.new, ignore_eos=True)
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[:8]], params, use_tqdm=False)  # warm-up
+        t0 = time.perf_counter()
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        vl = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:
+            pass
+        del llm
+        print(f"\n{name}: vLLM engine start {start_s:.1f}s ({'compiled' if args.compiled else 'eager'})")
+        print(f"{'engine':26s} {'tokens/s':>10s} {'vLLM ÷ this':>12s}")
+        for label, v in ((f"vllm (one batched call)", vl), (f"hf generate, batch {args.batch}", hf_b),
+                         (f"hf generate, one at a time", hf_1)):
+            print(f"{label:26s} {v:10.0f} {vl / v:12.2f}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

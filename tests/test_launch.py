@@ -1,0 +1,62 @@
+"""Launcher commands: deepspeed (local and hostfile), torchrun, single; ports; DeepSpeed configs."""
+
+import json
+
+import pytest
+from conftest import REPO
+
+from dipnet.pipeline import launch
+from dipnet.pipeline.ds_config import build_ds_config
+from dipnet.pipeline.errors import UsageError
+from dipnet.pipeline.recipe import LaunchSettings, TrainSettings
+
+
+def test_deepspeed_local_and_hostfile(tmp_path):
+    cmd = launch.train_command(LaunchSettings(), 2, 29555, ["--runs", "r.json"])
+    assert cmd[0].endswith("deepspeed") and cmd[1:5] == ["--num_gpus", "2", "--master_port", "29555"]
+    assert cmd[5].endswith("pipeline/train.py") and cmd[-2:] == ["--runs", "r.json"]
+    hf = tmp_path / "hostfile"
+    hf.write_text((REPO / "launch" / "hostfile.example").read_text())
+    cmd = launch.train_command(LaunchSettings(hostfile=str(hf), master_addr="node001"), 8, 29500, [])
+    i = cmd.index("--hostfile")
+    assert cmd[i + 1] == str(hf) and cmd[cmd.index("--num_nodes") + 1] == "2"
+    assert cmd[cmd.index("--master_addr") + 1] == "node001" and cmd[cmd.index("--num_gpus") + 1] == "8"
+    assert launch.parse_hostfile(hf) == [("node001", 8), ("node002", 8)]
+    hf.write_text("node001 slots=8\nnode002 gpus=8\n")
+    with pytest.raises(UsageError, match=r"hostfile:2: expected 'HOST slots=N', got 'node002 gpus=8'"):
+        launch.parse_hostfile(hf)
+
+
+def test_torchrun_and_single():
+    cmd = launch.train_command(LaunchSettings(launcher="torchrun"), 2, 29501, ["--x"])
+    assert cmd[1:7] == ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29501"]
+    cmd = launch.train_command(LaunchSettings(launcher="single"), 1, 29502, ["--x"])
+    assert cmd[1].endswith("train.py") and cmd[-1] == "--x"
+
+
+def test_rank_env_sets_threads_and_cpu_accelerator():
+    env = launch.rank_env(2, 1234)
+    assert env["DS_ACCELERATOR"] == "cpu" and env["OMP_NUM_THREADS"] == str(max(1, (__import__("os").cpu_count() or 2) // 2))
+
+
+def test_ports():
+    p = launch.free_port()
+    assert launch.port_is_free(p) and launch.choose_master_port(None) > 0
+
+
+@pytest.mark.parametrize("stage,offload", [(0, False), (1, False), (2, False), (3, False), (2, True), (3, True)])
+def test_ds_configs_filled(stage, offload):
+    t = TrainSettings(zero_stage=stage, offload=offload, micro_batch_size=4, grad_accum=3, grad_clip=0.5, precision="bf16")
+    cfg = build_ds_config(t, world_size=2)
+    assert cfg["train_batch_size"] == 24 and cfg["gradient_accumulation_steps"] == 3
+    assert cfg["gradient_clipping"] == 0.5 and cfg["bf16"]["enabled"] is True
+    assert cfg["zero_optimization"]["stage"] == stage
+    assert "auto" not in json.dumps(cfg)
+    if stage == 3:
+        assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ("offload_optimizer" in cfg["zero_optimization"]) == offload
+
+
+def test_offload_needs_stage_2():
+    with pytest.raises(UsageError, match="train.offload needs train.zero_stage 2 or 3"):
+        build_ds_config(TrainSettings(zero_stage=1, offload=True), 2)
