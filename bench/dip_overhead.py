@@ -36,9 +36,25 @@ def build(kind: str, device, dtype):
 
 
 def peak_mem_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return float("nan")  # per-variant peaks need a fresh process on CPU; step time is the CPU figure
+    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+
+
+def saved_activation_mb(fn) -> float:
+    """Bytes autograd saves for backward during fn() (deduplicated by storage): the memory a
+    training step holds beyond weights and optimizer state, exact on any device."""
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total / 2**20
 
 
 def main(argv=None):
@@ -67,17 +83,22 @@ def main(argv=None):
         times = {v: [] for v in variants}
         mems = {}
 
-        def step(mode, m):
+        def step(mode, m, model=model, opt=opt):
             dip.set_dip_mode(model, mode)
             b = dip.repeat_for_trajectories({"input_ids": x}, m)["input_ids"]
-            out = model(input_ids=b)
-            t = dip.dip_objective(out.logits, b, m, model, 1e-3, 1e-5, 0.0)
-            opt.zero_grad(set_to_none=True)
-            t["loss"].backward()
-            opt.step()
+            saved = {}
 
-        for name, (mode, m) in variants.items():  # warm-up
-            step(mode, m)
+            def fwd():
+                out = model(input_ids=b)
+                saved["loss"] = dip.dip_objective(out.logits, b, m, model, 1e-3, 1e-5, 0.0)["loss"]
+
+            saved["mb"] = saved_activation_mb(fwd)
+            opt.zero_grad(set_to_none=True)
+            saved["loss"].backward()
+            opt.step()
+            return saved["mb"]
+
+        acts = {name: step(mode, m) for name, (mode, m) in variants.items()}  # warm-up; saved activations
         for _ in range(args.rounds):
             for name, (mode, m) in variants.items():
                 if device.type == "cuda":
@@ -93,12 +114,13 @@ def main(argv=None):
         base = statistics.median(times["sft"])
         print(f"\n{kind}: {n_params / 1e6:.1f}M parameters, batch {batch} x {seq} tokens, "
               f"{args.rounds} rounds x {args.steps} steps")
-        print(f"{'variant':10s} {'step (ms)':>10s} {'x sft':>7s} {'target':>8s} {'peak MB':>9s}")
+        print(f"{'variant':10s} {'step (ms)':>10s} {'x sft':>7s} {'target':>8s} {'activations MB':>15s} "
+              f"{'x sft':>6s} {'peak MB (GPU)':>14s}")
         for name, (mode, m) in variants.items():
             med = statistics.median(times[name])
             target = 1.05 * m
             print(f"{name:10s} {med * 1000:10.1f} {med / base:7.2f} {'<=' + format(target, '.2f'):>8s} "
-                  f"{mems[name]:9.0f}")
+                  f"{acts[name]:15.1f} {acts[name] / acts['sft']:6.2f} {mems[name]:14.0f}")
         del model, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -115,8 +115,8 @@ def main(argv=None):
         del llm
         print(f"\n{name}: vLLM engine start {start_s:.1f}s ({'compiled' if args.compiled else 'eager'})")
         print(f"{'engine':26s} {'tokens/s':>10s} {'vLLM ÷ this':>12s}")
-        for label, v in ((f"vllm (one batched call)", vl), (f"hf generate, batch {args.batch}", hf_b),
-                         (f"hf generate, one at a time", hf_1)):
+        for label, v in (("vllm (one batched call)", vl), (f"hf generate, batch {args.batch}", hf_b),
+                         ("hf generate, one at a time", hf_1)):
             print(f"{label:26s} {v:10.0f} {vl / v:12.2f}")
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,4 +1,4 @@
-"""Pure metric functions: Wilson intervals, bootstrap intervals of paired differences."""
+"""Pure metric functions: Wilson intervals, paired bootstrap intervals of differences."""
 
 from __future__ import annotations
 
@@ -28,20 +28,6 @@ def std(xs):
         return 0.0
     m = mean(xs)
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
-def bootstrap_ci(values: list[float], resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of `values`."""
-    if not values:
-        return (float("nan"), float("nan"))
-    if len(values) == 1:
-        return (values[0], values[0])
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    lo = means[int((1 - level) / 2 * resamples)]
-    hi = means[min(resamples - 1, int((1 + level) / 2 * resamples))]
-    return (lo, hi)
 
 
 def paired_bootstrap(a: list[list[float]], b: list[list[float]], resamples: int = 2000, seed: int = 0):

@@ -74,7 +74,7 @@ class DipSettings(_Section):
     alpha: float = Field(1e-3, ge=0, description="Weight of mean(λ) in the loss (keeps variances from growing).")
     beta: float = Field(1e-5, ge=0, description="Weight of −mean(ln λ) (keeps variances from collapsing); prior minimum at λ = β/α.")
     gamma: float = Field(0.0, ge=0, description="Weight of the variance across trajectories of the target log-probability (needs m ≥ 2).")
-    init_variance: float = Field(1e-2, gt=0, description="Initial λ for every feature.")
+    init_variance: float = Field(3e-3, gt=0, description="Initial λ for every feature (chosen by recipes/sweep-lambda.yaml).")
     scale: Literal["absolute", "relative"] = Field("relative", description="relative: noise × per-token RMS of the input; absolute: λ in hidden-state units.")
     placement: Literal["block_input", "attn_mlp"] = Field("block_input", description="Where projections sit.")
     layers: Optional[list[int]] = Field(None, description="Restrict to these block indices (default: all).")

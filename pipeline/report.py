@@ -15,7 +15,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from dipnet.eval.metrics import bootstrap_ci, mean, paired_bootstrap, std
+from dipnet.eval.metrics import mean, paired_bootstrap, std
 from dipnet.pipeline.plots import _plt, read_metrics
 
 

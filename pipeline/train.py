@@ -266,6 +266,9 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     # hold their initial values before partitioning, so ZeRO-3 never sees an uninitialised one).
     ds_config = build_ds_config(t, world)
     optimizer = build_optimizer(model, recipe)
+    if is_main:
+        print(f"{out.name}: optimizer {type(optimizer).__name__}, ZeRO-{t.zero_stage}"
+              f"{' + offload' if t.offload else ''}, {world} ranks", flush=True)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     # Resume from the latest complete checkpoint, if any.

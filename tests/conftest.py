@@ -62,3 +62,19 @@ def run_cli(*args, cwd=None, env=None, timeout=600):
     e = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "dipnet.pipeline.cli", *map(str, args)], cwd=cwd, env=e,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def write_recipe(tmp_path, name: str, base: dict, extra: dict | None = None) -> Path:
+    """A recipe file from `base` sections (+ `extra` section updates), run directory tmp_path/name."""
+    import json
+
+    import yaml
+
+    raw = json.loads(json.dumps(base))
+    raw["run"] = {"name": name, "output_dir": str(tmp_path / name), **raw.get("run", {})}
+    raw["run"]["output_dir"] = str(tmp_path / name)
+    for k, v in (extra or {}).items():
+        raw.setdefault(k, {}).update(v)
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p

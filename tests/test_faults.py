@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, SHARED_GSM8K, run_cli
+from conftest import REPO, run_cli, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +30,7 @@ FAST = {
 
 
 def recipe(tmp_path, name, extra=None):
-    raw = json.loads(json.dumps(FAST))
-    raw["run"] = {"name": name, "output_dir": str(tmp_path / name)}
-    for k, v in (extra or {}).items():
-        raw.setdefault(k, {}).update(v)
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(yaml.safe_dump(raw))
-    return p
+    return write_recipe(tmp_path, name, FAST, extra)
 
 
 def manifest(run_dir):
@@ -132,6 +126,7 @@ def test_sigint_stops_every_child_and_rerun_resumes(tmp_path, tiny_base_dir):
     step = int(latest.read_text().split("-")[1])
     res = run_cli("run", p, "train.max_steps=400", env={"DIPNET_FAULT_KILL": f"0:{step + 2}"})
     # (killed again two steps after resuming: enough to see that it resumed, without 400 steps)
+    assert res.returncode == 1 and manifest(run)["train"]["status"] == "failed"
     assert f"step-{step:06d} at step {step}" in (run / "train" / "train.log").read_text()
 
 
@@ -198,19 +193,17 @@ def _models(tmp_path) -> dict:
                   num_attention_heads=1).save_pretrained(d)
     torch.save({"w": torch.zeros(1)}, d / "pytorch_model.bin")
     out["pickle"] = d
-    d = tmp_path / "bloom"
-    m = T.AutoModelForCausalLM.from_config(T.BloomConfig(vocab_size=600, hidden_size=32, n_layer=1, n_head=2))
-    m.save_pretrained(d)
-    for f in ("tokenizer.model", "tokenizer_config.json", "tokenizer.json"):
-        (d / f).write_bytes((Path(_tiny()) / f).read_bytes())
-    out["bloom"] = d
-    d = tmp_path / "smallvocab"
-    m = T.AutoModelForCausalLM.from_config(T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                                         num_hidden_layers=1, num_attention_heads=1))
-    m.save_pretrained(d)
-    for f in ("tokenizer.model", "tokenizer_config.json", "tokenizer.json"):
-        (d / f).write_bytes((Path(_tiny()) / f).read_bytes())
-    out["smallvocab"] = d
+    from dipnet.pipeline.convert import copy_tokenizer_files
+
+    def with_tokenizer(config, name):
+        d = tmp_path / name
+        T.AutoModelForCausalLM.from_config(config).save_pretrained(d)
+        copy_tokenizer_files(_tiny(), d)  # the tiny base's 512-token tokenizer
+        return d
+
+    out["bloom"] = with_tokenizer(T.BloomConfig(vocab_size=600, hidden_size=32, n_layer=1, n_head=2), "bloom")
+    out["smallvocab"] = with_tokenizer(T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=1, num_attention_heads=1), "smallvocab")
     d = tmp_path / "remote"
     m = T.AutoModelForCausalLM.from_config(T.LlamaConfig(vocab_size=600, hidden_size=32, intermediate_size=64,
                                                          num_hidden_layers=1, num_attention_heads=1))

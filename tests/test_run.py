@@ -6,15 +6,14 @@ import subprocess
 import sys
 
 import pytest
-import yaml
-from conftest import REPO, run_cli
+from conftest import run_cli, write_recipe
 
 from dipnet.pipeline.errors import UsageError
 from dipnet.pipeline.recipe import load_recipe
 from dipnet.pipeline.run import STAGES, run_lock, run_pipeline
 
 FAST = {
-    "run": {"name": "fast", "seed": 0},
+    "run": {"seed": 0},
     "data": {"synthetic": {"n_train": 64, "n_test": 16}, "max_length": 96},
     "train": {"max_steps": 4, "micro_batch_size": 4, "save_every": 4, "log_every": 1, "zero_stage": 1},
     "launch": {"launcher": "single"},
@@ -23,14 +22,8 @@ FAST = {
 }
 
 
-def write_recipe(tmp_path, extra=None, name="fast"):
-    raw = json.loads(json.dumps(FAST))
-    raw["run"]["output_dir"] = str(tmp_path / name)
-    for k, v in (extra or {}).items():
-        raw.setdefault(k, {}).update(v) if isinstance(v, dict) else raw.__setitem__(k, v)
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(yaml.safe_dump(raw))
-    return p
+def fast_recipe(tmp_path, extra=None, name="fast"):
+    return write_recipe(tmp_path, name, FAST, extra)
 
 
 def stage_log(out: str) -> dict:
@@ -45,7 +38,7 @@ def stage_log(out: str) -> dict:
 
 @pytest.mark.slow
 def test_stages_run_skip_from_only_and_invalidate(tmp_path, tiny_base_dir):
-    p = write_recipe(tmp_path)
+    p = fast_recipe(tmp_path)
     r1 = run_cli("run", p, cwd=tmp_path)
     assert r1.returncode == 0, r1.stderr[-2000:]
     assert stage_log(r1.stdout) == {s: "ran" for s in STAGES}
@@ -90,7 +83,7 @@ def test_lock_refuses_second_run(tmp_path):
         with pytest.raises(UsageError, match=f"another dipnet run \\(PID {holder.pid}\\) is writing this run directory"):
             with run_lock(run_dir):
                 pass
-        p = write_recipe(tmp_path, name="locked")
+        p = fast_recipe(tmp_path, name="locked")
         res = run_cli("run", p, cwd=tmp_path)
         assert res.returncode == 2 and f"PID {holder.pid}" in res.stderr and "Traceback" not in res.stderr
     finally:
@@ -101,7 +94,7 @@ def test_lock_refuses_second_run(tmp_path):
 
 
 def test_unknown_stage_names(tmp_path):
-    r = load_recipe(write_recipe(tmp_path))
+    r = load_recipe(fast_recipe(tmp_path))
     with pytest.raises(UsageError, match="--from trian: unknown stage"):
         run_pipeline(r, from_stage="trian", progress=False)
 
@@ -110,7 +103,7 @@ def test_interrupted_convert_is_simply_rerun(tmp_path, tiny_base_dir, monkeypatc
     """A stage killed mid-write leaves only a .tmp- directory; the rerun completes it."""
     from dipnet.pipeline import convert as conv
 
-    r = load_recipe(write_recipe(tmp_path, name="atomic"))
+    r = load_recipe(fast_recipe(tmp_path, name="atomic"))
     calls = {"n": 0}
     orig = conv.copy_tokenizer_files
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, write_recipe
 
 from dipnet.pipeline import slurm
 from dipnet.pipeline.recipe import load_recipe
@@ -119,13 +119,7 @@ FAST = {
 
 
 def _recipe(tmp_path, name, extra=None):
-    raw = json.loads(json.dumps(FAST))
-    raw["run"] = {"name": name, "output_dir": str(tmp_path / name)}
-    for k, v in (extra or {}).items():
-        raw.setdefault(k, {}).update(v)
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(yaml.safe_dump(raw))
-    return p
+    return write_recipe(tmp_path, name, FAST, extra)
 
 
 def _launch(p, *extra):
