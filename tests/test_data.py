@@ -134,3 +134,21 @@ def test_preprocess_cache_keyed(tmp_path, tiny_base_dir):
     assert m3["key"] != m1["key"]
     p.write_text(p.read_text() + json.dumps({"question": "x", "answer": "#### 1"}) + "\n")
     assert preprocess(DataSettings(train=str(p)), tiny_base_dir, tmp_path / "pre")["key"] != m1["key"]
+
+
+def test_chat_format_with_template_and_parquet(tmp_path, tiny_base_dir):
+    import datasets
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    row = {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": " 5"}], "_line": 1}
+    (ex,), _ = tokenize_rows([row], "chat", tok, 96, "truncate", "c.jsonl")
+    target = [t for t in ex["labels"] if t != -100]
+    assert tok.decode(target, skip_special_tokens=True).strip() == "5" and target[-1] == tok.eos_token_id
+    assert "user: What is 2 + 3?" in tok.decode(ex["input_ids"])
+    p = tmp_path / "train.parquet"
+    datasets.Dataset.from_list(synthetic.generate_split(12, 2, ood=False)).to_parquet(str(p))
+    meta = preprocess(DataSettings(train=str(p)), tiny_base_dir, tmp_path / "pre")
+    assert meta["examples"] == 12

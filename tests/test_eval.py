@@ -229,3 +229,16 @@ def test_serve_answers_one_completion(exported, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
+
+
+@pytest.mark.slow
+def test_smoothness_cli_task_and_data(exported, tmp_path):
+    res = run_cli("smoothness", exported, "--task", "arith-id", "--limit", "8", "--out", tmp_path / "s.json")
+    assert res.returncode == 0, res.stderr[-1500:]
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["n"] == 8 and s["grad_norm"] > 0 and s["adversarial_increase"] >= s["random_increase"] - 1e-6
+    assert s["hessian_trace"] == s["hessian_trace"]  # a number
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "Ann has 2 pens. How many pens does Ann have now?", "answer": "#### 2"}) + "\n")
+    res = run_cli("smoothness", exported, "--data", data)
+    assert res.returncode == 0 and json.loads(res.stdout)["n"] == 1

@@ -62,6 +62,9 @@ def test_stages_run_skip_from_only_and_invalidate(tmp_path, tiny_base_dir):
 
     r4 = run_cli("run", p, "--only", "report", cwd=tmp_path)
     assert r4.returncode == 0 and stage_log(r4.stdout) == {"report": "ran"}
+    (run_dir / "report.md").unlink()
+    r4b = run_cli("report", run_dir, "--no-smoothness", cwd=tmp_path)  # regenerated from stored results
+    assert r4b.returncode == 0 and (run_dir / "report.md").is_file() and "| main |" in r4b.stdout
 
     # Changing what eval reads re-runs eval and report only.
     r5 = run_cli("run", p, "eval.limit=4", cwd=tmp_path)
@@ -123,3 +126,38 @@ def test_interrupted_convert_is_simply_rerun(tmp_path, tiny_base_dir, monkeypatc
     assert (run_dir / "convert" / "model" / "dip" / "dip.safetensors").is_file()
     assert json.loads((run_dir / "manifest.json").read_text())["stages"]["convert"]["status"] == "completed"
     assert calls["n"] == 1
+
+
+def test_study_match_tokens_divides_steps(tmp_path):
+    from dipnet.pipeline.run import Run
+
+    r = load_recipe(fast_recipe(tmp_path, {"study": {"match": "tokens"}, "train": {"max_steps": 12}}))
+    raw = r.to_dict()
+    raw["variants"] = {"sft": {"dip.method": "none"}, "dip2": {"dip.trajectories": 2}, "dip4": {"dip.trajectories": 4}}
+    from dipnet.pipeline.recipe import Recipe
+
+    run = Run(Recipe.model_validate(raw), progress=False)
+    steps = {v: run.matched(rr, v).train.max_steps for v, _, rr in run.runs}
+    assert steps == {"sft": 12, "dip2": 6, "dip4": 3}
+
+
+@pytest.mark.slow
+def test_time_budget_stops_and_saves(tmp_path, tiny_base_dir):
+    import json as _json
+
+    from trainhelp import make_recipe
+
+    from dipnet.pipeline import launch
+    from dipnet.pipeline.data import preprocess
+
+    r = make_recipe({"train.max_steps": 100000, "train.save_every": 100000, "launch.launcher": "single"})
+    meta = preprocess(r.data, tiny_base_dir, tmp_path / "pre")
+    out = tmp_path / "timed"
+    out.mkdir()
+    (out / "recipe.json").write_text(_json.dumps(r.to_dict()))
+    port = launch.free_port()
+    cmd = launch.train_command(r.launch, 1, port, ["--recipe", str(out / "recipe.json"), "--model", str(tiny_base_dir),
+                                                   "--data", meta["path"], "--out", str(out), "--max-seconds", "2"])
+    launch.run_ranks(cmd, launch.rank_env(1, port), out / "train.log", 300, single=True, port=port)
+    s = _json.loads((out / "train_summary.json").read_text())
+    assert 1 <= s["steps"] < 1000 and (out / "checkpoints" / f"step-{s['steps']:06d}").is_dir()

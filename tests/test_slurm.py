@@ -186,3 +186,16 @@ def test_cancel_leaves_nothing_running(tmp_path, tiny_base_dir):
     time.sleep(2)
     ps = subprocess.run(["pgrep", "-f", f"{run}/train"], capture_output=True, text=True).stdout.strip()
     assert ps == "", f"processes left: {ps}"
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("flags,needle", [(["--partition", "nosuch"], "invalid partition"),
+                                          (["--nodes", "3"], "node")])
+def test_sbatch_refusal_in_plain_words(tmp_path, flags, needle):
+    need_cluster()
+    p = _recipe(tmp_path, "refused")
+    res = run_cli("launch", p, "--slurm", "--gpus-per-node", "0", *flags, cwd=REPO)
+    assert res.returncode == 1
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: sbatch refused ") and "preprocess.sbatch" in line and needle in line.lower(), line
+    assert not (tmp_path / "refused" / "slurm" / "jobs.json").exists()
