@@ -116,7 +116,8 @@ def save_model_dir(model, config: DipConfig | None, src_dir: str | Path, out_dir
 def convert(model_dir: str | Path, out_dir: str | Path, config: DipConfig, *, trust_remote_code: bool = False) -> dict:
     """Attach DIP to the model in `model_dir` and save it to `out_dir`. Returns a summary."""
     model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code, with_dip=False)
-    check_vocab(model, load_tokenizer(model_dir, trust_remote_code), str(model_dir))
+    if any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        check_vocab(model, load_tokenizer(model_dir, trust_remote_code), str(model_dir))
     family = model_family(model)
     names = attach_dip(model, config)
     save_model_dir(model, config, model_dir, out_dir)

@@ -144,6 +144,8 @@ def run_ranks(cmd: list[str], env: dict, log_path: Path, timeout_s: int, single:
             raise
     # The launcher may exit before an orphaned rank does: make sure the group is gone.
     kill_group(proc)
+    if rc < 0:
+        raise RunError(f"training failed: a rank was killed by signal {-rc} ({signal.Signals(-rc).name}) (log: {log_path})")
     if rc != 0:
         raise RunError(f"training failed (exit {rc}): {last_error_line(log_path)} (log: {log_path})")
 

@@ -232,9 +232,7 @@ def main(argv=None) -> None:
     runs = json.loads(Path(args.runs).read_text()) if args.runs else [{"recipe": args.recipe, "out": args.out}]
     # Distributed set-up: everything rank-dependent is decided here, once per launch.
     rank, world, local_rank, is_main = setup_distributed()
-    for spec in runs:
-        if (Path(spec["out"]) / "train_summary.json").is_file():
-            continue  # finished in an earlier launch
+    for spec in runs:  # the train stage passes only unfinished runs; a finished one resumes at its end
         train_one(spec["recipe"], args.model, args.data, Path(spec["out"]), args.max_seconds,
                   rank, world, local_rank, is_main)
 
@@ -285,7 +283,11 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
             raise RunError(f"checkpoint {resume} was written by {state['world_size']} ranks, this run has {world}; "
                            f"resume with launch.procs_per_node={state['world_size']} (x nodes), or start afresh by "
                            f"removing {ckpt_root}")
-        engine.load_checkpoint(str(resume), tag=resume.name, load_optimizer_states=True, load_lr_scheduler_states=False)
+        from dipnet.pipeline.export import weights_only_torch_load
+
+        with weights_only_torch_load():  # DeepSpeed's loader would unpickle freely; ours holds tensors and plain data
+            engine.load_checkpoint(str(resume), tag=resume.name, load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         if is_main:
             print(f"resumed from {resume} at step {start_step}", flush=True)

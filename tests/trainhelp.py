@@ -11,6 +11,7 @@ from dipnet.pipeline.recipe import Recipe, apply_overrides
 BASE_TRAIN = {
     "data.synthetic.n_train": 96, "data.synthetic.n_test": 16, "data.max_length": 96,
     "train.micro_batch_size": 4, "train.log_every": 1, "train.warmup_steps": 2, "train.lr": 2e-3,
+    "dip.init_variance": 0.01,  # the tests check λ against this value
 }
 
 
