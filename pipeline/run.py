@@ -387,8 +387,6 @@ def run_pipeline(recipe: Recipe, *, from_stage: str | None = None, only: str | N
             if not (forced or only) and run.manifest.is_complete(stage, inputs):
                 run.say(f"[{stage}] up to date (skipped)")
                 continue
-            if from_stage and not forced and not run.manifest.is_complete(stage, inputs):
-                pass  # an earlier stage is stale: it runs anyway before --from's stage
             run.say(f"[{stage}]")
             run.manifest.start(stage, inputs)
             try:

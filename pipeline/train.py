@@ -4,6 +4,7 @@ Started by the `train` stage through the deepspeed launcher, torchrun, or as one
 
     deepspeed --num_gpus 2 pipeline/train.py --recipe RESOLVED.json --model MODEL_DIR \
         --data PREPROCESSED_DIR --out TRAIN_DIR
+    deepspeed --num_gpus 2 pipeline/train.py --runs RUNS.json --model ... --data ...   # a study's runs in one launch
 
 Reads top to bottom: recipe -> distributed set-up -> tokenizer -> model (+ DIP, + LoRA) ->
 data -> DeepSpeed engine -> resume -> loop -> save -> clean exit.
