@@ -292,8 +292,14 @@ class Run:
         out = {}
         for run_id, t in self.manifest.outputs("train").items():
             dest = self.dir / "export" / run_id
-            s = export_checkpoint(t["checkpoint"], dest, dtype=self.recipe.export.dtype, tolerance=self.recipe.export.tolerance)
-            self.say(f"  {run_id}: exported {s['tensors']} tensors, max |Δlogit| {s['max_logit_diff']:.2e}")
+            source = {"checkpoint": t["checkpoint"], "train_key": t["key"], "export": self.recipe.section_hash("export")}
+            if (dest / "source.json").is_file() and json.loads((dest / "source.json").read_text()) == source:
+                self.say(f"  {run_id}: export up to date (skipped)")
+            else:
+                s = export_checkpoint(t["checkpoint"], dest, dtype=self.recipe.export.dtype,
+                                      tolerance=self.recipe.export.tolerance)
+                write_json_atomic(dest / "source.json", source)
+                self.say(f"  {run_id}: exported {s['tensors']} tensors, max |Δlogit| {s['max_logit_diff']:.2e}")
             out[run_id] = {"model_dir": str(dest), "variant": t["variant"], "seed": t["seed"],
                            "fingerprint": model_fingerprint(dest)}
         return out

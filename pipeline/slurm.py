@@ -114,6 +114,26 @@ def _sbatch() -> str:
     return exe
 
 
+def check_resources(s: dict, script: Path) -> None:
+    """Refuse, in plain words, more nodes or CPUs than the partition has (sinfo). Slurm itself
+    accepts such a job when --ntasks-per-node is set and leaves it pending forever."""
+    res = subprocess.run(["sinfo", "-h", "-o", "%P|%D|%c"], capture_output=True, text=True)
+    if res.returncode != 0:
+        return  # sbatch will say what is wrong
+    parts = {}
+    for line in res.stdout.split():
+        name, nodes, cpus = line.split("|")
+        cpus = int(cpus.rstrip("+")) if cpus.rstrip("+").isdigit() else 10**9
+        parts[name.rstrip("*")] = (int(nodes), cpus, name.endswith("*"))
+    name = s["partition"] or next((n for n, v in parts.items() if v[2]), None)
+    if name not in parts:
+        return  # an unknown partition: sbatch's own message names it
+    nodes, cpus, _ = parts[name]
+    if s["nodes"] > nodes or s["cpus_per_task"] > cpus:
+        raise UsageError(f"{script}: asks for {s['nodes']} node(s) x {s['cpus_per_task']} CPUs per task, but partition "
+                         f"'{name}' has {nodes} node(s) with {cpus} CPUs each (sinfo)")
+
+
 def launch_slurm(args) -> int:
     from dipnet.pipeline.recipe import load_recipe
     from dipnet.pipeline.run import Manifest, Run
@@ -150,6 +170,8 @@ def launch_slurm(args) -> int:
             continue
         path = run_dir / "slurm" / f"{name}.sbatch"
         path.write_text(text)
+        if not jobs:
+            check_resources(s, run_dir / "slurm" / "train.sbatch")
         cmd = [sbatch, "--parsable", "--kill-on-invalid-dep=yes"]
         if prev:
             cmd.append(f"--dependency=afterok:{prev}")

@@ -189,13 +189,19 @@ def test_cancel_leaves_nothing_running(tmp_path, tiny_base_dir):
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("flags,needle", [(["--partition", "nosuch"], "invalid partition"),
-                                          (["--nodes", "3"], "node")])
-def test_sbatch_refusal_in_plain_words(tmp_path, flags, needle):
+@pytest.mark.parametrize("flags,code,needle", [
+    (["--partition", "nosuch"], 1, "sbatch refused"),
+    (["--cpus-per-task", "64"], 2, "asks for 1 node(s) x 64 cpus per task, but partition 'debug' has 1 node(s)"),
+    (["--nodes", "3"], 2, "asks for 3 node(s) x 2 cpus per task, but partition 'debug' has 1 node(s)")])
+def test_resource_errors_in_plain_words(tmp_path, flags, code, needle):
     need_cluster()
     p = _recipe(tmp_path, "refused")
     res = run_cli("launch", p, "--slurm", "--gpus-per-node", "0", *flags, cwd=REPO)
-    assert res.returncode == 1
+    if (tmp_path / "refused" / "slurm" / "jobs.json").is_file():
+        run_cli("cancel", tmp_path / "refused", cwd=REPO)
+    assert res.returncode == code
     line = res.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: sbatch refused ") and "preprocess.sbatch" in line and needle in line.lower(), line
+    assert line.startswith("error: ") and ".sbatch" in line and needle in line.lower(), line
+    if code == 1:
+        assert "invalid partition" in line.lower()
     assert not (tmp_path / "refused" / "slurm" / "jobs.json").exists()
