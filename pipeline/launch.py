@@ -121,8 +121,7 @@ def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
     return hosts
 
 
-def run_ranks(cmd: list[str], env: dict, log_path: Path, timeout_s: int, single: bool = False, port: int = 0,
-              on_start=None) -> None:
+def run_ranks(cmd: list[str], env: dict, log_path: Path, timeout_s: int, single: bool = False, port: int = 0) -> None:
     """Run the launcher; raise RunError with the log's last error line if it fails."""
     if single:
         env = {**env, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -132,8 +131,6 @@ def run_ranks(cmd: list[str], env: dict, log_path: Path, timeout_s: int, single:
         log.write(f"$ {' '.join(cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        if on_start:
-            on_start(proc)
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

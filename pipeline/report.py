@@ -63,8 +63,8 @@ def _cost(entries: dict) -> dict:
             "train_wall_s": mean(walls) if walls else None}
 
 
-def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000) -> dict:
-    data = collect(run_dir)
+def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000, data: dict | None = None) -> dict:
+    data = collect(run_dir) if data is None else data
     tasks = sorted({t for v in data.values() for e in v.values() for t in e["results"]["tasks"]})
     report = {"run_dir": str(run_dir), "baseline": baseline, "tasks": tasks, "variants": {}, "differences": {},
               "cost": {}, "smoothness": {}, "noise_sweep": {}}
@@ -199,7 +199,7 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_plots(run_dir: Path, report: dict) -> list[Path]:
+def make_plots(run_dir: Path, report: dict, data: dict) -> list[Path]:
     plt = _plt()
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -219,7 +219,6 @@ def make_plots(run_dir: Path, report: dict) -> list[Path]:
         paths.append(out / "accuracy.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
-    data = collect(run_dir)
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
     any_curve = False
     for v, entries in data.items():
@@ -276,8 +275,9 @@ def write_report(run_dir: str | Path, recipe=None, *, smoothness: bool | None = 
     do_smooth = smoothness if smoothness is not None else (recipe.report.smoothness if recipe is not None else False)
     if do_smooth:
         _measure_smoothness(run_dir, recipe)
-    report = build_report(run_dir, baseline, resamples)
-    plots = make_plots(run_dir, report)
+    data = collect(run_dir)  # every results and samples file, read once
+    report = build_report(run_dir, baseline, resamples, data)
+    plots = make_plots(run_dir, report, data)
     report["plots"] = [str(p) for p in plots]
     for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", render_markdown(report, plots))):
         tmp = run_dir / f"{name}.tmp"

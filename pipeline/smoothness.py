@@ -16,21 +16,12 @@ import torch
 
 
 def _batch(tok, task, limit: int):
-    from dipnet.pipeline.data import gsm8k_prompt
+    """Prompt + answer + EOS with the prompt masked, exactly as training tokenises GSM8K rows."""
+    from dipnet.pipeline.data import collate, tokenize_rows
 
-    rows = []
-    for p in task.problems[:limit]:
-        pi = tok(gsm8k_prompt(p["question"])).input_ids
-        ai = tok(" " + p["answer"], add_special_tokens=False).input_ids + [tok.eos_token_id]
-        rows.append((pi + ai, [-100] * len(pi) + ai))
-    width = max(len(r[0]) for r in rows)
-    pad = tok.pad_token_id
-    ids = torch.full((len(rows), width), pad)
-    lab = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (a, b) in enumerate(rows):
-        ids[i, :len(a)], lab[i, :len(b)], mask[i, :len(a)] = torch.tensor(a), torch.tensor(b), 1
-    return ids, lab, mask
+    examples, _ = tokenize_rows(task.problems[:limit], "gsm8k", tok, 10**6, "truncate", task.name)
+    b = collate(examples, tok.pad_token_id)
+    return b["input_ids"], b["labels"], b["attention_mask"]
 
 
 def _loss(model, emb, mask, lab, per_example: bool = False):
@@ -47,7 +38,7 @@ def measure_smoothness(model_dir, task_name: str = "arith-id", limit: int = 64, 
     """Smoothness measures on `task_name`'s problems, or on `data` (JSONL with question/answer)."""
     from dipnet.eval.hf_runner import load_hf
     from dipnet.eval.tasks import Task, build_task
-    from dipnet.pipeline.data import format_row, read_jsonl
+    from dipnet.pipeline.data import read_jsonl
 
     torch.manual_seed(seed)
     # Eager attention: the CPU SDPA kernels have no double backward (needed for Hessian-vector products).
@@ -56,10 +47,8 @@ def measure_smoothness(model_dir, task_name: str = "arith-id", limit: int = 64, 
     for p in model.parameters():
         p.requires_grad_(False)
     if data:
-        rows = read_jsonl(data)
-        for r in rows:
-            format_row(r, "gsm8k", tok, data)  # names the line of a row without question/answer
-        task, task_name = Task(name=str(data), problems=rows), str(data)
+        # (tokenisation below names the line of any row without question/answer)
+        task, task_name = Task(name=str(data), problems=read_jsonl(data)), str(data)
     else:
         task = build_task(task_name, synthetic_settings=synthetic_settings)
     ids, lab, mask = _batch(tok, task, limit)
