@@ -26,7 +26,7 @@ import torch
 def make_25m(tmp: Path, tok_dir: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dipnet.pipeline.convert import copy_tokenizer_files
+    from dipnet.pipeline.models import copy_tokenizer_files
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,

@@ -26,7 +26,8 @@ def model_fingerprint(model_dir: str | Path) -> str:
     """sha256 of config, dip files and each weight file's size + first and last MiB."""
     d = Path(model_dir)
     h = hashlib.sha256()
-    for p in sorted(d.glob("*.json")) + sorted((d / "dip").glob("*")) + sorted(d.glob("*.safetensors")):
+    files = sorted(d.glob("*.json")) + sorted((d / "dip").glob("*")) + sorted(d.glob("*.safetensors"))
+    for p in (f for f in files if not f.name.startswith(".")):  # not our write marker: it changes every write
         h.update(p.name.encode())
         size = p.stat().st_size
         h.update(str(size).encode())
@@ -66,8 +67,12 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
                    shots: int = 0, limit: int | None = None, max_new_tokens: int = 64, chat_template: bool = False,
                    gsm8k_path: str | None = None, synthetic_settings=None, dip_mode: str = "mean",
                    noise_sigmas: list[float] | None = None, vllm_engine=None, progress: bool = True,
-                   label: str | None = None) -> dict:
-    """Evaluate `model_dir`; returns the results dict (also written to out_dir/results.json)."""
+                   label: str | None = None, trust_remote_code: bool = False) -> dict:
+    """Evaluate `model_dir` into `out_dir` (results.json + samples_<task>.jsonl); returns the results.
+
+    The caller decides where `out_dir` is (the CLI and the eval stage build it under a
+    temporary name and swap it in when complete, so results and samples always agree).
+    """
     from dipnet.eval import hf_runner
 
     out = Path(out_dir)
@@ -76,11 +81,23 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
         raise UsageError(f"unknown engine '{engine}'; expected vllm or hf")
     if dip_mode != "mean" and engine != "hf":
         raise UsageError(f"eval.dip_mode {dip_mode} needs engine hf (vLLM serves the mean path)")
+    if limit is not None and limit <= 0:
+        raise UsageError(f"eval limit must be > 0, got {limit}")
+    if max_new_tokens <= 0 or shots < 0:
+        raise UsageError(f"eval needs max_new_tokens > 0 and shots >= 0 (got {max_new_tokens}, {shots})")
     tasks = [build_task(t, shots=shots, limit=limit, synthetic_settings=synthetic_settings, gsm8k_path=gsm8k_path,
                         chat_template=chat_template) for t in task_names]
     k = int(dip_mode.split(":")[1]) if dip_mode.startswith("average:") else 1
-    model, tok = hf_runner.load_hf(model_dir, dip_mode="sample" if k > 1 else "mean")
+    model, tok = hf_runner.load_hf(model_dir, dip_mode="sample" if k > 1 else "mean",
+                                   trust_remote_code=trust_remote_code)
     L = max_model_len(model)
+    for task in tasks:  # every prompt must fit: a silently cut few-shot prompt is another task
+        longest = max(len(tok(task.prompt(p["question"], tok), add_special_tokens=not task.chat_template).input_ids)
+                      for p in task.problems)
+        if longest + max_new_tokens > L:
+            raise UsageError(f"task {task.name}: the longest prompt has {longest} tokens; with max_new_tokens "
+                             f"{max_new_tokens} it exceeds the model's context of {L} tokens (use fewer shots or "
+                             "fewer new tokens)")
     own_engine = None
     if engine == "vllm" and vllm_engine is None:
         from dipnet.eval.vllm_runner import VllmEngine

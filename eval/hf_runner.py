@@ -149,7 +149,7 @@ def teacher_forced(model, tokenizer, prompts: list[list[int]], answers: list[str
 
 
 def load_hf(model_dir, dip_mode: str = "mean", trust_remote_code: bool = False, attn_implementation: str | None = None):
-    from dipnet.pipeline.convert import load_causal_lm, load_tokenizer
+    from dipnet.pipeline.models import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code, with_dip=True,
                            attn_implementation=attn_implementation)

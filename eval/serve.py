@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from dipnet.eval.vllm_runner import INSTALL_HINT, _has_cuda, vllm_environment
-from dipnet.pipeline.convert import check_model_dir
+from dipnet.pipeline.models import check_model_dir
 from dipnet.pipeline.errors import UsageError
 
 
@@ -33,9 +33,13 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, work
     import json
     import os
 
-    check_model_dir(model_dir)
+    check_model_dir(model_dir, flag="(serve never runs model code)")
     if importlib.util.find_spec("vllm") is None:
         raise UsageError(f"engine vllm is not installed: {INSTALL_HINT}")
+    from dipnet.pipeline.launch import port_is_free
+
+    if not port_is_free(port, host):  # vLLM would start for a minute, then fail with a traceback
+        raise UsageError(f"port {port} on {host} is already in use; choose another with --port")
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     max_len = min(int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048), 4096)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="dipnet-serve-"))

@@ -98,6 +98,8 @@ def build_task(name: str, *, shots: int = 0, limit: int | None = None, synthetic
     if name.startswith("gsm8k"):
         train, test = load_gsm8k(gsm8k_path)
         problems = [{"question": r["question"], "answer": r["answer"]} for r in test]
+        if shots > len(train):
+            raise UsageError(f"task {name}: {shots} shots asked, the train split has {len(train)} problems")
         shot_rows = rng.sample([{"question": r["question"], "answer": r["answer"]} for r in train], shots) if shots else []
         if name == "gsm8k-perturbed":
             problems = perturb_problems(problems, arithmetic=False)
@@ -108,6 +110,8 @@ def build_task(name: str, *, shots: int = 0, limit: int | None = None, synthetic
         s = synthetic_settings or SyntheticSettings()
         splits = synthetic.generate_splits(s.n_train, s.n_test, s.seed)
         problems = splits["test-ood" if name == "arith-ood" else "test-id"]
+        if shots > len(splits["train"]):
+            raise UsageError(f"task {name}: {shots} shots asked, the train split has {len(splits['train'])} problems")
         shot_rows = rng.sample(splits["train"], shots) if shots else []
         if name == "arith-perturbed":
             problems = perturb_problems(problems, arithmetic=True)

@@ -20,7 +20,6 @@ import io
 import json
 import math
 import os
-import shutil
 import string
 import time
 from pathlib import Path
@@ -90,19 +89,23 @@ def _packed_batches(tok, docs: list[str], seq_len: int):
 
 def build_tiny_base(settings, out_dir: str | Path, seed: int = 0, progress: bool = True) -> Path:
     """Build, pretrain and save the tiny base into `out_dir` (written atomically)."""
+    from dipnet.pipeline.errors import UsageError
+    from dipnet.pipeline.outputs import output_dir
+
+    if settings.hidden_size % settings.num_heads:
+        raise UsageError("model.tiny.hidden_size must be divisible by model.tiny.num_heads")
+    with output_dir(out_dir, "model") as tmp:
+        _build(settings, tmp, seed, progress)
+    return Path(out_dir)
+
+
+def _build(settings, tmp: Path, seed: int, progress: bool) -> None:
     import torch
     from tqdm import tqdm
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     t0 = time.time()
     torch.manual_seed(seed)
-
-    if settings.hidden_size % settings.num_heads:
-        raise ValueError("model.tiny.hidden_size must be divisible by model.tiny.num_heads")
     train_tokenizer(settings.vocab_size, seed, tmp)
     config = LlamaConfig(
         vocab_size=settings.vocab_size, hidden_size=settings.hidden_size, intermediate_size=settings.intermediate_size,
@@ -153,7 +156,3 @@ def build_tiny_base(settings, out_dir: str | Path, seed: int = 0, progress: bool
         "steps": steps, "seconds": round(time.time() - t0, 1), "seed": seed,
         "parameters": sum(p.numel() for p in model.parameters()), "generator": GENERATOR_VERSION,
     }, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)
-    return out_dir

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="consolidate a DeepSpeed checkpoint into a Hugging Face directory")
     s.add_argument("checkpoint"), s.add_argument("--out", required=True)
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    s.add_argument("--base", default=None, help="the converted model the run trained from (default: the one the "
+                                                 "checkpoint names)")
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="allow code shipped with that model (never taken from the checkpoint)")
 
     s = sub.add_parser("eval", help="evaluate a model directory, or re-score predictions")
     s.add_argument("model_dir", nargs="?")
@@ -150,23 +154,55 @@ def cmd_base(a) -> int:
     from dipnet.pipeline.recipe import TinyBaseSettings, apply_overrides
 
     raw = apply_overrides({}, [o[len("model.tiny."):] if o.startswith("model.tiny.") else o for o in a.overrides])
-    try:
-        settings = TinyBaseSettings(**raw)
-    except Exception as exc:
-        raise UsageError(f"dipnet base tiny: {str(exc).splitlines()[0]}") from None
+    settings = _settings(TinyBaseSettings, raw, {k: f"model.tiny.{k}" for k in TinyBaseSettings.model_fields})
     out = build_tiny_base(settings, a.out, seed=a.seed)
     print(json.dumps(json.loads((out / "pretrain.json").read_text()), indent=2))
     print(f"tiny base: {out}")
     return 0
 
 
+def _settings(cls, values: dict, flags: dict[str, str]):
+    """Validate CLI values with the recipe's own settings class; errors name the flag."""
+    from pydantic import ValidationError
+
+    try:
+        return cls.model_validate(values)
+    except ValidationError as exc:
+        from dipnet.pipeline.recipe import _describe_expected
+
+        err = exc.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else ""
+        got = err.get("input")
+        shown = "" if isinstance(got, (dict, list)) or err["type"].startswith("value_error") else f", got {got!r}"
+        raise UsageError(f"{flags.get(key, key or 'arguments')}: {_describe_expected(err)}{shown}") from None
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
 def cmd_convert(a) -> int:
     from dipnet.pipeline.convert import convert
     from dipnet.pipeline.dip import DipConfig
+    from dipnet.pipeline.recipe import DipSettings
 
-    layers = [int(x) for x in a.layers.split(",")] if a.layers else None
-    cfg = DipConfig(method=a.method, placement=a.placement, scale=a.scale, init_variance=a.init_variance,
-                    layers=layers, noise_scale=a.noise_scale)
+    layers = _int_list(a.layers, "--layers") if a.layers else None
+    d = _settings(DipSettings, {"method": a.method, "placement": a.placement, "scale": a.scale,
+                                "init_variance": a.init_variance, "layers": layers, "noise_scale": a.noise_scale},
+                  {"method": "--method", "placement": "--placement", "scale": "--scale", "init_variance": "--init-variance",
+                   "layers": "--layers", "noise_scale": "--noise-scale"})
+    cfg = DipConfig(method=d.method, placement=d.placement, scale=d.scale, init_variance=d.init_variance,
+                    layers=d.layers, noise_scale=d.noise_scale)
     print(json.dumps(convert(a.model_dir, a.out, cfg, trust_remote_code=a.trust_remote_code), indent=2))
     return 0
 
@@ -174,30 +210,49 @@ def cmd_convert(a) -> int:
 def cmd_export(a) -> int:
     from dipnet.pipeline.export import export_checkpoint
 
-    print(json.dumps(export_checkpoint(a.checkpoint, a.out, dtype=a.dtype), indent=2))
+    print(json.dumps(export_checkpoint(a.checkpoint, a.out, dtype=a.dtype, base=a.base,
+                                       trust_remote_code=a.trust_remote_code), indent=2))
     return 0
+
+
+def _check_task(t: str) -> str:
+    from dipnet.eval.tasks import TASKS
+
+    if t not in TASKS:
+        close = difflib.get_close_matches(t, TASKS, n=1)
+        raise UsageError(f"unknown task '{t}'" + (f" (did you mean '{close[0]}'?)" if close else f"; tasks: {', '.join(TASKS)}"))
+    return t
 
 
 def cmd_eval(a) -> int:
     from dipnet.eval.evaluate import evaluate_model, rescore_predictions
-    from dipnet.eval.tasks import TASKS
+    from dipnet.pipeline.outputs import output_dir
+    from dipnet.pipeline.recipe import EvalSettings
 
     if a.predictions:
         if not a.task:
             raise UsageError("--predictions needs --task (e.g. --task gsm8k)")
-        res = rescore_predictions(a.predictions, a.task, a.out)
+        _check_task(a.task)
+        with output_dir(a.out, "eval", inputs=[a.predictions]) as tmp:
+            res = rescore_predictions(a.predictions, a.task, tmp)
     else:
         if not a.model_dir:
             raise UsageError("dipnet eval: give MODEL_DIR, or --predictions FILE --task TASK")
-        tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
-        for t in tasks:
-            if t not in TASKS:
-                close = difflib.get_close_matches(t, TASKS, n=1)
-                raise UsageError(f"unknown task '{t}'" + (f" (did you mean '{close[0]}'?)" if close else f"; tasks: {', '.join(TASKS)}"))
-        sigmas = [float(x) for x in a.noise_sigmas.split(",") if x.strip()]
-        res = evaluate_model(a.model_dir, tasks, a.out, engine=a.engine, shots=a.shots, limit=a.limit,
-                             max_new_tokens=a.max_new_tokens, chat_template=a.chat_template, gsm8k_path=a.gsm8k_path,
-                             dip_mode=a.dip_mode, noise_sigmas=sigmas)
+        tasks = [_check_task(t.strip()) for t in a.tasks.split(",") if t.strip()]
+        if not tasks:
+            raise UsageError("--tasks: expected at least one task")
+        e = _settings(EvalSettings, {"engine": a.engine, "tasks": tasks, "shots": a.shots, "limit": a.limit,
+                                     "max_new_tokens": a.max_new_tokens, "dip_mode": a.dip_mode,
+                                     "noise_sigmas": _float_list(a.noise_sigmas, "--noise-sigmas"),
+                                     "gsm8k_path": a.gsm8k_path},
+                      {"engine": "--engine", "shots": "--shots", "limit": "--limit", "max_new_tokens": "--max-new-tokens",
+                       "dip_mode": "--dip-mode", "noise_sigmas": "--noise-sigmas", "gsm8k_path": "--gsm8k-path"})
+        if e.gsm8k_path and not Path(e.gsm8k_path).is_dir():
+            raise UsageError(f"--gsm8k-path {e.gsm8k_path}: no such directory")
+        with output_dir(a.out, "eval", inputs=[a.model_dir]) as tmp:
+            res = evaluate_model(a.model_dir, list(e.tasks), tmp, engine=e.engine, shots=e.shots, limit=e.limit,
+                                 max_new_tokens=e.max_new_tokens, chat_template=a.chat_template,
+                                 gsm8k_path=e.gsm8k_path, dip_mode=e.dip_mode, noise_sigmas=list(e.noise_sigmas))
     for t, r in res["tasks"].items():
         s = r["scores"]
         print(f"{t}: strict-match {s['strict-match']['accuracy']:.4f}  flexible-extract "
@@ -209,6 +264,8 @@ def cmd_eval(a) -> int:
 def cmd_serve(a) -> int:
     from dipnet.eval.serve import serve
 
+    if not 0 < a.port < 65536:
+        raise UsageError(f"--port: expected 1-65535, got {a.port}")
     return serve(a.model_dir, host=a.host, port=a.port, workdir=a.workdir)
 
 
@@ -216,12 +273,19 @@ def cmd_report(a) -> int:
     from dipnet.pipeline.recipe import Recipe
     from dipnet.pipeline.report import headline_table, write_report
 
+    from pydantic import ValidationError
+
+    from dipnet.pipeline.recipe import format_validation_error, read_yaml
+
     run_dir = Path(a.run_dir)
     if not (run_dir / "manifest.json").is_file():
         raise UsageError(f"{run_dir}: not a run directory (no manifest.json)")
-    import yaml
-
-    recipe = Recipe.model_validate(yaml.safe_load((run_dir / "recipe.yaml").read_text())) if (run_dir / "recipe.yaml").is_file() else None
+    recipe = None
+    if (run_dir / "recipe.yaml").is_file():
+        try:
+            recipe = Recipe.model_validate(read_yaml(run_dir / "recipe.yaml"))
+        except ValidationError as exc:
+            raise UsageError(format_validation_error(exc, str(run_dir / "recipe.yaml"))) from None
     paths = write_report(run_dir, recipe, smoothness=False if a.no_smoothness else None)
     print(headline_table(paths["report_md"]))
     print(f"report: {paths['report_md']}")
@@ -230,6 +294,9 @@ def cmd_report(a) -> int:
 
 def cmd_smoothness(a) -> int:
     from dipnet.pipeline.smoothness import measure_smoothness
+
+    if a.limit <= 0 or not (a.epsilon > 0 and a.epsilon < float("inf")):
+        raise UsageError(f"--limit must be > 0 and --epsilon a positive number (got {a.limit}, {a.epsilon})")
 
     res = measure_smoothness(a.model_dir, task_name=a.task, limit=a.limit, epsilon=a.epsilon, data=a.data)
     text = json.dumps(res, indent=2)
@@ -257,12 +324,24 @@ def cmd_cancel(a) -> int:
     return cancel(a.run_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+def _quiet(debug: bool) -> None:
+    """Library chatter (progress bars, warnings) off, so a failure ends in one `error:` line."""
+    import logging
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if not debug:
+        logging.captureWarnings(True)
+        logging.getLogger("py.warnings").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    _quiet(debug)
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)

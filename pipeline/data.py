@@ -49,14 +49,20 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not p.is_file():
         raise UsageError(f"{p}: no such data file")
     rows = []
-    with p.open() as f:
-        for i, line in enumerate(f, 1):
+    with p.open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{p}:{i}: not UTF-8 text (byte {exc.start} of the line)") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UsageError(f"{p}:{i}: invalid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise UsageError(f"{p}:{i}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise UsageError(f"{p}:{i}: expected a JSON object per line, got {type(row).__name__}")
             row["_line"] = i
@@ -122,6 +128,9 @@ def format_row(row: dict, fmt: str, tokenizer, where: str) -> tuple[str, str]:
     if missing:
         raise UsageError(f"{where}:{row.get('_line', '?')}: row has no '{missing[0]}' "
                          f"(format {fmt} needs {', '.join(REQUIRED[fmt])})")
+    for k in REQUIRED[fmt] + (("input",) if fmt == "alpaca" and row.get("input") else ()):
+        if k != "messages" and (not isinstance(row[k], (str, int, float)) or isinstance(row[k], bool)):
+            raise UsageError(f"{where}:{row.get('_line', '?')}: '{k}' must be text, got {type(row[k]).__name__}")
     if fmt == "gsm8k":
         return gsm8k_prompt(row["question"]), " " + str(row["answer"]).strip()
     if fmt == "alpaca":
@@ -131,7 +140,9 @@ def format_row(row: dict, fmt: str, tokenizer, where: str) -> tuple[str, str]:
     if fmt == "prompt_completion":
         return str(row["prompt"]), str(row["completion"])
     msgs = row["messages"]
-    if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
+    if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs) \
+            or msgs[-1].get("role") != "assistant":
         raise UsageError(f"{where}:{row.get('_line', '?')}: 'messages' must be a list ending with an assistant turn")
     if not getattr(tokenizer, "chat_template", None):
         raise UsageError(f"{where}: format chat needs a tokenizer with a chat template")
@@ -197,7 +208,7 @@ def preprocess(data_settings, model_dir: str | Path, out_root: str | Path, *, tr
     """
     import datasets
 
-    from dipnet.pipeline.convert import load_tokenizer
+    from dipnet.pipeline.models import load_tokenizer
 
     rows, data_hash = load_rows(data_settings.train, synthetic=data_settings.synthetic)
     if data_settings.limit:

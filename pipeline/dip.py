@@ -196,7 +196,9 @@ def _replace_first_arg(module: nn.Module, projection: nn.Module):
             return (projection(args[0]),) + tuple(args[1:]), kwargs
         if "hidden_states" in kwargs:
             return args, {**kwargs, "hidden_states": projection(kwargs["hidden_states"])}
-        return None
+        # Passing through would train without noise while reporting DIP: never silently.
+        raise RuntimeError(f"DIP projection on {type(_mod).__name__}: the call has no hidden-states input "
+                           f"(args: {len(args)}, kwargs: {sorted(kwargs)[:6]})")
 
     return module.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -235,6 +237,8 @@ def attach_dip(model: nn.Module, config: DipConfig) -> list[str]:
     else:
         chosen = list(range(len(layers))) if config.layers is None else list(config.layers)
         variance, learnable, placement = config.init_variance, config.method == "dip", config.placement
+    if len(set(chosen)) != len(chosen):
+        raise UsageError(f"dip.layers lists a block twice: {chosen}")
     bad = [i for i in chosen if not 0 <= i < len(layers)]
     if bad:
         raise UsageError(f"dip.layers: block index {bad[0]} out of range (the model has {len(layers)} blocks)")
@@ -380,7 +384,24 @@ def dip_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {_short(n): p.log_variance.detach().float().cpu().contiguous() for n, p in projections(model)}
 
 
-def save_dip(model: nn.Module, config: DipConfig, model_dir: str | Path, state: dict | None = None) -> None:
+def initial_dip_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every projection's λ at its initial value (works on a meta-device model)."""
+    return {_short(n): torch.full((p.log_variance.shape[0],), math.log(p.init_variance))
+            for n, p in projections(model)}
+
+
+def same_noise(a: DipConfig, b: DipConfig) -> bool:
+    """Whether two configs attach the same projections with the same initial λ."""
+    keys = ("method", "placement", "scale", "init_variance", "layers", "noise_scale")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def short_name(param_key: str) -> str:
+    """'base_model.model.model.layers.3.dip_input.log_variance' -> '3.dip_input'."""
+    return _short(param_key.rsplit(".", 1)[0] if param_key.endswith(".log_variance") else param_key)
+
+
+def save_dip(model: nn.Module | None, config: DipConfig, model_dir: str | Path, state: dict | None = None) -> None:
     """Write dip/dip.safetensors (log-variances) and dip/dip_config.json into `model_dir`."""
     from safetensors.torch import save_file
 
@@ -391,17 +412,64 @@ def save_dip(model: nn.Module, config: DipConfig, model_dir: str | Path, state: 
     (d / DIP_CONFIG).write_text(json.dumps({**asdict(config), "projections": sorted(state)}, indent=2))
 
 
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def read_dip_config(model_dir: str | Path) -> Optional[DipConfig]:
+    """dip/dip_config.json checked field by field (a model directory is untrusted input)."""
+    from dipnet.pipeline.models import read_json_object
+
     p = Path(model_dir) / DIP_SUBDIR / DIP_CONFIG
     if not p.is_file():
         return None
-    try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{p}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    return dip_config_from_dict(read_json_object(p), str(p))
+
+
+def dip_config_from_dict(raw: dict, where: str) -> DipConfig:
+    """A DipConfig from untrusted JSON (dip_config.json, a checkpoint's trainer_state.json)."""
+    p = where
+    if not isinstance(raw, dict):
+        raise UsageError(f"{where}: expected a JSON object of DIP settings")
+    raw = dict(raw)
     raw.pop("projections", None)
     known = set(DipConfig.__dataclass_fields__)
-    return DipConfig(**{k: v for k, v in raw.items() if k in known})
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UsageError(f"{p}: unknown key '{unknown[0]}'")
+    checks = {
+        "method": lambda v: v in METHODS, "placement": lambda v: v in ("block_input", "attn_mlp"),
+        "scale": lambda v: v in ("absolute", "relative"), "init_variance": lambda v: _finite_number(v) and v > 0,
+        "noise_scale": lambda v: _finite_number(v) and v >= 0,
+        "layers": lambda v: v is None or (isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                     and i >= 0 for i in v) and len(set(v)) == len(v)),
+        "trajectories": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "alpha": lambda v: _finite_number(v) and v >= 0, "beta": lambda v: _finite_number(v) and v >= 0,
+        "gamma": lambda v: _finite_number(v) and v >= 0, "extra": lambda v: isinstance(v, dict),
+    }
+    for k, v in raw.items():
+        if not checks[k](v):
+            raise UsageError(f"{p}: '{k}' has an invalid value {v!r}")
+    return DipConfig(**raw)
+
+
+def read_dip_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """dip/dip.safetensors: finite 1-D log-variances (NaN or inf is an error naming the tensor)."""
+    from safetensors.torch import load_file
+
+    from dipnet.pipeline.models import check_safetensors
+
+    wpath = Path(model_dir) / DIP_SUBDIR / DIP_WEIGHTS
+    if not wpath.is_file():
+        raise UsageError(f"{wpath}: missing (dip_config.json names projections)")
+    check_safetensors(wpath)
+    state = load_file(str(wpath))
+    for k, v in state.items():
+        if v.dim() != 1 or not v.is_floating_point():
+            raise UsageError(f"{wpath}: '{k}' must be a 1-D float tensor, got shape {tuple(v.shape)} {v.dtype}")
+        if not torch.isfinite(v).all():
+            raise UsageError(f"{wpath}: '{k}' holds non-finite log-variances")
+    return state
 
 
 def load_dip(model: nn.Module, model_dir: str | Path) -> list[str]:
@@ -409,14 +477,14 @@ def load_dip(model: nn.Module, model_dir: str | Path) -> list[str]:
 
     A missing, extra or wrong-shaped tensor is an error naming it (no silent loading).
     """
-    from safetensors.torch import load_file
-
     config = read_dip_config(model_dir)
     if config is None:
         return []
     names = attach_dip(model, config)
+    if config.method == "none" or not projections(model):
+        return names
     wpath = Path(model_dir) / DIP_SUBDIR / DIP_WEIGHTS
-    state = load_file(str(wpath)) if wpath.is_file() else {}
+    state = read_dip_state(model_dir)
     mods = {_short(n): p for n, p in projections(model)}
     missing, extra = sorted(set(mods) - set(state)), sorted(set(state) - set(mods))
     if missing or extra:

@@ -1,25 +1,33 @@
 """The `export` stage: a DeepSpeed checkpoint (any ZeRO stage) -> one Hugging Face model directory.
 
-    dipnet export RUN/train/main/checkpoints/step-000300 --out DIR     (or the train directory)
+    dipnet export RUN/train/main-s0 --out DIR          (a train directory or one step-N checkpoint)
 
-1. `consolidate_zero_checkpoint` gathers the fp32 weights of every rank's shards (DeepSpeed's
-   zero_to_fp32; ZeRO-0 reads the single model file).
-2. The trained model is rebuilt exactly as `train.py` built it (base + DIP + LoRA) and loaded
-   strictly: a missing, unexpected or wrong-shaped key is an error naming it.
-3. LoRA is merged; DIP in mean mode is the base architecture, so the base weights go to the
-   top-level safetensors (vLLM and any tool read them as they are) and λ to `dip/`.
-4. Checks: the export reloads with plain `transformers` with no missing/unexpected/mismatched
-   key, and its logits on a probe batch match the trained model's mean-mode logits within
-   `export.tolerance` (1e-5) x max(1, max |logit|). Full fine-tunes match exactly; merged LoRA
-   differs by float32 round-off. The directory is written under a temporary name and renamed.
+1. `read_trainer_state` validates the checkpoint's `trainer_state.json` (it is a file like any
+   other: nothing in it turns on remote code; the model directory it names is checked like any
+   model directory, and `--base` overrides it).
+2. The trained tensors are read lazily from the checkpoint (DeepSpeed's zero_to_fp32 for ZeRO-1/2/3,
+   the module file for ZeRO-0). Checkpoints hold only the parameters that trained; every frozen
+   one (a LoRA run's base weights, a `dip_fixed` λ) comes from the converted model the run
+   started from, and every parameter `trainer_state.json` lists as trained must be present.
+3. The output is streamed tensor by tensor into safetensors shards of at most
+   `max_shard_bytes` with the base model's own key names (and an index when sharded): LoRA
+   adapters are merged into their base weight as W + (alpha/r)·B·A as each weight is written,
+   so host memory holds one shard and one weight at a time, never a second model. DIP in
+   mean mode is the base architecture, so λ go to `dip/` and every tool reads the rest as is.
+4. Checks, inside the temporary directory before it replaces anything: every key and shape of
+   the base model is present; plain `transformers` reloads it with no missing, unexpected or
+   mismatched key; its logits on a probe batch match the trained model's mean-path logits
+   (rebuilt with unmerged adapters) within `export.tolerance` × max(1, max |logit|). Only then
+   is the directory swapped in: a failed re-export leaves the previous export untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import io
 import json
-import os
-import shutil
+import re
 from pathlib import Path
 
 import torch
@@ -29,6 +37,9 @@ from dipnet.pipeline.errors import RunError, UsageError
 
 PROBE_TEXTS = ["Question: Ann has 3 apples. She buys 4 more. How many apples does Ann have now?\nAnswer:",
                "Question: What is 12 + 7?\nAnswer: 12 + 7 = 19\n#### 19"]
+MAX_SHARD_BYTES = 2 * 2**30
+STATE_KEYS = {"step": int, "tokens_seen": int, "world_size": int, "zero_stage": int, "recipe": dict,
+              "model_dir": str, "trainable": list}
 
 
 @contextlib.contextmanager
@@ -36,7 +47,7 @@ def weights_only_torch_load():
     """Force `torch.load(weights_only=True)` inside DeepSpeed's checkpoint utilities.
 
     They call torch.load(weights_only=False); our checkpoints hold only tensors, plain Python
-    data and three DeepSpeed plain-data classes, which are allow-listed here.
+    data and a few DeepSpeed plain-data classes, which are allow-listed here.
     """
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -72,21 +83,240 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UsageError(f"{p}: no complete checkpoint (expected a step-N directory with trainer_state.json)")
 
 
-def consolidate_zero_checkpoint(ckpt: Path) -> dict[str, torch.Tensor]:
-    """fp32 state dict of the engine's module from a checkpoint of any ZeRO stage."""
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    tag = ckpt.name
-    if state["zero_stage"] == 0:
-        files = sorted((ckpt / tag).glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise RunError(f"{ckpt / tag}: no mp_rank_*_model_states.pt")
-        sd = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
-        return {k: v.float() for k, v in sd.items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def read_trainer_state(ckpt: Path) -> dict:
+    """trainer_state.json, checked key by key (one line naming the key on any problem)."""
+    from pydantic import ValidationError
 
-    with weights_only_torch_load():
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
-    return {k: v.float() for k, v in sd.items()}
+    from dipnet.pipeline.models import read_json_object
+    from dipnet.pipeline.recipe import Recipe, format_validation_error
+
+    path = ckpt / "trainer_state.json"
+    state = read_json_object(path)
+    for key, typ in STATE_KEYS.items():
+        if key not in state:
+            hint = " (written by an older dipnet: retrain)" if key == "trainable" else ""
+            raise UsageError(f"{path}: no '{key}'{hint}")
+        if not isinstance(state[key], typ) or isinstance(state[key], bool):
+            raise UsageError(f"{path}: '{key}' must be {typ.__name__}, got {type(state[key]).__name__}")
+    if state["step"] < 0 or state["world_size"] < 1 or state["zero_stage"] not in (0, 1, 2, 3):
+        raise UsageError(f"{path}: 'step', 'world_size' or 'zero_stage' out of range")
+    if not all(isinstance(n, str) for n in state["trainable"]):
+        raise UsageError(f"{path}: 'trainable' must list parameter names")
+    try:
+        state["recipe_obj"] = Recipe.model_validate(state["recipe"])
+    except ValidationError as exc:
+        raise UsageError(format_validation_error(exc, f"{path} (recipe)")) from None
+    if not (ckpt / ckpt.name).is_dir():
+        raise UsageError(f"{ckpt}: no DeepSpeed checkpoint directory '{ckpt.name}' inside")
+    return state
+
+
+def trained_tensors(ckpt: Path, zero_stage: int) -> dict:
+    """name -> tensor (or DeepSpeed lazy tensor: `.contiguous()` materialises it) of what trained."""
+    tag = ckpt.name
+    try:
+        if zero_stage == 0:
+            files = sorted((ckpt / tag).glob("mp_rank_*_model_states.pt"))
+            if not files:
+                raise UsageError(f"{ckpt / tag}: no mp_rank_*_model_states.pt")
+            with weights_only_torch_load():
+                sd = torch.load(files[0], map_location="cpu", mmap=True, weights_only=True)
+            if not isinstance(sd, dict) or not isinstance(sd.get("module"), dict):
+                raise UsageError(f"{files[0]}: not a DeepSpeed model-states file")
+            return sd["module"]
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # zero_to_fp32 prints and draws progress bars: kept off the console (it is our step, not theirs).
+        with weights_only_torch_load(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag, lazy_mode=True)
+    except UsageError:
+        raise
+    except Exception as exc:  # a checkpoint DeepSpeed cannot read: truncated, from another version...
+        raise UsageError(f"{ckpt}: cannot read the DeepSpeed checkpoint ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]})") from None
+
+
+def consolidate_zero_checkpoint(ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 tensors of every parameter that trained, materialised (tests and small models)."""
+    state = read_trainer_state(ckpt)
+    return {k: _materialise(v) for k, v in trained_tensors(ckpt, state["zero_stage"]).items()}
+
+
+def _materialise(t) -> torch.Tensor:
+    t = t.contiguous() if not isinstance(t, torch.Tensor) else t
+    return t.detach().float().clone()
+
+
+def hf_key(name: str) -> str:
+    """The base model's key for a trained module's parameter name (peft prefixes removed)."""
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model."):]
+    return name.replace(".base_layer.", ".")
+
+
+def base_keys(model_dir: Path) -> dict[str, tuple[str, list[int]]]:
+    """key -> (file name, shape) of every tensor in the model directory's safetensors."""
+    from dipnet.pipeline.models import weight_files
+
+    out = {}
+    for f in weight_files(model_dir):
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for k, v in header.items():
+            if k != "__metadata__":
+                out[k] = (f.name, v["shape"])
+    return out
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", tolerance: float = 1e-5,
+                      trust_remote_code: bool = False, base: str | Path | None = None,
+                      max_shard_bytes: int = MAX_SHARD_BYTES, verify: bool = True) -> dict:
+    """Consolidate, merge, save and verify. Returns the export summary (also export.json).
+
+    `trust_remote_code` comes only from the caller (the user's flag or recipe), never from the
+    checkpoint; `base` overrides the model directory the checkpoint names.
+    """
+    from dipnet.pipeline.models import check_model_dir
+    from dipnet.pipeline.outputs import output_dir
+
+    ckpt = resolve_checkpoint(path)
+    state = read_trainer_state(ckpt)
+    recipe = state["recipe_obj"]
+    model_dir = Path(base) if base is not None else Path(state["model_dir"])
+    check_model_dir(model_dir, trust_remote_code, flag="--trust-remote-code (export)")
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    train_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    with output_dir(out_dir, "export", inputs=[ckpt, train_dir, model_dir]) as tmp:
+        written = _write_weights(ckpt, state, model_dir, tmp, torch_dtype, max_shard_bytes, trust_remote_code)
+        summary = {"checkpoint": str(ckpt.resolve()), "step": state["step"], "model_dir": str(model_dir),
+                   "out": str(Path(out_dir)), "zero_stage": state["zero_stage"], "train_method": recipe.train.method,
+                   "dip_method": recipe.dip.method, "dtype": dtype, **written}
+        if verify:
+            summary.update(_verify(tmp, state, model_dir, ckpt, dtype, tolerance, trust_remote_code))
+        (tmp / "export.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _lora_scaling(recipe) -> float:
+    return recipe.train.lora.alpha / recipe.train.lora.r
+
+
+def _write_weights(ckpt: Path, state: dict, model_dir: Path, out: Path, torch_dtype, max_shard_bytes: int,
+                   trust_remote_code: bool) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dipnet.pipeline.convert import meta_model
+    from dipnet.pipeline.models import copy_tokenizer_files
+
+    recipe = state["recipe_obj"]
+    trained = trained_tensors(ckpt, state["zero_stage"])
+    by_hf: dict[str, object] = {}
+    lora: dict[str, dict[str, object]] = {}
+    for name, t in trained.items():
+        key = hf_key(name)
+        m = re.fullmatch(r"(.+)\.lora_([AB])\.[^.]+\.weight", key)
+        if m:
+            lora.setdefault(m.group(1), {})[m.group(2)] = t
+        else:
+            by_hf[key] = t
+    missing = sorted(hf_key(n) for n in state["trainable"]
+                     if "lora_" not in n and hf_key(n) not in by_hf)
+    if missing:
+        raise RunError(f"{ckpt}: the checkpoint lacks trained parameter '{missing[0]}' ({len(missing)} missing)")
+    for mod, ab in lora.items():
+        if set(ab) != {"A", "B"}:
+            raise RunError(f"{ckpt}: LoRA of '{mod}' has only lora_{''.join(ab)}")
+
+    keys = base_keys(model_dir)
+    conv1d = set()
+    if lora:  # GPT-2's Conv1D stores W transposed: its LoRA delta is too (peft's fan_in_fan_out)
+        from transformers.pytorch_utils import Conv1D
+
+        meta = meta_model(model_dir, trust_remote_code)
+        conv1d = {n for n, mod in meta.named_modules() if isinstance(mod, Conv1D)}
+        del meta
+    unknown = sorted(k for k in by_hf if k not in keys and not dipmod.is_dip_key(k))
+    unknown += sorted(m + ".weight" for m in lora if m + ".weight" not in keys)
+    if unknown:
+        raise RunError(f"{ckpt}: '{unknown[0]}' is not a tensor of the base model {model_dir} "
+                       f"({len(unknown)} unexpected)")
+    scaling = _lora_scaling(recipe) if lora else 0.0
+    shards, current, size, weight_map, total = [], {}, 0, {}, 0
+    handles: dict[str, object] = {}
+
+    def flush():
+        nonlocal current, size
+        if current:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(current, str(out / name), metadata={"format": "pt"})
+            shards.append(name)
+            for k in current:
+                weight_map[k] = name
+            current, size = {}, 0
+
+    try:
+        for key, (fname, shape) in keys.items():
+            if key in by_hf:
+                w = _materialise(by_hf[key])
+            else:
+                if fname not in handles:
+                    handles[fname] = safe_open(str(model_dir / fname), framework="pt")
+                w = handles[fname].get_tensor(key).float()
+            mod = key[:-len(".weight")] if key.endswith(".weight") else None
+            if mod in lora:
+                a, b = _materialise(lora[mod]["A"]), _materialise(lora[mod]["B"])
+                delta = (b @ a) * scaling
+                w = w + (delta.T if mod in conv1d else delta)
+            if list(w.shape) != list(shape):
+                raise RunError(f"{ckpt}: '{key}' has shape {list(w.shape)}, the base model has {shape}")
+            w = w.to(torch_dtype).contiguous()
+            nbytes = w.numel() * w.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                flush()
+            current[key] = w
+            size += nbytes
+            total += nbytes
+        flush()
+    finally:
+        handles.clear()
+    if len(shards) == 1:
+        (out / shards[0]).rename(out / "model.safetensors")
+    else:
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+    # config (with the exported dtype), tokenizer, generation config, then λ into dip/.
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] = str(torch_dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    copy_tokenizer_files(model_dir, out)
+    # λ: the run's own DIP settings (what train.py attached); trained values from the checkpoint,
+    # frozen ones (dip_fixed, input_noise) as the run started: from model_dir/dip when the run
+    # loaded them from there, else their initial value.
+    dip_config = dipmod.dip_config_from_dict(state["dip_config"], str(ckpt / "trainer_state.json"))
+    lam = {}
+    if dip_config.method not in ("none", "neftune"):
+        meta = meta_model(model_dir, trust_remote_code)
+        dipmod.attach_dip(meta, dip_config)
+        lam = dipmod.initial_dip_state(meta)
+        del meta
+        saved_cfg = dipmod.read_dip_config(model_dir)
+        if saved_cfg is not None and dipmod.same_noise(saved_cfg, dip_config):
+            lam.update({k: v for k, v in dipmod.read_dip_state(model_dir).items() if k in lam})
+        trained_lam = {dipmod.short_name(k): v for k, v in by_hf.items() if dipmod.is_dip_key(k)}
+        unknown_lam = sorted(set(trained_lam) - set(lam))
+        if unknown_lam:
+            raise RunError(f"{ckpt}: λ '{unknown_lam[0]}' matches no projection of the run's DIP settings")
+        lam.update({k: _materialise(v) for k, v in trained_lam.items()})
+    if dip_config.method != "none":
+        dipmod.save_dip(None, dip_config, out, state={k: v.float().contiguous() for k, v in lam.items()})
+    trained.clear()
+    gc.collect()
+    return {"tensors": len(keys), "shards": len(shards), "bytes": total, "lora_merged": len(lora),
+            "dip_projections": len(lam)}
 
 
 def _probe_logits(model, tokenizer) -> torch.Tensor:
@@ -94,69 +324,55 @@ def _probe_logits(model, tokenizer) -> torch.Tensor:
     batch = tokenizer(PROBE_TEXTS, return_tensors="pt", padding=True)
     model.eval()
     with torch.no_grad():
-        logits = model(**batch).logits
+        logits = model(**batch).logits.float()
     return logits * batch["attention_mask"].unsqueeze(-1)
 
 
-def export_checkpoint(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", tolerance: float = 1e-5) -> dict:
-    """Consolidate, merge, save and verify. Returns the export summary (also export.json)."""
+def _verify(out: Path, state: dict, model_dir: Path, ckpt: Path, dtype: str, tolerance: float,
+            trust_remote_code: bool) -> dict:
+    """Reload the written directory as any tool would, then compare logits with the trained model."""
     from transformers import AutoModelForCausalLM
 
-    from dipnet.pipeline.convert import load_tokenizer, save_model_dir
-    from dipnet.pipeline.recipe import Recipe
+    from dipnet.pipeline.models import load_tokenizer, quiet_transformers
     from dipnet.pipeline.train import setup_model
 
-    ckpt = resolve_checkpoint(path)
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    recipe = Recipe.model_validate(state["recipe"])
-    model_dir = state["model_dir"]
-    weights = consolidate_zero_checkpoint(ckpt)
-
-    model, dip_config = setup_model(recipe, model_dir)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise RunError(f"{ckpt}: checkpoint does not match the model: "
-                       f"{'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]} "
-                       f"({len(missing)} missing, {len(unexpected)} unexpected)")
-    for k, v in weights.items():
-        if v.shape != expected[k].shape:
-            raise RunError(f"{ckpt}: '{k}' has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
-    model.load_state_dict(weights, strict=True)
-    dipmod.set_dip_mode(model, "mean")
-    tokenizer = load_tokenizer(model_dir)
-    trained_logits = _probe_logits(model, tokenizer)
-    lam = dipmod.dip_state(model)
-
-    if recipe.train.method == "lora":
-        model = model.merge_and_unload()
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    out = save_model_dir(model, dip_config, model_dir, out_dir, dtype=torch_dtype if dtype != "float32" else None)
-
-    # Verify the directory as any tool would read it: plain transformers, strict key check.
-    plain, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True, dtype=torch.float32)
+    quiet_transformers()
+    # Compare in the export's dtype: bf16 against bf16 keeps each side to one model in memory.
+    load_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
+    plain, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True, dtype=load_dtype)
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
-        shutil.rmtree(out, ignore_errors=True)
         kind, keys = next(iter(problems.items()))
-        raise RunError(f"export {out}: {kind.replace('_', ' ')}: {sorted(keys)[0]}")
-    n_tensors = len(plain.state_dict())
-    exported_logits = _probe_logits(plain, tokenizer)
-    max_diff = (exported_logits - trained_logits).abs().max().item()
+        raise RunError(f"export {out}: {kind.replace('_', ' ')}: {sorted(map(str, keys))[0]}")
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    exported = _probe_logits(plain, tokenizer)
+    n_params = sum(p.numel() for p in plain.parameters())
+    del plain
+    gc.collect()
+
+    recipe = state["recipe_obj"]
+    model, _ = setup_model(recipe, str(model_dir), trust_remote_code=trust_remote_code, dtype=load_dtype)
+    weights = {k: _materialise(v) for k, v in trained_tensors(ckpt, state["zero_stage"]).items()}
+    expected = model.state_dict()
+    bad = sorted(k for k in weights if k not in expected)
+    if bad:
+        raise RunError(f"{ckpt}: checkpoint tensor '{bad[0]}' is not in the trained model ({len(bad)} unexpected)")
+    with torch.no_grad():
+        for k, v in weights.items():
+            if v.shape != expected[k].shape:
+                raise RunError(f"{ckpt}: '{k}' has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
+            expected[k].copy_(v)
+    del weights
+    dipmod.set_dip_mode(model, "mean")
+    reference = _probe_logits(model, tokenizer)
+    del model
+    gc.collect()
+    max_diff = (exported - reference).abs().max().item()
     # Relative to the logits' scale: a merged LoRA computes x·(W + s·BA) instead of
     # x·W + s·(x·A)·B, which moves float32 logits of magnitude ~10 by ~1e-5.
-    scale = max(1.0, trained_logits.abs().max().item())
+    scale = max(1.0, reference.abs().max().item())
     tol = (tolerance if dtype == "float32" else max(tolerance, 5e-2)) * scale
     if not max_diff <= tol:
-        shutil.rmtree(out, ignore_errors=True)
-        raise RunError(f"export {out}: logits differ from the trained mean path by {max_diff:.3g} (> {tol:g})")
-    summary = {"checkpoint": str(ckpt), "step": state["step"], "model_dir": model_dir, "out": str(out),
-               "zero_stage": state["zero_stage"], "train_method": recipe.train.method, "dip_method": recipe.dip.method,
-               "tensors": n_tensors, "parameters": sum(p.numel() for p in plain.parameters()),
-               "dip_projections": len(lam), "max_logit_diff": max_diff, "logit_scale": scale, "tolerance": tol,
-               "dtype": dtype}
-    tmp = out / "export.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "export.json")
-    return summary
+        raise RunError(f"export {out}: logits differ from the trained mean path by {max_diff:.3g} (> {tol:g}); "
+                       "nothing was replaced")
+    return {"parameters": n_params, "max_logit_diff": max_diff, "logit_scale": scale, "tolerance": tol}

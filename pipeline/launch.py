@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from dipnet.pipeline.errors import RunError, UsageError
+from dipnet.pipeline.recipe import HOST_NAME
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 
@@ -108,13 +109,18 @@ def train_command(launch, procs: int, port: int, script_args: list[str]) -> list
 def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
     """deepspeed hostfile lines `host slots=N` (comments and blanks allowed)."""
     hosts = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the hostfile ({exc})") from None
+    for i, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
-        if len(parts) != 2 or not parts[1].startswith("slots=") or not parts[1][6:].isdigit():
-            raise UsageError(f"{path}:{i}: expected 'HOST slots=N', got '{line}'")
+        if len(parts) != 2 or not parts[1].startswith("slots=") or not parts[1][6:].isdigit() or \
+                int(parts[1][6:]) < 1 or not HOST_NAME.fullmatch(parts[0]):
+            raise UsageError(f"{path}:{i}: expected 'HOST slots=N' (a plain host name, N >= 1), got {line[:80]!r}")
         hosts.append((parts[0], int(parts[1][6:])))
     if not hosts:
         raise UsageError(f"{path}: no hosts")
@@ -147,8 +153,11 @@ def run_ranks(cmd: list[str], env: dict, log_path: Path, timeout_s: int, single:
         raise RunError(f"training failed (exit {rc}): {last_error_line(log_path)} (log: {log_path})")
 
 
-def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group, SIGKILL whatever is left after `grace_s`."""
+def kill_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM the process group, SIGKILL whatever is left after `grace_s`.
+
+    Ranks catch SIGTERM, finish their step and save a checkpoint (seconds for small models):
+    the grace period lets that save complete; an interrupted save is never used anyway."""
     try:
         pgid = os.getpgid(proc.pid)
     except ProcessLookupError:

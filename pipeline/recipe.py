@@ -18,6 +18,7 @@ import copy
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -25,10 +26,23 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dipnet.pipeline.errors import UsageError
+from dipnet.pipeline.outputs import NAME_RE, NAME_RULE
+
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_VALUES = 100_000  # after YAML aliases are expanded: a 1 KB file could otherwise mean GBs
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `inf`/`nan` are not valid for any number in a recipe.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _safe_name(v: str) -> str:
+    # Names become directories and Slurm job names: no paths, no shell, no surprises.
+    if not NAME_RE.fullmatch(v):
+        raise ValueError(f"expected a plain name ({NAME_RULE})")
+    return v
 
 
 class RunSettings(_Section):
@@ -39,9 +53,13 @@ class RunSettings(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        # The name becomes a directory under runs/: it must not climb out of it.
-        if not v or "/" in v or "\\" in v or v in (".", "..") or v.startswith("."):
-            raise ValueError("expected a plain name (letters, digits, '-', '_'), not a path")
+        return _safe_name(v)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v):
+        if v is not None and (not v.strip() or CONTROL.search(v)):
+            raise ValueError("expected a directory path without control characters")
         return v
 
 
@@ -85,6 +103,11 @@ class DipSettings(_Section):
     def _check(self):
         if self.gamma > 0 and self.trajectories < 2:
             raise ValueError("dip.gamma > 0 needs dip.trajectories >= 2 (a variance across one trajectory is zero)")
+        if self.layers is not None:
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"dip.layers lists a block twice: {self.layers}")
+            if any(i < 0 for i in self.layers):
+                raise ValueError(f"dip.layers: block indices are >= 0, got {self.layers}")
         return self
 
 
@@ -136,6 +159,8 @@ class TrainSettings(_Section):
     def _check(self):
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set train.max_steps or train.epochs")
+        if self.offload and self.zero_stage < 2:
+            raise ValueError("train.offload needs train.zero_stage 2 or 3")
         return self
 
 
@@ -150,6 +175,46 @@ class SlurmSettings(_Section):
     extra_sbatch: list[str] = Field(default_factory=list, description="Extra '#SBATCH' option lines, e.g. '--qos=high'.")
     env: dict[str, str] = Field(default_factory=dict, description="Exports in the job (NCCL_SOCKET_IFNAME, HF_HOME, ...).")
 
+    # Everything here is rendered into a shell script: only values that cannot break out of it.
+    @field_validator("partition", "account")
+    @classmethod
+    def _plain(cls, v):
+        if v is not None and not SLURM_NAME.fullmatch(v):
+            raise ValueError("expected letters, digits and . _ , - only")
+        return v
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v):
+        if v is not None and not SLURM_TIME.fullmatch(v):
+            raise ValueError("expected a Slurm time: MINUTES, HH:MM:SS, D-HH, D-HH:MM[:SS] or UNLIMITED")
+        return v
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _extra(cls, v):
+        for line in v:
+            if not SBATCH_OPTION.fullmatch(line):
+                raise ValueError(f"{line!r}: expected one option like '--qos=high' (no spaces, quotes or shell characters)")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v):
+        for k, val in v.items():
+            if not ENV_NAME.fullmatch(k):
+                raise ValueError(f"{k!r}: expected a variable name (letters, digits, _)")
+            if CONTROL.search(val):
+                raise ValueError(f"{k}: the value has a newline or control character")
+        return v
+
+
+SLURM_NAME = re.compile(r"[A-Za-z0-9._,-]+")
+SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE")
+SBATCH_OPTION = re.compile(r"(#SBATCH[ \t]+)?--?[A-Za-z][A-Za-z0-9-]*(=[A-Za-z0-9._,:/@%+=-]+)?")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:_-]*")
+
 
 class LaunchSettings(_Section):
     launcher: Literal["deepspeed", "torchrun", "single"] = Field("deepspeed")
@@ -159,6 +224,13 @@ class LaunchSettings(_Section):
     hostfile: Optional[str] = Field(None, description="deepspeed hostfile ('host slots=N' lines) for multi-node.")
     timeout_s: int = Field(3600, gt=0, description="Stage time-out.")
     slurm: SlurmSettings = SlurmSettings()
+
+    @field_validator("master_addr")
+    @classmethod
+    def _addr(cls, v):
+        if v is not None and not HOST_NAME.fullmatch(v):
+            raise ValueError("expected a host name or IP address")
+        return v
 
 
 class ExportSettings(_Section):
@@ -188,6 +260,13 @@ class EvalSettings(_Section):
             raise ValueError("expected 'mean' or 'average:K' with K a positive integer")
         return v
 
+    @field_validator("noise_sigmas")
+    @classmethod
+    def _sigmas(cls, v):
+        if any(x < 0 for x in v):
+            raise ValueError("σ values must be >= 0")
+        return v
+
 
 class ReportSettings(_Section):
     baseline: str = Field("sft", description="Variant every other is compared against.")
@@ -215,6 +294,21 @@ class Recipe(_Section):
     study: StudySettings = StudySettings()
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="name -> overrides ('dip.method': none, ...).")
     seeds: list[int] = Field(default_factory=list, description="Seeds per variant (default: [run.seed]).")
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, v):
+        for name in v:
+            if not NAME_RE.fullmatch(name):
+                raise ValueError(f"variant name {name!r}: expected a plain name ({NAME_RULE})")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
 
     @property
     def output_dir(self) -> Path:
@@ -268,6 +362,25 @@ def apply_overrides(raw: dict, overrides: dict[str, Any] | list[str]) -> dict:
     return out
 
 
+def flatten_overrides(ov: dict, prefix: str = "") -> dict[str, Any]:
+    """{'dip': {'alpha': 1}, 'train.lr': 2} -> {'dip.alpha': 1, 'train.lr': 2}: a variant's nested
+    sections merge key by key into the recipe instead of replacing whole sections."""
+    flat: dict[str, Any] = {}
+    for k, v in ov.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            flat.update(flatten_overrides(v, key + "."))
+        elif isinstance(v, dict):
+            continue  # `dip: {}`: no change
+        else:
+            flat[key] = v
+    return flat
+
+
+# Keys a variant may not set: they name the study itself, not one of its runs.
+VARIANT_FORBIDDEN = ("variants", "seeds", "run.name", "run.output_dir")
+
+
 def _fields_at(loc: tuple) -> list[str]:
     """Valid keys at a dotted location of the schema, for 'did you mean' suggestions."""
     model: Any = Recipe
@@ -290,6 +403,7 @@ def _describe_expected(err: dict) -> str:
         "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
         "bool_parsing": "true or false", "string_type": "a string", "list_type": "a list",
         "dict_type": "a mapping", "model_type": "a mapping of keys", "model_attributes_type": "a mapping of keys",
+        "finite_number": "a finite number",
     }
     if typ in simple:
         return f"expected {simple[typ]}"
@@ -331,10 +445,17 @@ def validate_dict(raw: dict, source: str) -> Recipe:
     for name, ov in recipe.variants.items():
         if not isinstance(ov, dict):
             raise UsageError(f"{source}: 'variants.{name}': expected a mapping of overrides")
+        flat = flatten_overrides(ov)
+        for key in [k for k in ov if str(k).split(".")[0] in ("variants", "seeds")] + list(flat):
+            if key in VARIANT_FORBIDDEN or key.startswith(("variants.", "seeds.")):
+                raise UsageError(f"{source}: 'variants.{name}.{key}': a variant cannot set {key.split('.')[0] if key.startswith(('variants', 'seeds')) else key} "
+                                 "(it belongs to the whole study; set it at the top level)")
         try:
-            Recipe.model_validate(apply_overrides({k: v for k, v in raw.items() if k not in ("variants", "seeds")}, ov))
+            Recipe.model_validate(apply_overrides({k: v for k, v in raw.items() if k not in ("variants", "seeds")}, flat))
         except ValidationError as exc:
             raise UsageError(format_validation_error(exc, f"{source} (variant '{name}')")) from None
+        except UsageError as exc:
+            raise UsageError(f"{source} (variant '{name}'): {exc}") from None
     if recipe.variants and recipe.report.baseline not in recipe.variants and len(recipe.variants) > 1:
         raise UsageError(f"{source}: 'report.baseline': '{recipe.report.baseline}' is not one of the variants {sorted(recipe.variants)}")
     _check_paths(recipe, source)
@@ -356,17 +477,84 @@ def _check_paths(recipe: Recipe, source: str) -> None:
         raise UsageError(f"{source}: 'eval.gsm8k_path': no such directory: {recipe.eval.gsm8k_path}")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (the YAML default keeps the last one silently)."""
+
+
+def _mapping_no_duplicates(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor` merges are allowed to be overridden by explicit keys
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value",
+                                                    key_node.start_mark) from None
+        if key in seen:
+            raise _DuplicateKey(key, key_node.start_mark.line + 1, seen[key])
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line, first):
+        self.key, self.line, self.first = key, line, first
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_no_duplicates)
+
+
+def _count_values(obj, limit: int) -> int:
+    """Values in the tree as if every alias were expanded; stops counting past `limit`."""
+    n, stack = 0, [obj]
+    while stack:
+        cur = stack.pop()
+        n += 1
+        if n > limit:
+            return n
+        if isinstance(cur, dict):
+            stack.extend(cur.keys())
+            stack.extend(cur.values())
+        elif isinstance(cur, list):
+            stack.extend(cur)
+    return n
+
+
+def parse_yaml_text(data: bytes, source: str):
+    """YAML bytes -> Python objects, bounded: size, UTF-8, duplicate keys, alias expansion."""
+    if len(data) > MAX_RECIPE_BYTES:
+        raise UsageError(f"{source}: {len(data)} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as exc:
+        raise UsageError(f"{source}: line {exc.line}: duplicate key '{exc.key}' (first at line {exc.first})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{source}:{where}: invalid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    except RecursionError:
+        raise UsageError(f"{source}: nested too deeply") from None
+    if _count_values(raw, MAX_RECIPE_VALUES) > MAX_RECIPE_VALUES:
+        raise UsageError(f"{source}: expands to more than {MAX_RECIPE_VALUES} values (YAML aliases?); "
+                         "a recipe is a few hundred")
+    return raw
+
+
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{p}: no such recipe file")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UsageError(f"{p}:{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    return raw
+        data = p.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    return parse_yaml_text(data, str(p)) or {}
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -384,6 +572,6 @@ def expand_runs(recipe: Recipe) -> list[tuple[str, int, Recipe]]:
     runs = []
     for name, ov in variants.items():
         for seed in seeds:
-            r = Recipe.model_validate(apply_overrides(raw, {**ov, "run.seed": seed}))
+            r = Recipe.model_validate(apply_overrides(raw, {**flatten_overrides(ov), "run.seed": seed}))
             runs.append((name, seed, r))
     return runs

@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from dipnet.eval.metrics import mean, paired_bootstrap, std
+from dipnet.pipeline.errors import UsageError
 from dipnet.pipeline.plots import _plt, read_metrics
 
 
@@ -27,12 +28,29 @@ def _samples(p: Path) -> list[dict]:
     return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.is_file() else []
 
 
+def eval_entries(run_dir: Path) -> dict:
+    """The eval stage's outputs from the manifest, each name and path checked to lie in run_dir."""
+    from dipnet.pipeline.outputs import assert_inside, check_name
+    from dipnet.pipeline.run import Manifest
+
+    manifest = Manifest(run_dir)
+    evals = manifest.entry("eval").get("outputs") or {}
+    if not isinstance(evals, dict):
+        raise UsageError(f"{manifest.path}: eval outputs must be a mapping")
+    out = {}
+    for name, m in evals.items():
+        check_name(name, f"{manifest.path}: eval entry")
+        if not isinstance(m, dict) or not isinstance(m.get("results"), str) or not isinstance(m.get("variant"), str):
+            raise UsageError(f"{manifest.path}: eval entry '{name}' is malformed")
+        assert_inside(m["results"], run_dir / "eval", f"{manifest.path}: results of {name}")
+        out[name] = m
+    return out
+
+
 def collect(run_dir: Path) -> dict:
     """{variant: {seed: {'results', 'samples': {task: [...]}, 'metrics', 'summary'}}}."""
     out: dict = defaultdict(dict)
-    manifest = _load_json(run_dir / "manifest.json") or {"stages": {}}
-    evals = manifest["stages"].get("eval", {}).get("outputs", {})
-    for name, m in evals.items():
+    for name, m in eval_entries(run_dir).items():
         d = Path(m["results"]).parent
         res = _load_json(d / "results.json")
         if res is None:
@@ -288,15 +306,20 @@ def write_report(run_dir: str | Path, recipe=None, *, smoothness: bool | None = 
 
 
 def _measure_smoothness(run_dir: Path, recipe) -> None:
+    from dipnet.eval.evaluate import model_fingerprint
+    from dipnet.pipeline.base_model import cache_root
     from dipnet.pipeline.smoothness import measure_smoothness
 
-    manifest = _load_json(run_dir / "manifest.json") or {"stages": {}}
-    evals = manifest["stages"].get("eval", {}).get("outputs", {})
     out = run_dir / "report" / "smoothness"
     out.mkdir(parents=True, exist_ok=True)
-    from dipnet.eval.evaluate import model_fingerprint
-
-    for name, m in evals.items():
+    # Models are loaded only from the run directory, the base-model cache or the recipe's base.
+    roots = [run_dir.resolve(), (cache_root() / "base").resolve()]
+    if recipe is not None and Path(recipe.model.base).expanduser().is_dir():
+        roots.append(Path(recipe.model.base).expanduser().resolve())
+    for name, m in eval_entries(run_dir).items():
+        md = Path(str(m.get("model_dir"))).resolve()
+        if not any(md == r or r in md.parents for r in roots):
+            raise UsageError(f"{run_dir / 'manifest.json'}: model_dir of {name} ({md}) is outside the run directory")
         p = out / f"{name}.json"
         fp = model_fingerprint(m["model_dir"])
         if p.is_file() and json.loads(p.read_text()).get("fingerprint") == fp:

@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from dipnet.pipeline.errors import DipnetError, RunError, UsageError
+from dipnet.pipeline.outputs import assert_inside, claim_run_dir, output_dir
 from dipnet.pipeline.recipe import Recipe, expand_runs
 
 STAGES = ("base", "convert", "preprocess", "train", "export", "eval", "report")
@@ -41,6 +42,18 @@ def _now() -> str:
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _read_key(path: Path):
+    d = _read_json(path)
+    return d.get("key") if isinstance(d, dict) else None
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -75,8 +88,12 @@ def run_lock(run_dir: Path):
 
 class Manifest:
     def __init__(self, run_dir: Path):
+        from dipnet.pipeline.models import read_json_object
+
         self.path = run_dir / "manifest.json"
-        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+        self.data = read_json_object(self.path) if self.path.is_file() else {"stages": {}}
+        if not isinstance(self.data.get("stages"), dict) or not all(isinstance(v, dict) for v in self.data["stages"].values()):
+            raise UsageError(f"{self.path}: expected {{'stages': {{stage: {{...}}}}}}")
 
     def save(self) -> None:
         write_json_atomic(self.path, self.data)
@@ -109,6 +126,8 @@ class Manifest:
         if e.get("status") != "completed":
             raise UsageError(f"stage '{stage}' has not completed in {self.path.parent}; run it first "
                              f"(dipnet run RECIPE --from {stage})")
+        if not isinstance(e.get("outputs"), dict):
+            raise UsageError(f"{self.path}: stage '{stage}' has no outputs recorded")
         return e["outputs"]
 
 
@@ -153,7 +172,7 @@ class Run:
             path = tiny_base(model.tiny, seed=self.recipe.run.seed, progress=self.progress)
             meta = json.loads((path / "pretrain.json").read_text())
         else:
-            from dipnet.pipeline.convert import check_model_dir
+            from dipnet.pipeline.models import check_model_dir
 
             path = Path(model.base).expanduser()
             if not path.is_dir():
@@ -165,17 +184,43 @@ class Run:
         # base/model points at the model used (the tiny base lives in the user's cache, shared by runs).
         link = self.dir / "base" / "model"
         link.parent.mkdir(parents=True, exist_ok=True)
+        if link.exists() and not link.is_symlink():
+            raise UsageError(f"{link}: exists and is not the link dipnet makes; remove it")
         tmp = link.with_name(f"model.tmp-{os.getpid()}")
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(path.resolve(), target_is_directory=True)
         os.replace(tmp, link)
         return {"model_dir": str(path.resolve()), "fingerprint": model_fingerprint(path), "pretrain": meta}
 
+    def base_dir(self) -> str:
+        """The base model directory the base stage recorded; it must be the one the recipe names
+        (a manifest is a file in the run directory, not a source of paths to load)."""
+        recorded = self.manifest.outputs("base").get("model_dir")
+        expected = self.expected_base()
+        if expected is not None and (not isinstance(recorded, str) or Path(recorded).resolve() != expected.resolve()):
+            raise UsageError(f"{self.manifest.path}: base model_dir {recorded!r} is not the model the recipe names "
+                             f"({expected}); rerun with --from base")
+        return str(recorded)
+
+    def expected_base(self) -> Path | None:
+        from dipnet.pipeline.base_model import cache_root, settings_hash
+
+        base = self.recipe.model.base
+        if base == "tiny":
+            return cache_root() / "base" / settings_hash(self.recipe.model.tiny, self.recipe.run.seed)
+        p = Path(base).expanduser()
+        return p if p.is_dir() else None  # a hub id resolves to a cache path only at download time
+
+    def inside(self, path, what: str) -> str:
+        if not isinstance(path, str):
+            raise UsageError(f"{self.manifest.path}: {what} is not a path")
+        return str(assert_inside(path, self.dir, f"{self.manifest.path}: {what}"))
+
     def stage_convert(self) -> dict:
         from dipnet.pipeline.convert import convert
         from dipnet.pipeline.dip import DipConfig
 
-        base = self.manifest.outputs("base")["model_dir"]
+        base = self.base_dir()
         out = self.dir / "convert" / "model"
         summary = convert(base, out, DipConfig.from_settings(self.recipe.dip),
                           trust_remote_code=self.recipe.model.trust_remote_code)
@@ -185,7 +230,7 @@ class Run:
     def stage_preprocess(self) -> dict:
         from dipnet.pipeline.data import preprocess
 
-        base = self.manifest.outputs("base")["model_dir"]
+        base = self.base_dir()
         meta = preprocess(self.recipe.data, base, self.dir / "preprocess", trust_remote_code=self.recipe.model.trust_remote_code)
         if meta["truncated"]:
             self.say(f"  {meta['truncated']} examples truncated to data.max_length={self.recipe.data.max_length}")
@@ -195,8 +240,9 @@ class Run:
     def stage_train(self) -> dict:
         """Train every (variant, seed). Pending runs share one launch (start-up paid once);
         with study.match=time the baseline runs first and sets the others' time budget."""
-        model_dir = self.manifest.outputs("convert")["model_dir"]
-        data = self.manifest.outputs("preprocess")
+        model_dir = self.inside(self.manifest.outputs("convert").get("model_dir"), "convert model_dir")
+        data = dict(self.manifest.outputs("preprocess"))
+        data["path"] = self.inside(data.get("path"), "preprocess path")
         out, pending = {}, []
         for variant, seed, r in self.runs:
             run_id = f"{variant}-s{seed}"
@@ -204,7 +250,8 @@ class Run:
             d = self.dir / "train" / run_id
             key = _hash([r.section_hash("train", "dip", "run", "data", "model"), model_dir, data["key"]])
             inputs = d / "inputs.json"
-            if inputs.is_file() and json.loads(inputs.read_text()).get("key") != key:
+            if inputs.is_file() and _read_key(inputs) != key:
+                assert_inside(d, self.dir / "train", "train directory")
                 shutil.rmtree(d)  # settings changed: these checkpoints belong to another run
             if (d / "train_summary.json").is_file():
                 self.say(f"  {run_id}: done (skipped)")
@@ -290,14 +337,19 @@ class Run:
         from dipnet.pipeline.export import export_checkpoint
 
         out = {}
+        converted = self.dir / "convert" / "model"
         for run_id, t in self.manifest.outputs("train").items():
+            from dipnet.pipeline.outputs import check_name
+
+            check_name(run_id, f"{self.manifest.path}: train run")
             dest = self.dir / "export" / run_id
-            source = {"checkpoint": t["checkpoint"], "train_key": t["key"], "export": self.recipe.section_hash("export")}
-            if (dest / "source.json").is_file() and json.loads((dest / "source.json").read_text()) == source:
+            ckpt = self.inside(t.get("checkpoint"), f"checkpoint of {run_id}")
+            source = {"checkpoint": ckpt, "train_key": t.get("key"), "export": self.recipe.section_hash("export")}
+            if (dest / "source.json").is_file() and _read_json(dest / "source.json") == source:
                 self.say(f"  {run_id}: export up to date (skipped)")
             else:
-                s = export_checkpoint(t["checkpoint"], dest, dtype=self.recipe.export.dtype,
-                                      tolerance=self.recipe.export.tolerance)
+                s = export_checkpoint(ckpt, dest, dtype=self.recipe.export.dtype, tolerance=self.recipe.export.tolerance,
+                                      trust_remote_code=self.recipe.model.trust_remote_code, base=converted)
                 write_json_atomic(dest / "source.json", source)
                 self.say(f"  {run_id}: exported {s['tensors']} tensors, max |Δlogit| {s['max_logit_diff']:.2e}")
             out[run_id] = {"model_dir": str(dest), "variant": t["variant"], "seed": t["seed"],
@@ -307,8 +359,12 @@ class Run:
     def eval_targets(self) -> dict[str, dict]:
         models = {}
         if self.recipe.eval.eval_base:
-            models["base"] = {"model_dir": self.manifest.outputs("base")["model_dir"], "variant": "base", "seed": None}
-        models.update(self.manifest.outputs("export"))
+            models["base"] = {"model_dir": self.base_dir(), "variant": "base", "seed": None}
+        for name, m in self.manifest.outputs("export").items():
+            from dipnet.pipeline.outputs import check_name
+
+            check_name(name, f"{self.manifest.path}: export")
+            models[name] = {**m, "model_dir": self.inside(m.get("model_dir"), f"export of {name}")}
         return models
 
     def stage_eval(self) -> dict:
@@ -320,24 +376,21 @@ class Run:
             dest = self.dir / "eval" / name
             key = self._eval_key(m)
             if (dest / "results.json").is_file() and (dest / "inputs.json").is_file() and \
-                    json.loads((dest / "inputs.json").read_text()).get("key") == key:
+                    _read_key(dest / "inputs.json") == key:
                 out[name] = {**m, "results": str(dest / "results.json"), "key": key}
                 continue
-            tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
             self.say(f"  evaluating {name} ({e.engine})")
             try:
-                evaluate_model(m["model_dir"], list(e.tasks), tmp, engine=e.engine, shots=e.shots, limit=e.limit,
-                               max_new_tokens=e.max_new_tokens, chat_template=e.chat_template, gsm8k_path=e.gsm8k_path,
-                               synthetic_settings=self.recipe.data.synthetic, dip_mode=e.dip_mode,
-                               noise_sigmas=list(e.noise_sigmas), progress=self.progress, label=name)
+                with output_dir(dest, "eval", inputs=[m["model_dir"]], flag="eval directory") as tmp:
+                    evaluate_model(m["model_dir"], list(e.tasks), tmp, engine=e.engine, shots=e.shots, limit=e.limit,
+                                   max_new_tokens=e.max_new_tokens, chat_template=e.chat_template,
+                                   gsm8k_path=e.gsm8k_path, synthetic_settings=self.recipe.data.synthetic,
+                                   dip_mode=e.dip_mode, noise_sigmas=list(e.noise_sigmas), progress=self.progress,
+                                   label=name, trust_remote_code=self.recipe.model.trust_remote_code)
+                    write_json_atomic(tmp / "inputs.json", {"key": key})
             except DipnetError as exc:
                 failures.append(f"{name}: {exc}")
-                shutil.rmtree(tmp, ignore_errors=True)
                 continue  # results of the models already evaluated are kept
-            write_json_atomic(tmp / "inputs.json", {"key": key})
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
             out[name] = {**m, "results": str(dest / "results.json"), "key": key}
         if failures:
             raise RunError(f"eval failed for {len(failures)} model(s): {failures[0]}")
@@ -376,6 +429,7 @@ def run_pipeline(recipe: Recipe, *, from_stage: str | None = None, only: str | N
         for val in vals:
             if val not in STAGES:
                 raise UsageError(f"{name} {val}: unknown stage; expected one of {', '.join(STAGES)}")
+    claim_run_dir(recipe.output_dir.resolve())
     run = Run(recipe, progress=progress)
     with run_lock(run.dir), _sigterm_as_interrupt():
         resolved = run.dir / "recipe.yaml"

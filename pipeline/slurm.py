@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -35,15 +36,27 @@ CHAIN = [("preprocess", "base,convert,preprocess"), ("train", "train"), ("export
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE"}
 RDZV_PORT = 29400
+JOB_ID = re.compile(r"\d+(_\d+)?")
 
 
 def slurm_settings(recipe, args) -> dict:
-    """Recipe's launch.slurm with the command line's flags on top."""
+    """Recipe's launch.slurm with the command line's flags on top, validated like the recipe."""
+    from pydantic import ValidationError
+
+    from dipnet.pipeline.recipe import SlurmSettings, _describe_expected
+
     s = recipe.launch.slurm.model_dump()
     for key in ("nodes", "gpus_per_node", "cpus_per_task", "partition", "time", "account", "launcher"):
         val = getattr(args, key, None)
         if val is not None:
             s[key] = val
+    try:
+        s = SlurmSettings.model_validate(s).model_dump()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][0])
+        raise UsageError(f"--{key.replace('_', '-')} (launch.slurm.{key}): {_describe_expected(err)}, "
+                         f"got {err.get('input')!r}") from None
     if s["cpus_per_task"] is None:
         s["cpus_per_task"] = max(2, 4 * s["gpus_per_node"]) if s["gpus_per_node"] else (os.cpu_count() or 2)
     return s
@@ -53,8 +66,20 @@ def procs_per_node(recipe, s: dict) -> int:
     return s["gpus_per_node"] or recipe.launch.procs_per_node or 2
 
 
+SHELL_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f'\"`$\\;&|<>(){}*?!#~]")
+
+
+def check_job_path(p: Path, what: str) -> None:
+    """#SBATCH lines are parsed by sbatch, not the shell: a path there must be one plain word."""
+    if SHELL_UNSAFE.search(str(p)):
+        raise UsageError(f"{what} {p}: contains spaces, quotes or shell characters; Slurm job files need a plain "
+                         "path (set run.output_dir)")
+
+
 def render_job(recipe, recipe_path: Path, run_dir: Path, stage_name: str, stages: str, s: dict) -> str:
-    """The sbatch script of one stage job."""
+    """The sbatch script of one stage job. Every value was validated (recipe.SlurmSettings, run.name,
+    check_job_path) and everything the shell reads is quoted."""
+    check_job_path(run_dir, "run directory")
     train = stage_name == "train"
     lines = []
     if s["partition"]:
@@ -157,6 +182,9 @@ def launch_slurm(args) -> int:
             print(text)
         return 0
     sbatch = _sbatch()
+    from dipnet.pipeline.outputs import claim_run_dir
+
+    claim_run_dir(run_dir)
     (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     run = Run(recipe, progress=False)
@@ -202,13 +230,23 @@ def _write_jobs(run_dir: Path, jobs: list[dict]) -> None:
 
 
 def _read_jobs(run_dir: str | Path) -> tuple[Path, list[dict]]:
+    from dipnet.pipeline.models import read_json_object
+
     d = Path(run_dir)
     p = d / "slurm" / "jobs.json"
     if not d.is_dir():
         raise UsageError(f"{d}: no such run directory")
     if not p.is_file():
         raise UsageError(f"{d}: no Slurm jobs recorded (expected {p}; submit with dipnet launch --slurm)")
-    return d, json.loads(p.read_text())["jobs"]
+    jobs = read_json_object(p).get("jobs")
+    if not isinstance(jobs, list):
+        raise UsageError(f"{p}: expected a 'jobs' list")
+    for j in jobs:
+        # Job ids go to squeue/scancel as arguments: digits only, never an option.
+        if not (isinstance(j, dict) and isinstance(j.get("job_id"), str) and JOB_ID.fullmatch(j["job_id"])
+                and all(isinstance(j.get(k), str) for k in ("stage", "stages", "log"))):
+            raise UsageError(f"{p}: malformed job entry {str(j)[:80]!r}")
+    return d, jobs
 
 
 # ----------------------------------------------------------------------------- status / cancel

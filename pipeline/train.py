@@ -36,6 +36,28 @@ from dipnet.pipeline.errors import DipnetError, RunError
 from dipnet.pipeline.recipe import Recipe
 
 CKPT_PREFIX = "step-"
+STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; a rerun resumes
+
+
+class Stopped(RunError):
+    exit_code = STOPPED_EXIT
+
+
+class _StopRequest:
+    """Set by SIGTERM/SIGINT/SIGUSR1; the loop finishes its step, saves and exits."""
+
+    requested = False
+
+    @classmethod
+    def install(cls) -> None:
+        def handler(signum, frame):
+            cls.requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+
+STOP = _StopRequest
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -72,15 +94,16 @@ def unfreeze_lambda(model, method: str) -> None:
         p.log_variance.requires_grad_(learn)
 
 
-def setup_model(recipe: Recipe, model_dir: str):
+def setup_model(recipe: Recipe, model_dir: str, *, trust_remote_code: bool, dtype=None):
     """Base weights + the recipe's noise method (+ LoRA). λ come from model_dir/dip when the
-    converted directory was made with the same DIP settings, else from dip.init_variance."""
-    from dipnet.pipeline.convert import load_causal_lm
+    converted directory was made with the same DIP settings, else from dip.init_variance.
+    `trust_remote_code` is the caller's decision (the user's recipe or flag), never a file's."""
+    from dipnet.pipeline.models import load_causal_lm
 
-    model = load_causal_lm(model_dir, trust_remote_code=recipe.model.trust_remote_code, with_dip=False)
+    model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code, with_dip=False, dtype=dtype)
     config = dipmod.DipConfig.from_settings(recipe.dip)
     saved = dipmod.read_dip_config(model_dir)
-    if saved is not None and _same_noise(saved, config):
+    if saved is not None and dipmod.same_noise(saved, config):
         dipmod.load_dip(model, model_dir)
     else:
         dipmod.attach_dip(model, config)
@@ -97,11 +120,6 @@ def setup_model(recipe: Recipe, model_dir: str):
         unfreeze_lambda(model, recipe.dip.method)
     model.config.use_cache = False
     return model, config
-
-
-def _same_noise(a: dipmod.DipConfig, b: dipmod.DipConfig) -> bool:
-    keys = ("method", "placement", "scale", "init_variance", "layers", "noise_scale")
-    return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
 def build_optimizer(model, recipe: Recipe):
@@ -164,7 +182,7 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, state: dict, keep_last: 
             import errno
 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
-        engine.save_checkpoint(str(tmp), tag=name)
+        engine.save_checkpoint(str(tmp), tag=name, exclude_frozen_parameters=True)
     except OSError as exc:
         raise RunError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}; "
                        f"the latest complete checkpoint is still {latest_checkpoint(ckpt_root)}") from None
@@ -233,6 +251,7 @@ def main(argv=None) -> None:
     runs = json.loads(Path(args.runs).read_text()) if args.runs else [{"recipe": args.recipe, "out": args.out}]
     # Distributed set-up: everything rank-dependent is decided here, once per launch.
     rank, world, local_rank, is_main = setup_distributed()
+    STOP.install()
     for spec in runs:  # the train stage passes only unfinished runs; a finished one resumes at its end
         train_one(spec["recipe"], args.model, args.data, Path(spec["out"]), args.max_seconds,
                   rank, world, local_rank, is_main)
@@ -252,14 +271,17 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     torch.manual_seed(recipe.run.seed)
 
     # Tokenizer, model (+ DIP, + LoRA), data.
-    from dipnet.pipeline.convert import check_vocab, load_tokenizer
+    from dipnet.pipeline.models import check_vocab, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
-    model, dip_config = setup_model(recipe, model_dir)
+    model, dip_config = setup_model(recipe, model_dir, trust_remote_code=recipe.model.trust_remote_code)
     check_vocab(model, tokenizer, model_dir)
     dataset = datasets.load_from_disk(data_path)
     examples = dataset.to_list()
     steps = total_steps(recipe, len(examples), world)
+    # What trains, by name: checkpoints hold only these (frozen weights come from model_dir),
+    # and export checks that every one of them is in the checkpoint.
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
 
     # DeepSpeed engine (ZeRO partitions every parameter, λ included, at initialize: λ exist and
     # hold their initial values before partitioning, so ZeRO-3 never sees an uninitialised one).
@@ -279,16 +301,18 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     torch.distributed.barrier()
     resume = latest_checkpoint(ckpt_root)
     if resume is not None:
-        state = json.loads((resume / "trainer_state.json").read_text())
+        from dipnet.pipeline.export import read_trainer_state, weights_only_torch_load
+
+        state = read_trainer_state(resume)
         if state["world_size"] != world:
             raise RunError(f"checkpoint {resume} was written by {state['world_size']} ranks, this run has {world}; "
                            f"resume with launch.procs_per_node={state['world_size']} (x nodes), or start afresh by "
                            f"removing {ckpt_root}")
-        from dipnet.pipeline.export import weights_only_torch_load
-
         with weights_only_torch_load():  # DeepSpeed's loader would unpickle freely; ours holds tensors and plain data
+            # Not strict: the checkpoint holds only trainable parameters; the frozen ones were
+            # just loaded from model_dir (read_trainer_state checked the checkpoint is whole).
             engine.load_checkpoint(str(resume), tag=resume.name, load_optimizer_states=True,
-                                   load_lr_scheduler_states=False)
+                                   load_lr_scheduler_states=False, load_module_strict=False)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         if is_main:
             print(f"resumed from {resume} at step {start_step}", flush=True)
@@ -309,6 +333,14 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     fault_kill = tuple(int(x) for x in fk.split(":")) if fk else None
     fault_nan = int(os.environ["DIPNET_FAULT_NAN"]) if os.environ.get("DIPNET_FAULT_NAN") else None
 
+    def save(done: int, tokens_seen: int, engine=engine) -> None:
+        state = {"step": done, "tokens_seen": tokens_seen, "world_size": world, "seed": recipe.run.seed,
+                 "data_position": done * t.micro_batch_size * t.grad_accum * world,
+                 "recipe": recipe.to_dict(), "dip_config": asdict(dip_config),
+                 "model_dir": str(model_dir), "zero_stage": t.zero_stage, "train_method": t.method,
+                 "trainable": trainable, "rng_note": "noise and batches are functions of (seed, step, rank)"}
+        save_checkpoint(engine, ckpt_root, done, state, t.keep_last, is_main)
+
     m = d.trajectories
     learn_lambda = d.method == "dip"
     alpha, beta = (d.alpha, d.beta) if learn_lambda else (0.0, 0.0)
@@ -325,7 +357,8 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
         # Noise and data order depend only on (seed, step, rank): a resumed run repeats them exactly.
         torch.manual_seed(recipe.run.seed * 1_000_003 + step * 1009 + rank)
         micro_batches = batch_indices(len(examples), recipe.run.seed, step, t.micro_batch_size, t.grad_accum, rank, world)
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, nll, prior, var, tokens
+        # Per-step sums stay on the device (loss, nll, prior, var, tokens): one host sync per step.
+        sums = torch.zeros(5, dtype=torch.float64, device=device)
         for idx in micro_batches:
             batch = collate([examples[i] for i in idx], pad)
             batch = {k: v.to(device) for k, v in dipmod.repeat_for_trajectories(batch, m).items()}
@@ -337,24 +370,25 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
                 terms["loss"] = terms["loss"] * float("nan")
             engine.backward(terms["loss"])
             engine.step()
-            n_tok = int(batch["attention_mask"].sum())
-            sums += torch.tensor([terms["loss"].item(), terms["nll"].item(), terms["prior"].item(),
-                                  terms["var_penalty"].item(), n_tok], dtype=torch.float64)
-        # Every rank learns whether any rank saw a non-finite loss (or ran out of its time
-        # budget, study.match=time), so all stop together.
+            sums += torch.stack([terms["loss"].detach(), terms["nll"], terms["prior"], terms["var_penalty"],
+                                 batch["attention_mask"].sum()]).to(torch.float64)
+        # One all-reduce carries the statistics and three flags every rank must agree on: a
+        # non-finite loss anywhere, a spent time budget (study.match=time), a stop signal
+        # (SIGTERM/SIGINT: finish this step, save, exit).
         over = max_seconds is not None and time.time() - t_loop >= max_seconds
-        flag = torch.tensor([float(math.isfinite(sums[0].item())), float(not over)], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        if flag[1].item() < 1:
+        flags = torch.tensor([0.0, float(over), float(STOP.requested)], dtype=torch.float64, device=device)
+        packed = torch.cat([sums, flags])
+        packed[5] = (~torch.isfinite(sums[0])).to(torch.float64)
+        torch.distributed.all_reduce(packed)
+        packed = packed.cpu()
+        stats, nonfinite, over_n, stop_n = packed[:5] / world, packed[5].item(), packed[6].item(), packed[7].item()
+        if over_n > 0:
             steps = step + 1  # time budget spent: this step is the last one
-        if flag[0].item() < 1:
+        if nonfinite > 0:
             good = latest_checkpoint(ckpt_root)
             raise RunError(f"non-finite loss at step {step + 1}; stopped without saving "
                            f"(last good checkpoint: {good.name if good else 'none'})")
-        stats = sums.clone().to(device)
-        torch.distributed.all_reduce(stats)
-        stats = (stats / world).cpu()
-        tokens_step = int(stats[4].item() * world)
+        tokens_step = int(round(stats[4].item() * world))
         tokens_seen += tokens_step
         step_time = time.time() - t0
         done = step + 1
@@ -381,13 +415,12 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
             bar.set_postfix(loss=f"{stats[0].item() / len(micro_batches):.4f}",
                             tok_s=f"{tokens_step / step_time:.0f}", refresh=False)
 
-        if done % t.save_every == 0 or done == steps:
-            state = {"step": done, "tokens_seen": tokens_seen, "world_size": world, "seed": recipe.run.seed,
-                     "data_position": done * t.micro_batch_size * t.grad_accum * world,
-                     "recipe": recipe.to_dict(), "dip_config": asdict(dip_config),
-                     "model_dir": str(model_dir), "zero_stage": t.zero_stage, "train_method": t.method,
-                     "rng_note": "noise and batches are functions of (seed, step, rank)"}
-            save_checkpoint(engine, ckpt_root, done, state, t.keep_last, is_main)
+        if done % t.save_every == 0 or done == steps or stop_n > 0:
+            save(done, tokens_seen)
+        if stop_n > 0:
+            if is_main:
+                print(f"stopped by a signal after step {done}; checkpoint saved", flush=True)
+            raise Stopped(f"stopped by a signal after step {done} (checkpoint saved; a rerun resumes)")
         if done >= steps:
             break
 

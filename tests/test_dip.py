@@ -8,7 +8,8 @@ import torch
 from conftest import FAMILIES, family_configs
 
 from dipnet.pipeline import dip
-from dipnet.pipeline.convert import convert, load_causal_lm
+from dipnet.pipeline.convert import convert
+from dipnet.pipeline.models import load_causal_lm
 from dipnet.pipeline.errors import UsageError
 
 

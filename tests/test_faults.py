@@ -124,6 +124,8 @@ def test_sigint_stops_every_child_and_rerun_resumes(tmp_path, tiny_base_dir):
                                               for r in ranks)
     assert manifest(run)["train"]["status"] == "interrupted"
     step = int(latest.read_text().split("-")[1])
+    # The ranks stopped on SIGTERM at the end of a step and saved it (not only the every-5 ones).
+    assert f"stopped by a signal after step {step}; checkpoint saved" in (run / "train" / "train.log").read_text()
     res = run_cli("run", p, "train.max_steps=400", env={"DIPNET_FAULT_KILL": f"0:{step + 2}"})
     # (killed again two steps after resuming: enough to see that it resumed, without 400 steps)
     assert res.returncode == 1 and manifest(run)["train"]["status"] == "failed"
@@ -193,7 +195,7 @@ def _models(tmp_path) -> dict:
                   num_attention_heads=1).save_pretrained(d)
     torch.save({"w": torch.zeros(1)}, d / "pytorch_model.bin")
     out["pickle"] = d
-    from dipnet.pipeline.convert import copy_tokenizer_files
+    from dipnet.pipeline.models import copy_tokenizer_files
 
     def with_tokenizer(config, name):
         d = tmp_path / name
@@ -248,7 +250,7 @@ BAD_INPUT = [
     ("recipe", {"model": {"base": "/nonexistent/base"}}, 2, "'model.base': no such model directory: /nonexistent/base"),
     ("recipe", {"run": {"name": "../escape"}}, 2, "'run.name': expected a plain name"),
     ("recipe", {"dip": {"init_variance": -0.1}}, 2, "'dip.init_variance': expected a value > 0.0, got -0.1"),
-    ("recipe", {"train": {"offload": True, "zero_stage": 1}}, 1, "train.offload needs train.zero_stage 2 or 3"),
+    ("recipe", {"train": {"offload": True, "zero_stage": 1}}, 2, "train.offload needs train.zero_stage 2 or 3"),
     ("recipe", {"train": {"method": "lora", "lora": {"target_modules": ["qkv_proj"]}}, "launch": {"launcher": "single"}},
      1, "train.lora.target_modules: 'qkv_proj' matches no module of the model"),
     ("recipe_text", "run:\n  name: [unclosed\n", 2, "invalid YAML"),
@@ -263,7 +265,7 @@ BAD_INPUT = [
     ("convert", "pickle", 2, "only pickle checkpoints (pytorch_model.bin); dipnet loads safetensors only"),
     ("convert", "bloom", 2, "unsupported architecture 'bloom' for DIP; supported families:"),
     ("convert", "smallvocab", 2, "tokenizer has 512 tokens but the model's embedding has 64 rows"),
-    ("convert", "remote", 2, "this model needs its own code (auto_map); set model.trust_remote_code: true"),
+    ("convert", "remote", 2, "this model needs its own code (auto_map in config.json); set model.trust_remote_code"),
     ("convert", "/nonexistent/model", 2, "/nonexistent/model: no such model directory"),
     # CLI
     ("cli", ["rnu", "x.yaml"], 2, "unknown command 'rnu' (did you mean 'run'?)"),

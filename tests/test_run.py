@@ -78,7 +78,8 @@ def test_stages_run_skip_from_only_and_invalidate(tmp_path, tiny_base_dir):
 def test_lock_refuses_second_run(tmp_path):
     run_dir = tmp_path / "locked"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import time, pathlib; from dipnet.pipeline.run import run_lock\n"
+        "import time, pathlib; from dipnet.pipeline.outputs import claim_run_dir; from dipnet.pipeline.run import run_lock\n"
+        f"claim_run_dir(pathlib.Path({str(run_dir)!r}))\n"
         f"with run_lock(pathlib.Path({str(run_dir)!r})):\n"
         "    print('held', flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
     try:

@@ -65,7 +65,7 @@ def test_export_round_trip_every_stage(zero_runs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dipnet.pipeline import dip
-    from dipnet.pipeline.convert import load_causal_lm
+    from dipnet.pipeline.models import load_causal_lm
 
     for s, out in zero_runs.items():
         summary = export_checkpoint(out, tmp_path / f"export{s}")
