@@ -31,7 +31,7 @@ def worker(stage: int, out: str, steps: int) -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # see pipeline/train.py
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
-    from dipnet.pipeline.ds_config import build_ds_config
+    from dipnet.launch.ds_config import build_ds_config
     from dipnet.pipeline.recipe import TrainSettings
 
     torch.manual_seed(0)
@@ -85,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
-    from dipnet.pipeline.launch import free_port, rank_env
+    from dipnet.launch.local import free_port, rank_env
 
     out = tempfile.mkdtemp(prefix="zero-bench-")
     ds = str(Path(sys.executable).parent / "deepspeed")

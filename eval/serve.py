@@ -36,7 +36,7 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, work
     check_model_dir(model_dir, flag="(serve never runs model code)")
     if importlib.util.find_spec("vllm") is None:
         raise UsageError(f"engine vllm is not installed: {INSTALL_HINT}")
-    from dipnet.pipeline.launch import port_is_free
+    from dipnet.launch.local import port_is_free
 
     if not port_is_free(port, host):  # vLLM would start for a minute, then fail with a traceback
         raise UsageError(f"port {port} on {host} is already in use; choose another with --port")
@@ -55,7 +55,7 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, work
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        from dipnet.pipeline.launch import kill_group
+        from dipnet.launch.local import kill_group
 
         kill_group(proc, grace_s=10)
         return 0

@@ -16,12 +16,17 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dipnet.pipeline.data import gsm8k_prompt, read_jsonl
+from dipnet.pipeline.readers import read_jsonl
 from dipnet.pipeline.errors import UsageError
 
 TASKS = ("gsm8k", "gsm8k-perturbed", "arith-id", "arith-ood", "arith-perturbed")
 STOPS = ["Question:", "</s>", "<|im_end|>"]
 SHOT_SEED = 1234
+
+
+def gsm8k_prompt(question: str) -> str:
+    """lm-evaluation-harness's gsm8k `doc_to_text` (training uses it too, zero-shot)."""
+    return f"Question: {question}\nAnswer:"
 
 
 @dataclass

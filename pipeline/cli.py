@@ -307,19 +307,25 @@ def cmd_smoothness(a) -> int:
 
 
 def cmd_launch(a) -> int:
-    from dipnet.pipeline.slurm import launch_slurm
+    from dipnet.launch.slurm import launch_slurm
+    from dipnet.pipeline.recipe import load_recipe
+    from dipnet.pipeline.run import Manifest, Run
 
-    return launch_slurm(a)
+    def completed(stage: str, recipe) -> bool:
+        run = Run(recipe, progress=False)
+        return Manifest(run.dir).is_complete(stage, run.stage_inputs(stage))
+
+    return launch_slurm(load_recipe(a.recipe, a.overrides), a, completed)
 
 
 def cmd_status(a) -> int:
-    from dipnet.pipeline.slurm import status
+    from dipnet.launch.slurm import status
 
     return status(a.run_dir, wait=a.wait, timeout=a.timeout)
 
 
 def cmd_cancel(a) -> int:
-    from dipnet.pipeline.slurm import cancel
+    from dipnet.launch.slurm import cancel
 
     return cancel(a.run_dir)
 

@@ -26,7 +26,9 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
+from dipnet.eval.tasks import gsm8k_prompt
 from dipnet.pipeline.errors import UsageError
+from dipnet.pipeline.readers import read_jsonl
 
 REQUIRED = {
     "gsm8k": ("question", "answer"),
@@ -37,40 +39,7 @@ REQUIRED = {
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
-def gsm8k_prompt(question: str) -> str:
-    return f"Question: {question}\nAnswer:"
-
-
 # ----------------------------------------------------------------------------- reading
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file; a bad line is an error naming the file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{p}: no such data file")
-    rows = []
-    with p.open("rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise UsageError(f"{p}:{i}: not UTF-8 text (byte {exc.start} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{p}:{i}: invalid JSON ({exc.msg})") from None
-            except RecursionError:
-                raise UsageError(f"{p}:{i}: JSON nested too deeply") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{p}:{i}: expected a JSON object per line, got {type(row).__name__}")
-            row["_line"] = i
-            rows.append(row)
-    if not rows:
-        raise UsageError(f"{p}: empty data file (expected one JSON object per line)")
-    return rows
-
 
 def load_rows(source: str, *, synthetic=None, split: str = "train") -> tuple[list[dict], str]:
     """Rows and a content hash. `source`: 'synthetic', a .jsonl/.json/.parquet path, or a hub name."""

@@ -418,7 +418,7 @@ def _finite_number(v) -> bool:
 
 def read_dip_config(model_dir: str | Path) -> Optional[DipConfig]:
     """dip/dip_config.json checked field by field (a model directory is untrusted input)."""
-    from dipnet.pipeline.models import read_json_object
+    from dipnet.pipeline.readers import read_json_object
 
     p = Path(model_dir) / DIP_SUBDIR / DIP_CONFIG
     if not p.is_file():

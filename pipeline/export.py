@@ -87,7 +87,7 @@ def read_trainer_state(ckpt: Path) -> dict:
     """trainer_state.json, checked key by key (one line naming the key on any problem)."""
     from pydantic import ValidationError
 
-    from dipnet.pipeline.models import read_json_object
+    from dipnet.pipeline.readers import read_json_object
     from dipnet.pipeline.recipe import Recipe, format_validation_error
 
     path = ckpt / "trainer_state.json"

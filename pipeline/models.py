@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from dipnet.pipeline.errors import UsageError
+from dipnet.pipeline.readers import read_json_object
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
@@ -28,23 +29,6 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
                "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 MAX_HEADER = 100 * 2**20
-
-
-def read_json_object(path: Path, what: str = "") -> dict:
-    """A JSON file that must hold an object; one-line errors for every way it can be wrong."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(obj, dict):
-        raise UsageError(f"{path}: expected a JSON object{what}, got {type(obj).__name__}")
-    return obj
 
 
 def check_safetensors(path: Path) -> int:

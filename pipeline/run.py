@@ -88,7 +88,7 @@ def run_lock(run_dir: Path):
 
 class Manifest:
     def __init__(self, run_dir: Path):
-        from dipnet.pipeline.models import read_json_object
+        from dipnet.pipeline.readers import read_json_object
 
         self.path = run_dir / "manifest.json"
         self.data = read_json_object(self.path) if self.path.is_file() else {"stages": {}}
@@ -287,7 +287,7 @@ class Run:
         return [(f"{v}-s{s}", v, s, r) for v, s, r in self.runs if v == variant]
 
     def _launch(self, batch: list, model_dir: str, data: dict, budget_s: float | None) -> None:
-        from dipnet.pipeline import launch, slurm
+        from dipnet.launch import local as launch, slurm
 
         if not batch:
             return

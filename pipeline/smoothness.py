@@ -38,7 +38,7 @@ def measure_smoothness(model_dir, task_name: str = "arith-id", limit: int = 64, 
     """Smoothness measures on `task_name`'s problems, or on `data` (JSONL with question/answer)."""
     from dipnet.eval.hf_runner import load_hf
     from dipnet.eval.tasks import Task, build_task
-    from dipnet.pipeline.data import read_jsonl
+    from dipnet.pipeline.readers import read_jsonl
 
     torch.manual_seed(seed)
     # Eager attention: the CPU SDPA kernels have no double backward (needed for Hessian-vector products).

@@ -2,9 +2,9 @@
 
 Started by the `train` stage through the deepspeed launcher, torchrun, or as one process:
 
-    deepspeed --num_gpus 2 pipeline/train.py --recipe RESOLVED.json --model MODEL_DIR \
+    deepspeed --num_gpus 2 --module dipnet.pipeline.train --recipe RESOLVED.json --model MODEL_DIR \
         --data PREPROCESSED_DIR --out TRAIN_DIR
-    deepspeed --num_gpus 2 pipeline/train.py --runs RUNS.json --model ... --data ...   # a study's runs in one launch
+    deepspeed --num_gpus 2 --module dipnet.pipeline.train --runs RUNS.json --model ... --data ...   # a study's runs in one launch
 
 Reads top to bottom: recipe -> distributed set-up -> tokenizer -> model (+ DIP, + LoRA) ->
 data -> DeepSpeed engine -> resume -> loop -> save -> clean exit.
@@ -31,7 +31,7 @@ import torch
 
 from dipnet.pipeline import dip as dipmod
 from dipnet.pipeline.data import batch_indices, collate
-from dipnet.pipeline.ds_config import build_ds_config
+from dipnet.launch.ds_config import build_ds_config
 from dipnet.pipeline.errors import DipnetError, RunError
 from dipnet.pipeline.recipe import Recipe
 

@@ -198,7 +198,7 @@ def test_vllm_engine_that_fails_to_start(tmp_path):
 
 @pytest.mark.slow
 def test_serve_answers_one_completion(exported, tmp_path):
-    from dipnet.pipeline.launch import free_port
+    from dipnet.launch.local import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dipnet.pipeline.cli", "serve", str(exported), "--port", str(port),

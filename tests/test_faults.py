@@ -48,7 +48,7 @@ def train_procs(run_dir) -> list[int]:
             state = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if "train.py" in cmd and str(run_dir) in cmd and state != "Z":
+        if "dipnet.pipeline.train" in cmd and str(run_dir) in cmd and state != "Z":
             pids.append(int(d))
     return pids
 
@@ -112,7 +112,7 @@ def test_sigint_stops_every_child_and_rerun_resumes(tmp_path, tiny_base_dir):
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.2)
     ranks = train_procs(run)
-    assert len(ranks) >= 2  # the two ranks (and the deepspeed runner and launcher, whose command lines name train.py)
+    assert len(ranks) >= 2  # the two ranks (and the deepspeed runner and launcher, whose command lines name the train module)
     t0 = time.time()
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)

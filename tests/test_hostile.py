@@ -227,7 +227,7 @@ def test_rendered_script_quotes_values_it_must_accept(tmp_path, monkeypatch):
     """Env values may hold `$()`, quotes and spaces: the rendered script, run by bash, treats them as text."""
     from argparse import Namespace
 
-    from dipnet.pipeline import slurm
+    from dipnet.launch import slurm
     from dipnet.pipeline.recipe import load_recipe
 
     marker = tmp_path / "pwned-by-env"
@@ -270,7 +270,7 @@ def test_hostile_hostfile(capsys, tmp_path, line):
     hf = tmp_path / "hosts"
     hf.write_text(line + "\n")
     from dipnet.pipeline.errors import UsageError
-    from dipnet.pipeline.launch import parse_hostfile
+    from dipnet.launch.local import parse_hostfile
 
     with pytest.raises(UsageError, match="expected 'HOST slots=N'"):
         parse_hostfile(hf)

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import REPO
 
-from dipnet.pipeline import launch
-from dipnet.pipeline.ds_config import build_ds_config
+from dipnet.launch import local as launch
+from dipnet.launch.ds_config import build_ds_config
 from dipnet.pipeline.errors import UsageError
 from dipnet.pipeline.recipe import LaunchSettings, TrainSettings
 
@@ -14,7 +14,7 @@ from dipnet.pipeline.recipe import LaunchSettings, TrainSettings
 def test_deepspeed_local_and_hostfile(tmp_path):
     cmd = launch.train_command(LaunchSettings(), 2, 29555, ["--runs", "r.json"])
     assert cmd[0].endswith("deepspeed") and cmd[1:5] == ["--num_gpus", "2", "--master_port", "29555"]
-    assert cmd[5].endswith("pipeline/train.py") and cmd[-2:] == ["--runs", "r.json"]
+    assert cmd[5:7] == ["--module", "dipnet.pipeline.train"] and cmd[-2:] == ["--runs", "r.json"]
     hf = tmp_path / "hostfile"
     hf.write_text((REPO / "launch" / "hostfile.example").read_text())
     cmd = launch.train_command(LaunchSettings(hostfile=str(hf), master_addr="node001"), 8, 29500, [])
@@ -29,9 +29,10 @@ def test_deepspeed_local_and_hostfile(tmp_path):
 
 def test_torchrun_and_single():
     cmd = launch.train_command(LaunchSettings(launcher="torchrun"), 2, 29501, ["--x"])
-    assert cmd[1:7] == ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29501"]
+    assert cmd[1:9] == ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29501",
+                        "-m", "dipnet.pipeline.train"]
     cmd = launch.train_command(LaunchSettings(launcher="single"), 1, 29502, ["--x"])
-    assert cmd[1].endswith("train.py") and cmd[-1] == "--x"
+    assert cmd[1:3] == ["-m", "dipnet.pipeline.train"] and cmd[-1] == "--x"
 
 
 def test_rank_env_sets_threads_and_cpu_accelerator():

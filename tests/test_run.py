@@ -148,7 +148,7 @@ def test_time_budget_stops_and_saves(tmp_path, tiny_base_dir):
 
     from trainhelp import make_recipe
 
-    from dipnet.pipeline import launch
+    from dipnet.launch import local as launch
     from dipnet.pipeline.data import preprocess
 
     r = make_recipe({"train.max_steps": 100000, "train.save_every": 100000, "launch.launcher": "single"})

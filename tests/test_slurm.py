@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import REPO, run_cli, write_recipe
 
-from dipnet.pipeline import slurm
+from dipnet.launch import slurm
 from dipnet.pipeline.recipe import load_recipe
 
 CONF = REPO / "tests" / ".slurm" / "etc" / "slurm.conf"

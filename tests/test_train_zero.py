@@ -112,7 +112,7 @@ def _no_rank_alive(run):
                 state = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[0]
             except OSError:
                 continue
-            assert not (str(run) in cmd and "train.py" in cmd and state != "Z"), f"rank still running: {d} {cmd}"
+            assert not (str(run) in cmd and "dipnet.pipeline.train" in cmd and state != "Z"), f"rank still running: {d} {cmd}"
 
 
 def test_resume_refuses_other_world_size(tmp_path):

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from dipnet.pipeline import launch
+from dipnet.launch import local as launch
 from dipnet.pipeline.base_model import tiny_base
 from dipnet.pipeline.data import preprocess
 from dipnet.pipeline.recipe import Recipe, apply_overrides
@@ -20,7 +20,7 @@ def make_recipe(overrides: dict) -> Recipe:
 
 
 def train(out: Path, overrides: dict, procs: int = 2, env: dict | None = None, model_dir=None, timeout: int = 600):
-    """Run pipeline/train.py on `procs` ranks into `out`; raises RunError if it fails."""
+    """Run the training entry point (dipnet.pipeline.train) on `procs` ranks into `out`; raises RunError if it fails."""
     r = make_recipe(overrides)
     base = model_dir or tiny_base(r.model.tiny, progress=False)
     meta = preprocess(r.data, base, out.parent / "_preprocessed")

@@ -1,6 +1,6 @@
 """The DeepSpeed config, generated from the recipe in exactly one place.
 
-The shipped templates in `launch/ds/` (zero0..3, zero2/3_offload) hold "auto" for batch size,
+The shipped templates in `launch/ds/` (package data of dipnet.launch) (zero0..3, zero2/3_offload) hold "auto" for batch size,
 accumulation, clipping and precision; `build_ds_config` fills them from `train.*` and checks
 global batch = micro batch x accumulation x world size.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dipnet.pipeline.errors import UsageError
 
-DS_DIR = Path(__file__).resolve().parents[1] / "launch" / "ds"
+DS_DIR = Path(__file__).resolve().parent / "ds"  # package data: found in a wheel install too
 
 
 def template_path(zero_stage: int, offload: bool) -> Path:

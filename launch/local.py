@@ -1,9 +1,9 @@
 """Starting the distributed training entry point on this machine (or across a hostfile).
 
 `train_command(...)` builds the command for `launch.launcher`:
-- `deepspeed`: `deepspeed --num_gpus N --master_port P [--hostfile F --num_nodes K --master_addr A] train.py ...`
+- `deepspeed`: `deepspeed --num_gpus N --master_port P [--hostfile F --num_nodes K --master_addr A] --module M ...`
   (on CPU `--num_gpus` means processes);
-- `torchrun`: `torchrun --nproc_per_node N --master_port P train.py ...`;
+- `torchrun`: `torchrun --nproc_per_node N --master_port P -m M ...`;
 - `single`: one process with RANK/WORLD_SIZE/MASTER_* set, as DeepSpeed needs without a launcher.
 
 `run_ranks(...)` runs it in its own process group, streams its output to a log, and on any
@@ -25,7 +25,9 @@ from pathlib import Path
 from dipnet.pipeline.errors import RunError, UsageError
 from dipnet.pipeline.recipe import HOST_NAME
 
-TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+# The distributed entry point, started as a module (`python -m`, `deepspeed --module`,
+# `torchrun -m`): launchers need its name, never its code.
+TRAIN_MODULE = "dipnet.pipeline.train"
 
 
 def has_cuda() -> bool:
@@ -86,7 +88,7 @@ def rank_env(procs: int, port: int) -> dict[str, str]:
     return env
 
 
-def train_command(launch, procs: int, port: int, script_args: list[str]) -> list[str]:
+def train_command(launch, procs: int, port: int, script_args: list[str], module: str = TRAIN_MODULE) -> list[str]:
     py = sys.executable
     if launch.launcher == "deepspeed":
         ds = shutil.which("deepspeed", path=str(Path(py).parent) + os.pathsep + os.environ.get("PATH", ""))
@@ -98,12 +100,12 @@ def train_command(launch, procs: int, port: int, script_args: list[str]) -> list
             cmd += ["--hostfile", str(launch.hostfile), "--num_nodes", str(len(hosts))]
             if launch.master_addr:
                 cmd += ["--master_addr", launch.master_addr]
-        cmd += ["--num_gpus", str(procs), "--master_port", str(port), str(TRAIN_SCRIPT)]
+        cmd += ["--num_gpus", str(procs), "--master_port", str(port), "--module", module]
         return cmd + script_args
     if launch.launcher == "torchrun":
         return [py, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(port),
-                str(TRAIN_SCRIPT)] + script_args
-    return [py, str(TRAIN_SCRIPT)] + script_args
+                "-m", module] + script_args
+    return [py, "-m", module] + script_args
 
 
 def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:

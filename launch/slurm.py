@@ -29,9 +29,10 @@ from string import Template
 
 import yaml
 
+from dipnet.launch.local import TRAIN_MODULE
 from dipnet.pipeline.errors import RunError, UsageError
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "launch" / "slurm" / "stage.sbatch"
+TEMPLATE = Path(__file__).resolve().parent / "sbatch" / "stage.sbatch"  # package data
 CHAIN = [("preprocess", "base,convert,preprocess"), ("train", "train"), ("export", "export"), ("eval", "eval,report")]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE"}
@@ -103,13 +104,11 @@ def render_job(recipe, recipe_path: Path, run_dir: Path, stage_name: str, stages
         python=shlex.quote(sys.executable), recipe=shlex.quote(str(recipe_path)))
 
 
-def slurm_train_command(script_args: list[str], procs: int) -> list[str]:
-    """Inside a dipnet train job: spawn the ranks on every node of the allocation."""
-    from dipnet.pipeline.launch import TRAIN_SCRIPT
-
+def slurm_train_command(script_args: list[str], procs: int, module: str = TRAIN_MODULE) -> list[str]:
+    """Inside a dipnet train job: spawn the ranks of `python -m module` on every node of the allocation."""
     launcher = os.environ.get("DIPNET_SLURM_LAUNCHER", "torchrun")
     py = shlex.quote(sys.executable)
-    args = " ".join(shlex.quote(a) for a in [str(TRAIN_SCRIPT)] + script_args)
+    args = " ".join(shlex.quote(a) for a in ["-m", module] + script_args)
     if launcher == "deepspeed":
         flag = "--out" if "--out" in script_args else "--runs"
         where = Path(script_args[script_args.index(flag) + 1])
@@ -159,11 +158,9 @@ def check_resources(s: dict, script: Path) -> None:
                          f"'{name}' has {nodes} node(s) with {cpus} CPUs each (sinfo)")
 
 
-def launch_slurm(args) -> int:
-    from dipnet.pipeline.recipe import load_recipe
-    from dipnet.pipeline.run import Manifest, Run
-
-    recipe = load_recipe(args.recipe, args.overrides)
+def launch_slurm(recipe, args, completed=lambda stage, recipe: False) -> int:
+    """Render the chain for `recipe` (CLI flags in `args`) and submit it, skipping the jobs whose
+    stages `completed(stage, recipe)` says are done (the pipeline decides that, not the launcher)."""
     if args.hostfile:
         raise UsageError("--hostfile is for the deepspeed launcher without Slurm (launch.hostfile); inside Slurm the "
                          "hostfile is written from the node list")
@@ -187,13 +184,9 @@ def launch_slurm(args) -> int:
     claim_run_dir(run_dir)
     (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    run = Run(recipe, progress=False)
-    manifest = Manifest(run_dir)
     jobs, prev = [], None
     for name, stages, text in scripts:
-        stage_list = stages.split(",")
-        if all(manifest.entry(st).get("status") == "completed" and manifest.is_complete(st, run.stage_inputs(st))
-               for st in stage_list):
+        if all(completed(st, recipe) for st in stages.split(",")):
             print(f"{name}: completed earlier (skipped)")
             continue
         path = run_dir / "slurm" / f"{name}.sbatch"
@@ -230,7 +223,7 @@ def _write_jobs(run_dir: Path, jobs: list[dict]) -> None:
 
 
 def _read_jobs(run_dir: str | Path) -> tuple[Path, list[dict]]:
-    from dipnet.pipeline.models import read_json_object
+    from dipnet.pipeline.readers import read_json_object
 
     d = Path(run_dir)
     p = d / "slurm" / "jobs.json"
@@ -264,9 +257,16 @@ def job_state(job_id: str) -> tuple[str, str]:
     return "UNKNOWN", "no longer known to Slurm"
 
 
-def status(run_dir: str | Path, wait: bool = False, timeout: float = 3600, poll: float = 0.5) -> int:
-    from dipnet.pipeline.run import Manifest
+def _stage_errors(run_dir: Path) -> dict[str, str]:
+    """stage -> error recorded in the run's manifest.json (read as data; no pipeline import)."""
+    from dipnet.pipeline.readers import read_json_object
 
+    p = run_dir / "manifest.json"
+    stages = read_json_object(p).get("stages", {}) if p.is_file() else {}
+    return {k: str(v.get("error")) for k, v in stages.items() if isinstance(v, dict) and v.get("error")}
+
+
+def status(run_dir: str | Path, wait: bool = False, timeout: float = 3600, poll: float = 0.5) -> int:
     d, jobs = _read_jobs(run_dir)
     deadline = time.time() + timeout
     while True:
@@ -274,11 +274,11 @@ def status(run_dir: str | Path, wait: bool = False, timeout: float = 3600, poll:
         if not wait or all(s in TERMINAL for _, s, _ in states) or time.time() > deadline:
             break
         time.sleep(poll)
-    manifest = Manifest(d)
+    stage_errors = _stage_errors(d)
     failed = None
     for j, state, reason in states:
         stages = j["stages"].split(",")
-        errors = [manifest.entry(st).get("error") for st in stages if manifest.entry(st).get("error")]
+        errors = [stage_errors[st] for st in stages if st in stage_errors]
         extra = f"  ({reason})" if reason and reason not in ("None", "(null)") else ""
         print(f"{j['stage']:10s} job {j['job_id']:>8s}  {state}{extra}")
         if state in TERMINAL and state != "COMPLETED" and failed is None and state != "CANCELLED":
