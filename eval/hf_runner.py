@@ -76,7 +76,10 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
         cur = ids
         for _ in range(max_new_tokens):
             pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, -cur.shape[1]:]
-            out = model(input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+            # logits_to_keep=1: the prefill would otherwise build [batch, prompt, vocab] logits
+            # (4 GB for 20 five-shot GSM8K prompts and a 49k vocabulary) to use the last row.
+            out = model(input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True,
+                        logits_to_keep=1)
             past = out.past_key_values
             logits = out.logits[:, -1].float()
             if k > 1:
@@ -116,8 +119,13 @@ def _hits_stop(tokenizer, prompt, gen, stops) -> bool:
 
 @torch.no_grad()
 def teacher_forced(model, tokenizer, prompts: list[list[int]], answers: list[str], max_len: int,
-                   batch_size: int = 32) -> list[dict]:
-    """Per problem: mean NLL of the reference answer tokens and their greedy token accuracy."""
+                   batch_size: int = 16) -> list[dict]:
+    """Per problem: mean NLL of the reference answer tokens and their greedy token accuracy.
+
+    Rows are left-padded so every answer ends at the last position, and only the answer
+    positions' logits are computed (`logits_to_keep`): a 900-token prompt costs its forward pass,
+    not a [900, vocab] float32 matrix.
+    """
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -131,17 +139,19 @@ def teacher_forced(model, tokenizer, prompts: list[list[int]], answers: list[str
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         width = max(len(r[0]) for r in chunk)
+        keep = max(n for _, n in chunk) + 1
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, (r, _) in enumerate(chunk):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                       logits_to_keep=keep).logits.float().cpu()  # [B, keep, V]: the last `keep` positions
         logp = F.log_softmax(logits, -1)
         for i, (r, n_a) in enumerate(chunk):
-            L = len(r)
-            tgt = torch.tensor(r[L - n_a:])
-            lp = logp[i, L - n_a - 1:L - 1]
+            tgt = torch.tensor(r[len(r) - n_a:])
+            lp = logp[i, keep - n_a - 1:keep - 1]  # position t predicts token t+1
             nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
             acc = (lp.argmax(-1) == tgt).float()
             out.append({"nll": nll.mean().item(), "token_acc": acc.mean().item(), "answer_tokens": n_a})

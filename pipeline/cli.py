@@ -60,10 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--only", help="run only this stage")
     s.add_argument("--quiet", action="store_true")
 
-    s = sub.add_parser("base", help="build the embedded tiny base model")
-    s.add_argument("kind", choices=["tiny"]), s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("overrides", nargs="*", help="model.tiny.KEY=VALUE")
+    s = sub.add_parser("base", help="build the embedded tiny base, or import a GGUF pretrained model")
+    bsub = s.add_subparsers(dest="base_kind", metavar="tiny|import", parser_class=_Parser)
+    bsub.required = True
+    b = bsub.add_parser("tiny", help="build the embedded tiny base")
+    b.add_argument("--out", required=True), b.add_argument("--seed", type=int, default=0)
+    b.add_argument("overrides", nargs="*", help="model.tiny.KEY=VALUE")
+    b = bsub.add_parser("import", help="a GGUF file (or a named source) -> a Hugging Face model directory")
+    b.add_argument("source", help="FILE.gguf, or a named source: " + ", ".join(sorted(_sources())))
+    b.add_argument("--out", required=True)
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
     s = sub.add_parser("convert", help="attach DIP projections to a Hugging Face causal LM")
     s.add_argument("model_dir"), s.add_argument("--out", required=True)
@@ -149,10 +155,24 @@ def cmd_run(a) -> int:
     return 0
 
 
+def _sources():
+    from dipnet.pipeline.pretrained import SOURCES
+
+    return SOURCES
+
+
 def cmd_base(a) -> int:
     from dipnet.pipeline.base_model import build_tiny_base
     from dipnet.pipeline.recipe import TinyBaseSettings, apply_overrides
 
+    if a.base_kind == "import":
+        from dipnet.pipeline.pretrained import SOURCES, fetch_source, import_gguf
+
+        gguf = fetch_source(a.source) if a.source in SOURCES else a.source
+        info = import_gguf(gguf, a.out, dtype=a.dtype)
+        print(json.dumps(info, indent=2))
+        print(f"imported: {a.out}")
+        return 0
     raw = apply_overrides({}, [o[len("model.tiny."):] if o.startswith("model.tiny.") else o for o in a.overrides])
     settings = _settings(TinyBaseSettings, raw, {k: f"model.tiny.{k}" for k in TinyBaseSettings.model_fields})
     out = build_tiny_base(settings, a.out, seed=a.seed)
@@ -339,6 +359,8 @@ def _quiet(debug: bool) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if not Path("/proc/driver/nvidia").exists():  # else DeepSpeed warns that it "falls back" to the CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not debug:
         logging.captureWarnings(True)
         logging.getLogger("py.warnings").setLevel(logging.ERROR)

@@ -78,7 +78,9 @@ class TinyBaseSettings(_Section):
 
 
 class ModelSettings(_Section):
-    base: str = Field("tiny", description="'tiny' (built here) or a Hugging Face model directory / hub id.")
+    base: str = Field("tiny", description="'tiny' (built here), a named pretrained source (smollm2-135m-instruct, "
+                                          "gemma3-270m), a .gguf file, a Hugging Face model directory, or a hub id.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype of an imported GGUF model.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model directory (off unless you trust it).")
     tiny: TinyBaseSettings = TinyBaseSettings()
 
@@ -463,8 +465,13 @@ def validate_dict(raw: dict, source: str) -> Recipe:
 
 
 def _check_paths(recipe: Recipe, source: str) -> None:
+    from dipnet.pipeline.pretrained import SOURCES
+
     base = recipe.model.base
-    if base != "tiny" and (base.startswith((".", "/", "~")) or Path(base).exists()):
+    if base.endswith(".gguf"):
+        if not Path(base).expanduser().is_file():
+            raise UsageError(f"{source}: 'model.base': no such GGUF file: {base}")
+    elif base != "tiny" and base not in SOURCES and (base.startswith((".", "/", "~")) or Path(base).exists()):
         if not Path(base).expanduser().is_dir():
             raise UsageError(f"{source}: 'model.base': no such model directory: {base}")
     train = recipe.data.train

@@ -166,11 +166,17 @@ class Run:
     def stage_base(self) -> dict:
         from dipnet.pipeline.base_model import tiny_base
 
+        from dipnet.pipeline.pretrained import is_gguf_spec, pretrained_base
+
         model = self.recipe.model
         if model.base == "tiny":
             self.say("  building (or reusing) the embedded tiny base")
             path = tiny_base(model.tiny, seed=self.recipe.run.seed, progress=self.progress)
             meta = json.loads((path / "pretrain.json").read_text())
+        elif is_gguf_spec(model.base):
+            self.say(f"  importing (or reusing) {model.base}")
+            path = pretrained_base(model.base, dtype=model.dtype, progress=self.progress)
+            meta = json.loads((path / "import.json").read_text())
         else:
             from dipnet.pipeline.models import check_model_dir
 
@@ -204,10 +210,13 @@ class Run:
 
     def expected_base(self) -> Path | None:
         from dipnet.pipeline.base_model import cache_root, settings_hash
+        from dipnet.pipeline.pretrained import is_gguf_spec, pretrained_dir
 
         base = self.recipe.model.base
         if base == "tiny":
             return cache_root() / "base" / settings_hash(self.recipe.model.tiny, self.recipe.run.seed)
+        if is_gguf_spec(base):
+            return pretrained_dir(base, self.recipe.model.dtype)
         p = Path(base).expanduser()
         return p if p.is_dir() else None  # a hub id resolves to a cache path only at download time
 
