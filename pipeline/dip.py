@@ -70,6 +70,12 @@ class DistributionalInputProjection(nn.Module):
             (noise multiplied by the per-token RMS of v, so λ is dimensionless).
         learnable: False freezes λ (the `dip_fixed` and `input_noise` baselines).
 
+    λ is stored as `log_variance_offset`, trained, with ln λ = ln(init_variance) + offset. The
+    offset starts at 0, where bf16 is fine-grained: DeepSpeed casts every parameter to bf16 under
+    `precision: bf16`, and a bf16 ln λ near ln 3e-3 moves in steps of 0.031, so a short run would
+    never see λ change in the forward pass; the offset resolves changes of 1e-4 and finer.
+    `log_variance` is the float32 ln λ.
+
     Modes (`.mode`): "sample" draws fresh ε on every call; "mean" returns v itself (the same
     tensor object, not v + 0·ε, so mean-path logits equal the base model's bit for bit).
     """
@@ -78,32 +84,42 @@ class DistributionalInputProjection(nn.Module):
         super().__init__()
         if scale not in ("absolute", "relative"):
             raise ValueError(f"scale must be 'absolute' or 'relative', got {scale!r}")
-        if init_variance <= 0:
-            raise ValueError(f"init_variance must be > 0, got {init_variance}")
+        if not (init_variance > 0 and math.isfinite(init_variance)):
+            raise ValueError(f"init_variance must be a positive number, got {init_variance}")
         self.scale = scale
         self.init_variance = float(init_variance)
-        self.log_variance = nn.Parameter(torch.full((hidden_size,), math.log(init_variance)), requires_grad=learnable)
+        self.base_log_variance = math.log(init_variance)
+        self.log_variance_offset = nn.Parameter(torch.zeros(hidden_size), requires_grad=learnable)
         self.mode = "sample"
         # (sum λ, sum ln λ, count) from the last sampling forward, for the prior. Recorded inside
         # forward because ZeRO-3 only gathers a partitioned parameter while its module runs.
         self.prior_terms: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     @property
+    def log_variance(self) -> torch.Tensor:
+        """ln λ per feature, float32 (differentiable through the offset)."""
+        return self.log_variance_offset.float() + self.base_log_variance
+
+    @property
     def variance(self) -> torch.Tensor:
         return self.log_variance.exp()
+
+    def set_log_variance(self, values: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.log_variance_offset.copy_(values.float() - self.base_log_variance)
 
     def reset_parameters(self) -> None:
         # Called by frameworks that (re)initialise modules after construction (ZeRO-3 Init,
         # transformers' _init_weights): λ must come back to its configured value, never zero.
         with torch.no_grad():
-            self.log_variance.fill_(math.log(self.init_variance))
+            self.log_variance_offset.zero_()
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if self.mode == "mean":
             return v
         log_var = self.log_variance
-        if log_var.requires_grad and torch.is_grad_enabled():
-            self.prior_terms = (log_var.float().exp().sum(), log_var.float().sum(), log_var.numel())
+        if self.log_variance_offset.requires_grad and torch.is_grad_enabled():
+            self.prior_terms = (log_var.exp().sum(), log_var.sum(), log_var.numel())
         std = torch.exp(0.5 * log_var).to(v.dtype)
         noise = torch.randn_like(v) * std
         if self.scale == "relative":
@@ -111,7 +127,8 @@ class DistributionalInputProjection(nn.Module):
         return v + noise
 
     def extra_repr(self) -> str:
-        return f"hidden={self.log_variance.numel()}, scale={self.scale}, learnable={self.log_variance.requires_grad}"
+        return (f"hidden={self.log_variance_offset.numel()}, init_variance={self.init_variance:g}, scale={self.scale}, "
+                f"learnable={self.log_variance_offset.requires_grad}")
 
 
 class NEFTuneNoise(nn.Module):
@@ -292,7 +309,7 @@ def lambda_stats(model: nn.Module) -> dict[str, dict[str, float]]:
     """Per projection: mean/min/max λ (for metrics and plots)."""
     out = {}
     for name, p in projections(model):
-        lam = p.log_variance.detach().float().exp()
+        lam = p.log_variance.detach().exp()
         if lam.numel() == 0:  # a ZeRO-3 partitioned parameter outside a gather
             continue
         out[_short(name)] = {"mean": lam.mean().item(), "min": lam.min().item(), "max": lam.max().item()}
@@ -314,7 +331,7 @@ def dip_prior(model: nn.Module, alpha: float, beta: float) -> torch.Tensor:
     Uses the terms each projection recorded in its last forward (consumed here), which is the
     only place a ZeRO-3-partitioned λ is whole; without a forward it reads λ directly.
     """
-    projs = [p for _, p in projections(model) if p.log_variance.requires_grad]
+    projs = [p for _, p in projections(model) if p.log_variance_offset.requires_grad]
     if not projs or (alpha == 0 and beta == 0):
         for p in projs:
             p.prior_terms = None
@@ -326,7 +343,7 @@ def dip_prior(model: nn.Module, alpha: float, beta: float) -> torch.Tensor:
             sl, slog, n = p.prior_terms
             p.prior_terms = None
         else:
-            lv = p.log_variance.float()
+            lv = p.log_variance
             sl, slog, n = lv.exp().sum(), lv.sum(), lv.numel()
         sum_lam, sum_log, count = sum_lam + sl, sum_log + slog, count + n
     return alpha * sum_lam / count - beta * sum_log / count
@@ -386,7 +403,7 @@ def dip_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def initial_dip_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every projection's λ at its initial value (works on a meta-device model)."""
-    return {_short(n): torch.full((p.log_variance.shape[0],), math.log(p.init_variance))
+    return {_short(n): torch.full((p.log_variance_offset.shape[0],), p.base_log_variance)
             for n, p in projections(model)}
 
 
@@ -397,8 +414,9 @@ def same_noise(a: DipConfig, b: DipConfig) -> bool:
 
 
 def short_name(param_key: str) -> str:
-    """'base_model.model.model.layers.3.dip_input.log_variance' -> '3.dip_input'."""
-    return _short(param_key.rsplit(".", 1)[0] if param_key.endswith(".log_variance") else param_key)
+    """'base_model.model.model.layers.3.dip_input.log_variance_offset' -> '3.dip_input'."""
+    return _short(param_key.rsplit(".", 1)[0] if param_key.endswith((".log_variance", ".log_variance_offset"))
+                  else param_key)
 
 
 def save_dip(model: nn.Module | None, config: DipConfig, model_dir: str | Path, state: dict | None = None) -> None:
@@ -489,11 +507,10 @@ def load_dip(model: nn.Module, model_dir: str | Path) -> list[str]:
     missing, extra = sorted(set(mods) - set(state)), sorted(set(state) - set(mods))
     if missing or extra:
         raise UsageError(f"{wpath}: projections do not match dip_config.json (missing {missing}, unexpected {extra})")
-    with torch.no_grad():
-        for k, mod in mods.items():
-            if state[k].shape != mod.log_variance.shape:
-                raise UsageError(f"{wpath}: '{k}' has shape {tuple(state[k].shape)}, expected {tuple(mod.log_variance.shape)}")
-            mod.log_variance.copy_(state[k])
+    for k, mod in mods.items():
+        if state[k].shape != mod.log_variance_offset.shape:
+            raise UsageError(f"{wpath}: '{k}' has shape {tuple(state[k].shape)}, expected {tuple(mod.log_variance_offset.shape)}")
+        mod.set_log_variance(state[k])
     return names
 
 

@@ -302,6 +302,7 @@ def _write_weights(ckpt: Path, state: dict, model_dir: Path, out: Path, torch_dt
         meta = meta_model(model_dir, trust_remote_code)
         dipmod.attach_dip(meta, dip_config)
         lam = dipmod.initial_dip_state(meta)
+        base_log = {dipmod._short(n): p.base_log_variance for n, p in dipmod.projections(meta)}
         del meta
         saved_cfg = dipmod.read_dip_config(model_dir)
         if saved_cfg is not None and dipmod.same_noise(saved_cfg, dip_config):
@@ -310,7 +311,7 @@ def _write_weights(ckpt: Path, state: dict, model_dir: Path, out: Path, torch_dt
         unknown_lam = sorted(set(trained_lam) - set(lam))
         if unknown_lam:
             raise RunError(f"{ckpt}: λ '{unknown_lam[0]}' matches no projection of the run's DIP settings")
-        lam.update({k: _materialise(v) for k, v in trained_lam.items()})
+        lam.update({k: base_log[k] + _materialise(v) for k, v in trained_lam.items()})  # ln λ = ln λ0 + offset
     if dip_config.method != "none":
         dipmod.save_dip(None, dip_config, out, state={k: v.float().contiguous() for k, v in lam.items()})
     trained.clear()

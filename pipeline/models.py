@@ -192,7 +192,8 @@ def load_causal_lm(model_dir: str | Path, *, trust_remote_code: bool = False, dt
 
 def check_vocab(model, tokenizer, where: str) -> None:
     """The tokenizer must fit the model's embedding table."""
-    n_emb = model.get_input_embeddings().weight.shape[0]
+    w = model.get_input_embeddings().weight
+    n_emb = tuple(getattr(w, "ds_shape", w.shape))[0]  # a ZeRO-3 partition keeps the full shape in ds_shape
     if len(tokenizer) > n_emb:
         raise UsageError(f"{where}: tokenizer has {len(tokenizer)} tokens but the model's embedding has {n_emb} rows "
                          "(tokenizer/model mismatch)")

@@ -144,10 +144,12 @@ class TrainSettings(_Section):
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
+    warmup_ratio: Optional[float] = Field(None, ge=0, lt=1, description="Warm-up as a fraction of the run's steps (overrides warmup_steps).")
     max_steps: Optional[int] = Field(300, gt=0, description="Optimizer steps (takes precedence over epochs).")
     epochs: Optional[float] = Field(None, gt=0, description="Epochs, used when max_steps is null.")
     micro_batch_size: int = Field(8, gt=0, description="Sequences per rank per micro step.")
-    grad_accum: int = Field(1, gt=0, description="Micro steps per optimizer step.")
+    grad_accum: int = Field(1, gt=0, description="Micro steps per optimizer step (ignored when global_batch_size is set).")
+    global_batch_size: Optional[int] = Field(None, gt=0, description="Sequences per optimizer step over all ranks; accumulation = global / (micro x ranks), so any cluster size takes the same steps.")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip (0: off).")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3.")
     offload: bool = Field(False, description="Offload optimizer state to CPU (DeepSpeed CPU Adam).")
@@ -169,6 +171,7 @@ class TrainSettings(_Section):
 class SlurmSettings(_Section):
     nodes: int = Field(1, gt=0)
     gpus_per_node: int = Field(0, ge=0, description="0: CPU nodes, launch.procs_per_node ranks on gloo.")
+    eval_gpus: int = Field(1, ge=1, description="GPUs of the eval job (vLLM) when gpus_per_node > 0.")
     cpus_per_task: Optional[int] = Field(None, gt=0)
     partition: Optional[str] = None
     time: Optional[str] = Field(None, description="Slurm time limit, e.g. 04:00:00.")
@@ -220,6 +223,7 @@ HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:_-]*")
 
 class LaunchSettings(_Section):
     launcher: Literal["deepspeed", "torchrun", "single"] = Field("deepspeed")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="cuda: refuse to train without a usable GPU; auto: GPUs when present.")
     procs_per_node: Optional[int] = Field(None, gt=0, description="Ranks per node (default: GPUs, or 2 on CPU).")
     master_port: Optional[int] = Field(None, gt=0, lt=65536, description="Default: a free port.")
     master_addr: Optional[str] = None

@@ -17,6 +17,7 @@ written under a temporary name and renamed when complete), `checkpoints/latest`,
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from dipnet.pipeline import dip as dipmod
-from dipnet.pipeline.data import batch_indices, collate
+from dipnet.pipeline.data import TokenizedExamples, batch_indices, collate
 from dipnet.launch.ds_config import build_ds_config
 from dipnet.pipeline.errors import DipnetError, RunError
 from dipnet.pipeline.recipe import Recipe
@@ -62,11 +63,28 @@ STOP = _StopRequest
 
 # ----------------------------------------------------------------------------- set-up helpers
 
-def setup_distributed() -> tuple[int, int, int, bool]:
-    """Initialise torch.distributed through DeepSpeed; returns (rank, world, local_rank, is_main)."""
+def cuda_problem() -> str:
+    """Why CUDA is unusable here, in words."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU build; install the GPU stack (make install EXTRA=gpu)"
+    try:
+        torch.cuda.init()
+    except Exception as exc:
+        return " ".join(str(exc).split())[:200]
+    return f"no GPU visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+
+
+def setup_distributed(device: str = "auto") -> tuple[int, int, int, bool]:
+    """Initialise torch.distributed through DeepSpeed; returns (rank, world, local_rank, is_main).
+
+    `device` is launch.device: `cuda` refuses to start without a usable GPU (a GPU job that
+    silently trained on gloo and the CPU would take days and look like it worked)."""
     import importlib
 
     import deepspeed
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"launch.device is cuda but CUDA is unusable here: {cuda_problem()}")
 
     # Not `import deepspeed.comm.torch as m`: that binds the attribute deepspeed.comm.torch,
     # which is the real `torch` package re-exported there.
@@ -91,7 +109,7 @@ def unfreeze_lambda(model, method: str) -> None:
     """peft freezes every non-adapter parameter; DIP's λ train alongside the adapters."""
     learn = method == "dip"
     for _, p in dipmod.projections(model):
-        p.log_variance.requires_grad_(learn)
+        p.log_variance_offset.requires_grad_(learn)
 
 
 def setup_model(recipe: Recipe, model_dir: str, *, trust_remote_code: bool, dtype=None):
@@ -146,12 +164,28 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def grad_accum(train, world: int) -> int:
+    """Micro steps per optimizer step: from train.global_batch_size when set (so 2 and 16 ranks
+    take the same optimizer steps over the same examples), else train.grad_accum."""
+    if train.global_batch_size is None:
+        return train.grad_accum
+    per = train.micro_batch_size * world
+    if train.global_batch_size % per:
+        raise RunError(f"train.global_batch_size {train.global_batch_size} is not a multiple of "
+                       f"train.micro_batch_size {train.micro_batch_size} x {world} ranks; choose one that is")
+    return train.global_batch_size // per
+
+
 def total_steps(recipe: Recipe, n_examples: int, world: int) -> int:
     t = recipe.train
     if t.max_steps:
         return t.max_steps
-    per_step = t.micro_batch_size * t.grad_accum * world
+    per_step = t.micro_batch_size * grad_accum(t, world) * world
     return max(1, math.ceil(t.epochs * n_examples / per_step))
+
+
+def warmup_steps(train, steps: int) -> int:
+    return math.ceil(train.warmup_ratio * steps) if train.warmup_ratio is not None else train.warmup_steps
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -208,16 +242,28 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, state: dict, keep_last: 
 
 
 def gather_lambda_stats(model, zero_stage: int) -> dict:
-    """Per-projection λ statistics; under ZeRO-3 the partitioned λ are gathered (all ranks call)."""
+    """Per-projection λ statistics from the optimizer's float32 master values (the forward pass
+    may see a bf16 copy). All ranks call: under ZeRO-3 the master is gathered."""
     projs = dipmod.projections(model)
     if not projs:
         return {}
-    if zero_stage == 3:
-        import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
-        with deepspeed.zero.GatheredParameters([p.log_variance for _, p in projs]):
-            return dipmod.lambda_stats(model)
-    return dipmod.lambda_stats(model)
+    out = {}
+    for name, p in projs:
+        off = p.log_variance_offset
+        master = safe_get_full_fp32_param(off) if off.requires_grad and zero_stage > 0 else None
+        if master is None:
+            if zero_stage == 3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([off]):
+                    master = off.detach().float().clone()
+            else:
+                master = off.detach().float()
+        lam = (master.float().cpu() + p.base_log_variance).exp()
+        out[dipmod._short(name)] = {"mean": lam.mean().item(), "min": lam.min().item(), "max": lam.max().item()}
+    return out
 
 
 def peak_memory_mb() -> float:
@@ -234,7 +280,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", help="resolved recipe JSON")
     ap.add_argument("--model", required=True, help="model directory (converted or base)")
-    ap.add_argument("--data", required=True, help="preprocessed dataset directory")
+    ap.add_argument("--data", required=True, help="preprocessed examples (examples.safetensors of the preprocess stage)")
     ap.add_argument("--out", help="training output directory")
     ap.add_argument("--runs", help="JSON list of {recipe, out}: train several runs one after another in this "
                                    "launch (a study's variants x seeds pay the start-up once)")
@@ -250,18 +296,26 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     runs = json.loads(Path(args.runs).read_text()) if args.runs else [{"recipe": args.recipe, "out": args.out}]
     # Distributed set-up: everything rank-dependent is decided here, once per launch.
-    rank, world, local_rank, is_main = setup_distributed()
+    first = json.loads(Path(runs[0]["recipe"]).read_text())
+    device = os.environ.get("DIPNET_DEVICE") or first.get("launch", {}).get("device", "auto")  # a GPU job sets it
+    rank, world, local_rank, is_main = setup_distributed(device)
     STOP.install()
     for spec in runs:  # the train stage passes only unfinished runs; a finished one resumes at its end
-        train_one(spec["recipe"], args.model, args.data, Path(spec["out"]), args.max_seconds,
-                  rank, world, local_rank, is_main)
+        out = Path(spec["out"])
+        train_one(spec["recipe"], args.model, args.data, out, args.max_seconds, rank, world, local_rank, is_main)
+        # What a run leaves behind once it has returned (its frame and autograd graph are gone):
+        # recorded so a leak shows up as growth across a study's runs.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if is_main and (out / "train_summary.json").is_file():
+            summary = json.loads((out / "train_summary.json").read_text())
+            summary.update(live_engines=live_engines(), rss_mb=rss_mb())
+            (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, world, local_rank, is_main) -> None:
     """One training run: model, data, engine, resume, loop, save."""
-    import gc
-
-    import datasets
     import deepspeed
 
     recipe = Recipe.model_validate(json.loads(Path(recipe_path).read_text()))
@@ -274,18 +328,28 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     from dipnet.pipeline.models import check_vocab, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
-    model, dip_config = setup_model(recipe, model_dir, trust_remote_code=recipe.model.trust_remote_code)
-    check_vocab(model, tokenizer, model_dir)
-    dataset = datasets.load_from_disk(data_path)
-    examples = dataset.to_list()
+    examples = TokenizedExamples(data_path)
     steps = total_steps(recipe, len(examples), world)
+    accum = grad_accum(t, world)
+    warmup = warmup_steps(t, steps)
+    ds_config = build_ds_config(t, world, device.type, accum=accum)
+    # ZeRO-3: transformers loads the weights straight into partitions (deepspeed.zero.Init) while
+    # this object is alive, so no rank ever holds the whole model; λ and LoRA adapters created
+    # after loading are partitioned by deepspeed.initialize. Weights load in the training dtype.
+    zero3_init = None
+    if t.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3_init = HfDeepSpeedConfig(ds_config)
+    model, dip_config = setup_model(recipe, model_dir, trust_remote_code=recipe.model.trust_remote_code,
+                                    dtype=torch.bfloat16 if t.precision == "bf16" else torch.float32)
+    check_vocab(model, tokenizer, model_dir)
     # What trains, by name: checkpoints hold only these (frozen weights come from model_dir),
     # and export checks that every one of them is in the checkpoint.
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
 
     # DeepSpeed engine (ZeRO partitions every parameter, λ included, at initialize: λ exist and
     # hold their initial values before partitioning, so ZeRO-3 never sees an uninitialised one).
-    ds_config = build_ds_config(t, world)
     optimizer = build_optimizer(model, recipe)
     if is_main:
         print(f"{out.name}: optimizer {type(optimizer).__name__}, ZeRO-{t.zero_stage}"
@@ -335,7 +399,7 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
 
     def save(done: int, tokens_seen: int, engine=engine) -> None:
         state = {"step": done, "tokens_seen": tokens_seen, "world_size": world, "seed": recipe.run.seed,
-                 "data_position": done * t.micro_batch_size * t.grad_accum * world,
+                 "data_position": done * t.micro_batch_size * accum * world, "grad_accum": accum,
                  "recipe": recipe.to_dict(), "dip_config": asdict(dip_config),
                  "model_dir": str(model_dir), "zero_stage": t.zero_stage, "train_method": t.method,
                  "trainable": trainable, "rng_note": "noise and batches are functions of (seed, step, rank)"}
@@ -351,12 +415,12 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     last = None
     for step in range(start_step, steps):
         t0 = time.time()
-        f = lr_factor(step, t.warmup_steps, steps)
+        f = lr_factor(step, warmup, steps)
         for g in optimizer.param_groups:
             g["lr"] = g.get("base_lr", t.lr) * f
         # Noise and data order depend only on (seed, step, rank): a resumed run repeats them exactly.
         torch.manual_seed(recipe.run.seed * 1_000_003 + step * 1009 + rank)
-        micro_batches = batch_indices(len(examples), recipe.run.seed, step, t.micro_batch_size, t.grad_accum, rank, world)
+        micro_batches = batch_indices(len(examples), recipe.run.seed, step, t.micro_batch_size, accum, rank, world)
         # Per-step sums stay on the device (loss, nll, prior, var, tokens): one host sync per step.
         sums = torch.zeros(5, dtype=torch.float64, device=device)
         for idx in micro_batches:
@@ -435,9 +499,26 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
         from dipnet.pipeline.plots import plot_training
 
         plot_training(out / "metrics.jsonl", out / "plots")
-    del engine, optimizer, model
-    gc.collect()
+    # Release the engine explicitly: a study trains many runs in one process, and an engine
+    # that is only deleted keeps its optimizer state and buffers alive (measured: one more live
+    # engine per run; at 7B ~15 GB of GPU memory each).
+    engine.destroy()
+    del engine, optimizer, model, zero3_init, save
     torch.distributed.barrier()
+
+
+def live_engines() -> int:
+    """DeepSpeed engines still reachable in this process (0 once a run has been released)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, DeepSpeedEngine))
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def _grad_norm(engine) -> float | None:

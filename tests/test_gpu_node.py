@@ -1,0 +1,95 @@
+"""What one 8-GPU node at 3B-7B needs, tested on CPU ranks: no engine leak across a study's runs,
+λ that still moves under bf16, a global batch independent of the cluster size, a GPU job that
+refuses to fall back to the CPU, and GPU DeepSpeed settings."""
+
+import json
+
+import pytest
+from trainhelp import make_recipe, metrics, train, train_many
+
+from dipnet.launch.ds_config import build_ds_config
+from dipnet.pipeline.errors import RunError
+from dipnet.pipeline.train import grad_accum, total_steps, warmup_steps
+
+
+@pytest.mark.slow
+def test_three_runs_in_one_launch_release_their_engines(tmp_path):
+    outs = [tmp_path / f"run{i}" for i in range(3)]
+    train_many(outs, {"train.max_steps": 6, "train.save_every": 6, "train.zero_stage": 2, "dip.method": "dip"})
+    summaries = [json.loads((o / "train_summary.json").read_text()) for o in outs]
+    assert [s["live_engines"] for s in summaries] == [0, 0, 0]  # before: 1, 2, 3
+    rss = [s["rss_mb"] for s in summaries]
+    assert rss[2] - rss[1] < 50, rss  # flat after the first run (allocator warm-up)
+
+
+@pytest.mark.slow
+def test_lambda_moves_under_bf16_as_in_fp32(tmp_path):
+    drift = {}
+    for prec in ("fp32", "bf16"):
+        out = tmp_path / prec
+        train(out, {"train.max_steps": 10, "train.save_every": 10, "train.zero_stage": 2, "dip.method": "dip",
+                    "dip.lr_scale": 50.0, "train.precision": prec})
+        lam = metrics(out)[-1]["lambda"]
+        drift[prec] = {k: v["mean"] / 0.01 - 1 for k, v in lam.items()}
+    scale = max(abs(d) for d in drift["fp32"].values())
+    assert scale > 0.01, drift  # λ moved measurably
+    # bf16 changes the forward pass (and so the gradients) a little; λ must follow the same course.
+    # Without the offset parameterisation a bf16 ln λ near ln 0.01 moves in steps of 0.031, and
+    # the forward pass would see 0% or ±3% here instead.
+    mean_abs = {p: sum(abs(d) for d in drift[p].values()) / len(drift[p]) for p in drift}
+    assert 0.7 <= mean_abs["bf16"] / mean_abs["fp32"] <= 1.4, drift
+    for k, d in drift["fp32"].items():
+        assert abs(drift["bf16"][k] - d) <= 0.35 * scale + 0.005, (k, drift)
+
+
+@pytest.mark.parametrize("world", [2, 16])
+def test_global_batch_gives_the_same_steps_on_any_cluster(world):
+    r = make_recipe({"train.max_steps": None, "train.epochs": 1, "train.micro_batch_size": 2,
+                     "train.global_batch_size": 64, "train.warmup_ratio": 0.1})
+    assert grad_accum(r.train, world) * 2 * world == 64
+    assert total_steps(r, 7473, world) == 117 and warmup_steps(r.train, 117) == 12
+    cfg = build_ds_config(r.train, world, accum=grad_accum(r.train, world))
+    assert cfg["train_batch_size"] == 64
+
+
+def test_global_batch_that_does_not_divide_is_one_line():
+    r = make_recipe({"train.micro_batch_size": 3, "train.global_batch_size": 64})
+    with pytest.raises(RunError, match=r"train.global_batch_size 64 is not a multiple of train.micro_batch_size 3 x 2 ranks"):
+        grad_accum(r.train, 2)
+
+
+def test_gpu_deepspeed_settings():
+    r = make_recipe({"train.zero_stage": 3})
+    gpu, cpu = build_ds_config(r.train, 8, "cuda"), build_ds_config(r.train, 2, "cpu")
+    assert gpu["zero_optimization"]["overlap_comm"] is True
+    assert gpu["zero_optimization"]["stage3_param_persistence_threshold"] == 100_000
+    assert cpu["zero_optimization"]["overlap_comm"] is False
+
+
+def test_a_gpu_job_refuses_to_train_on_the_cpu(tmp_path):
+    with pytest.raises(RunError, match=r"launch.device is cuda but CUDA is unusable here: this torch .* is a CPU build"):
+        train(tmp_path / "gpu", {"train.max_steps": 1, "launch.device": "cuda", "launch.launcher": "single"}, procs=1)
+
+
+def test_paper_recipe_eval_job_gets_a_gpu():
+    from conftest import REPO, run_cli
+
+    res = run_cli("launch", REPO / "recipes" / "paper" / "qwen2.5-7b.yaml", "--slurm", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    jobs = dict(zip(["preprocess", "train", "export", "eval"], res.stdout.split("# ---- ")[1:]))
+    assert "#SBATCH --gpus-per-node=8" in jobs["train"] and "#SBATCH --gpus-per-node=1" in jobs["eval"]
+    assert "export DIPNET_DEVICE=cuda" in jobs["train"] and "export DIPNET_DEVICE=cuda" in jobs["eval"]
+    assert "--gpus-per-node" not in jobs["preprocess"] and "--gpus-per-node" not in jobs["export"]
+
+
+@pytest.mark.parametrize("extra", ["cpu", "gpu"])
+def test_install_target_is_an_explicit_switch(extra):
+    import subprocess
+
+    from conftest import REPO
+
+    res = subprocess.run(["make", "-n", "-B", "install", f"EXTRA={extra}"], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert f"-c requirements/constraints-{extra}.txt" in res.stdout and f"'.[{extra},test]'" in res.stdout
+    res = subprocess.run(["make", "-n", "install", "EXTRA=tpu"], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode != 0 and "EXTRA must be cpu or gpu, got 'tpu'" in res.stderr
