@@ -129,8 +129,15 @@ def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
     return hosts
 
 
-def run_ranks(cmd: list[str], env: dict, log_path: Path, timeout_s: int, single: bool = False, port: int = 0) -> None:
-    """Run the launcher; raise RunError with the log's last error line if it fails."""
+def run_ranks(cmd: list[str], env: dict, log_path: Path, timeout_s: float, single: bool = False, port: int = 0,
+              stop=None, grace_s: float = 30.0) -> None:
+    """Run the launcher; raise RunError with the log's last error line if it fails.
+
+    On a timeout, Ctrl-C/SIGTERM or a preemption of the caller, the ranks are asked to stop:
+    `stop()` if given (under Slurm: signal the job's steps, which keeps srun's step alive while
+    the ranks save), else SIGTERM to the launcher's process group; whatever is still running
+    after `grace_s` is killed. Ranks finish their step and write a checkpoint on SIGTERM.
+    """
     if single:
         env = {**env, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port)}
@@ -142,10 +149,11 @@ def run_ranks(cmd: list[str], env: dict, log_path: Path, timeout_s: int, single:
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            kill_group(proc)
-            raise RunError(f"training timed out after {timeout_s}s (launch.timeout_s); log: {log_path}") from None
-        except BaseException:  # Ctrl-C / SIGTERM of dipnet: take every rank down with us
-            kill_group(proc)
+            _stop(proc, stop, grace_s)
+            raise RunError(f"training timed out after {timeout_s:.0f}s (launch.timeout_s, or the Slurm job's time left); "
+                           f"log: {log_path}") from None
+        except BaseException:  # Ctrl-C / SIGTERM / preemption of dipnet: take every rank down with us
+            _stop(proc, stop, grace_s)
             raise
     # The launcher may exit before an orphaned rank does: make sure the group is gone.
     kill_group(proc)
@@ -153,6 +161,16 @@ def run_ranks(cmd: list[str], env: dict, log_path: Path, timeout_s: int, single:
         raise RunError(f"training failed: a rank was killed by signal {-rc} ({signal.Signals(-rc).name}) (log: {log_path})")
     if rc != 0:
         raise RunError(f"training failed (exit {rc}): {last_error_line(log_path)} (log: {log_path})")
+
+
+def _stop(proc: subprocess.Popen, stop, grace_s: float) -> None:
+    if stop is not None:
+        stop()
+        try:
+            proc.wait(timeout=grace_s)  # the ranks save and exit; the launcher follows
+        except subprocess.TimeoutExpired:
+            pass
+    kill_group(proc, grace_s=grace_s)
 
 
 def kill_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:

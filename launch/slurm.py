@@ -36,7 +36,6 @@ TEMPLATE = Path(__file__).resolve().parent / "sbatch" / "stage.sbatch"  # packag
 CHAIN = [("preprocess", "base,convert,preprocess"), ("train", "train"), ("export", "export"), ("eval", "eval,report")]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE"}
-RDZV_PORT = 29400
 JOB_ID = re.compile(r"\d+(_\d+)?")
 
 
@@ -99,37 +98,100 @@ def render_job(recipe, recipe_path: Path, run_dir: Path, stage_name: str, stages
         env.append("export DS_ACCELERATOR=cpu")
     elif gpu_job:
         env.append("export DIPNET_DEVICE=cuda  # a rank without a usable GPU stops with one line instead of crawling on the CPU")
+    if stage_name != CHAIN[0][0]:
+        # The first job put the model, tokenizer and data into the run directory: compute nodes
+        # are often offline, and nothing after it needs the network.
+        env.append("export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1")
     return Template(TEMPLATE.read_text()).substitute(
         job_name=f"dipnet-{recipe.run.name}-{stage_name}", nodes=s["nodes"] if train else 1,
         cpus_per_task=s["cpus_per_task"], log=str(run_dir / "slurm" / f"{stage_name}-%j.log"),
         sbatch_lines="\n".join(lines), env_lines="\n".join(env), launcher=s["launcher"],
-        procs_per_node=procs_per_node(recipe, s), master_port=RDZV_PORT, stages=stages, workdir=shlex.quote(str(Path.cwd())),
-        python=shlex.quote(sys.executable), recipe=shlex.quote(str(recipe_path)))
+        procs_per_node=procs_per_node(recipe, s), stages=stages, workdir=shlex.quote(str(Path.cwd())),
+        signal_margin=s["signal_margin_s"], python=shlex.quote(sys.executable), recipe=shlex.quote(str(recipe_path)))
 
 
 def slurm_train_command(script_args: list[str], procs: int, module: str = TRAIN_MODULE) -> list[str]:
-    """Inside a dipnet train job: spawn the ranks of `python -m module` on every node of the allocation."""
+    """Inside a dipnet train job: spawn `procs` ranks of the training module on every node.
+
+    torchrun: one srun task per node with all of the node's CPUs (srun hands a step one CPU per
+    task unless told: ranks would share it), torchrun spawning the node's ranks, a static
+    rendezvous on the head node.
+    deepspeed: `deepspeed --launcher slurm` runs `srun -n nodes×procs` itself; each task finds
+    its rank in SLURM_PROCID/SLURM_LOCALID (pipeline/train.py). It starts a script, not a module.
+    """
+    import importlib.util
+
     launcher = os.environ.get("DIPNET_SLURM_LAUNCHER", "torchrun")
     py = shlex.quote(sys.executable)
-    args = " ".join(shlex.quote(a) for a in ["-m", module] + script_args)
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
     if launcher == "deepspeed":
         flag = "--out" if "--out" in script_args else "--runs"
         where = Path(script_args[script_args.index(flag) + 1])
         hostfile = (where if flag == "--out" else where.parent) / "hostfile"
         ds = shlex.quote(str(Path(sys.executable).parent / "deepspeed"))
+        script = importlib.util.find_spec(module).origin  # located, not imported
+        per_rank = f' --launcher_args=--cpus-per-task={max(1, cpus // procs)}' if cpus else ""
+        args = " ".join(shlex.quote(a) for a in [script] + script_args)
+        # No ssh check (srun starts the ranks); --num_gpus only on GPU nodes: DeepSpeed passes it to
+        # srun as --gpus-per-node, which CPU nodes refuse; the hostfile's slots give ranks per node.
+        gpus = f" --num_gpus {procs}" if os.environ.get("DS_ACCELERATOR") != "cpu" else ""
         inner = (f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots={procs}/" > {shlex.quote(str(hostfile))} && '
-                 f'exec {ds} --hostfile {shlex.quote(str(hostfile))} --launcher slurm --num_nodes "$SLURM_NNODES" '
-                 f'--num_gpus {procs} --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" {args}')
+                 f'exec {ds} --hostfile {shlex.quote(str(hostfile))} --launcher slurm --no_ssh_check{per_rank} '
+                 f'--num_nodes "$SLURM_NNODES"{gpus} --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" {args}')
         return ["bash", "-c", inner]
+    args = " ".join(shlex.quote(a) for a in ["-m", module] + script_args)
+    # Static rendezvous: node 0 (SLURM_NODEID) hosts the store at MASTER_ADDR:MASTER_PORT. (c10d
+    # decides who hosts by matching the endpoint against the host's own name, which fails where
+    # that name resolves to a loopback address.)
     inner = (f'exec {py} -m torch.distributed.run --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" '
-             f'--nproc_per_node {procs} --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" '
-             f'--rdzv_id "$SLURM_JOB_ID" {args}')
-    return ["srun", "--nodes", os.environ.get("SLURM_NNODES", "1"), "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
-            "bash", "-c", inner]
+             f'--nproc_per_node {procs} --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" {args}')
+    return ["srun", "--nodes", os.environ.get("SLURM_NNODES", "1"), "--ntasks-per-node", "1",
+            *([f"--cpus-per-task={cpus}"] if cpus else []), "--kill-on-bad-exit=1", "bash", "-c", inner]
 
 
 def in_slurm_job() -> bool:
     return bool(os.environ.get("SLURM_JOB_ID") and os.environ.get("DIPNET_SLURM_LAUNCHER"))
+
+
+def parse_slurm_time(text: str) -> float | None:
+    """Seconds in a Slurm duration ([D-]HH:MM:SS, MM:SS, ...); None for UNLIMITED/NOT_SET."""
+    text = text.strip()
+    if not text or not text[0].isdigit():
+        return None
+    days, _, rest = text.rpartition("-") if "-" in text else ("0", "", text)
+    parts = [int(x) for x in rest.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    h, m, sec = parts[-3:]
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+
+
+def job_seconds_left() -> float | None:
+    """Time this Slurm job has left (squeue %L), or None outside a job / without a limit."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or not JOB_ID.fullmatch(job) or shutil.which("squeue") is None:
+        return None
+    res = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True)
+    return parse_slurm_time(res.stdout) if res.returncode == 0 else None
+
+
+def signal_job_steps(sig: str = "TERM") -> None:
+    """Signal the tasks of this job's steps (not the batch script), leaving the steps running.
+
+    Sending SIGTERM to srun instead makes it cancel the step: its tasks are SIGKILLed before
+    they can finish their step and save. slurmstepd delivers this to every task on every node
+    (torchrun forwards it to its ranks; `deepspeed --launcher slurm` ranks are the tasks)."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if JOB_ID.fullmatch(job):
+        subprocess.run(["scancel", f"--signal={sig}", job], capture_output=True, text=True)
+
+
+def requeue_this_job() -> bool:
+    """Put this job back in the queue (it keeps its id, so dependent jobs keep waiting)."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if not JOB_ID.fullmatch(job):
+        return False
+    return subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True).returncode == 0
 
 
 # ----------------------------------------------------------------------------- submit
@@ -175,7 +237,11 @@ def launch_slurm(recipe, args, completed=lambda stage, recipe: False) -> int:
     recipe = Recipe.model_validate(d)
     run_dir = recipe.output_dir
     recipe_path = run_dir / "slurm" / "recipe.yaml"
-    scripts = [(name, stages, render_job(recipe, recipe_path, run_dir, name, stages, s)) for name, stages in CHAIN]
+    chain = CHAIN
+    until = getattr(args, "until", None)
+    if until:
+        chain = CHAIN[:[n for n, _ in CHAIN].index(until) + 1]
+    scripts = [(name, stages, render_job(recipe, recipe_path, run_dir, name, stages, s)) for name, stages in chain]
     if args.dry_run:
         for name, stages, text in scripts:
             print(f"# ---- {name} job (stages {stages}) ----")
@@ -269,11 +335,21 @@ def _stage_errors(run_dir: Path) -> dict[str, str]:
     return {k: str(v.get("error")) for k, v in stages.items() if isinstance(v, dict) and v.get("error")}
 
 
+def settled_state(job_id: str, settle_s: float = 3.0) -> tuple[str, str]:
+    """job_state, but a job that looks finished without COMPLETED is read again after a moment:
+    a requeued job (preemption, time limit) passes through such a state on its way back to PENDING."""
+    state, reason = job_state(job_id)
+    if state in TERMINAL and state != "COMPLETED":
+        time.sleep(settle_s)
+        state, reason = job_state(job_id)
+    return state, reason
+
+
 def status(run_dir: str | Path, wait: bool = False, timeout: float = 3600, poll: float = 0.5) -> int:
     d, jobs = _read_jobs(run_dir)
     deadline = time.time() + timeout
     while True:
-        states = [(j, *job_state(j["job_id"])) for j in jobs]
+        states = [(j, *(settled_state(j["job_id"]) if wait else job_state(j["job_id"]))) for j in jobs]
         if not wait or all(s in TERMINAL for _, s, _ in states) or time.time() > deadline:
             break
         time.sleep(poll)

@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpus-per-task", type=int), s.add_argument("--partition"), s.add_argument("--time")
     s.add_argument("--account"), s.add_argument("--launcher", choices=["torchrun", "deepspeed"])
     s.add_argument("--hostfile"), s.add_argument("--dry-run", action="store_true")
+    s.add_argument("--until", choices=["preprocess", "train", "export", "eval"], help="submit the chain up to this job")
 
     s = sub.add_parser("status", help="state of a run's stages (and Slurm jobs)")
     s.add_argument("run_dir"), s.add_argument("--wait", action="store_true")
@@ -387,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BaseException as exc:  # run.Preempted: the stage saved and the job was requeued
+        if type(exc).__name__ == "Preempted":
+            print("preempted: the job resumes from its latest checkpoint when Slurm starts it again", file=sys.stderr)
+            return 0
+        raise
     except Exception as exc:  # an unexpected failure still gets one line without --debug
         if debug:
             raise

@@ -155,6 +155,7 @@ class TrainSettings(_Section):
     offload: bool = Field(False, description="Offload optimizer state to CPU (DeepSpeed CPU Adam).")
     precision: Literal["fp32", "bf16"] = Field("fp32")
     save_every: int = Field(100, gt=0, description="Checkpoint every N optimizer steps (and at the end).")
+    save_every_minutes: Optional[float] = Field(None, gt=0, description="Also checkpoint when this many minutes passed since the last one (a time-out loses at most that much).")
     keep_last: int = Field(2, gt=0, description="Checkpoints kept.")
     log_every: int = Field(10, gt=0)
     lora: LoraSettings = LoraSettings()
@@ -172,6 +173,7 @@ class SlurmSettings(_Section):
     nodes: int = Field(1, gt=0)
     gpus_per_node: int = Field(0, ge=0, description="0: CPU nodes, launch.procs_per_node ranks on gloo.")
     eval_gpus: int = Field(1, ge=1, description="GPUs of the eval job (vLLM) when gpus_per_node > 0.")
+    signal_margin_s: int = Field(180, ge=10, description="USR1 this long before a job's time limit: ranks save a checkpoint and the job requeues itself.")
     cpus_per_task: Optional[int] = Field(None, gt=0)
     partition: Optional[str] = None
     time: Optional[str] = Field(None, description="Slurm time limit, e.g. 04:00:00.")

@@ -16,6 +16,7 @@ stage is simply re-run; training resumes from its latest complete checkpoint.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -66,24 +67,93 @@ def write_json_atomic(path: Path, obj) -> None:
 
 @contextmanager
 def run_lock(run_dir: Path):
-    """An exclusive flock on run_dir/.lock (released by the OS if we die); holds our PID."""
+    """Exclusive ownership of a run directory while a run writes it; a second run is refused
+    with the holder's host and PID.
+
+    An flock on run_dir/.lock (released by the OS if we die). File systems without lock
+    support (Lustre without -o flock, NFS without lockd) refuse flock; there, or with
+    DIPNET_LOCK=file, an atomically created run_dir/.lock.held records host, PID and a heartbeat
+    refreshed every 30 s: a lock whose process is gone (same host) or whose heartbeat is older than
+    5 minutes (another host) is stale and taken over.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        other = os.read(fd, 64).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise UsageError(f"{run_dir}: another dipnet run (PID {other}) is writing this run directory") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
+    if os.environ.get("DIPNET_LOCK") != "file":
+        path = run_dir / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UsageError(f"{run_dir}: another dipnet run (PID {other}) is writing this run directory") from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+        else:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+            return
+    with _file_lock(run_dir / ".lock.held"):
+        yield
+
+
+STALE_HEARTBEAT_S = 300
+
+
+@contextmanager
+def _file_lock(path: Path):
+    import socket
+    import threading
+
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+                age = time.time() - path.stat().st_mtime
+            except (OSError, ValueError):
+                holder, age = {}, 0.0
+            same_host = holder.get("host") == me["host"]
+            dead = same_host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"])
+            if not (dead or (not same_host and age > STALE_HEARTBEAT_S)):
+                raise UsageError(f"{path.parent}: another dipnet run (PID {holder.get('pid', '?')} on "
+                                 f"{holder.get('host', '?')}) is writing this run directory") from None
+            path.unlink(missing_ok=True)  # stale: its holder is gone
+    else:
+        raise UsageError(f"{path.parent}: could not take the run lock {path}")
+    os.write(fd, json.dumps(me).encode())
+    os.close(fd)
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(30):
+            try:
+                os.utime(path)
+            except OSError:
+                return
+
+    threading.Thread(target=beat, daemon=True).start()
     try:
         yield
     finally:
-        os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        stop.set()
+        path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    from dipnet.pipeline.outputs import _pid_alive as alive
+
+    return alive(pid)
 
 
 class Manifest:
@@ -152,7 +222,7 @@ class Run:
         r = self.recipe
         up = lambda s: self.manifest.entry(s).get("outputs_hash")  # noqa: E731
         parts = {
-            "base": (r.section_hash("model"), r.run.seed),
+            "base": (r.section_hash("model"), r.run.seed, sorted(r.eval.tasks), r.eval.gsm8k_path),
             "convert": (up("base"), r.section_hash("dip"), r.model.trust_remote_code),
             "preprocess": (up("base"), r.section_hash("data")),
             "train": (up("convert"), up("preprocess"), r.section_hash("train", "dip", "run", "study"),
@@ -186,22 +256,65 @@ class Run:
             check_model_dir(path, model.trust_remote_code)
             meta = {}
         from dipnet.eval.evaluate import model_fingerprint
+        from dipnet.launch.slurm import in_slurm_job
 
-        # base/model points at the model used (the tiny base lives in the user's cache, shared by runs).
         link = self.dir / "base" / "model"
         link.parent.mkdir(parents=True, exist_ok=True)
-        if link.exists() and not link.is_symlink():
-            raise UsageError(f"{link}: exists and is not the link dipnet makes; remove it")
-        tmp = link.with_name(f"model.tmp-{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(path.resolve(), target_is_directory=True)
-        os.replace(tmp, link)
+        if in_slurm_job():
+            # Compute nodes may see neither the hub nor this user's cache: the model itself goes
+            # into the run directory (hard links where the file system allows, else a copy).
+            from dipnet.pipeline.outputs import output_dir
+
+            if not (link.is_dir() and not link.is_symlink() and (link / "config.json").is_file()
+                    and model_fingerprint(link) == model_fingerprint(path)):
+                if link.is_symlink():
+                    link.unlink()
+                with output_dir(link, "model", inputs=[path], flag="base model copy") as tmp:
+                    _link_or_copy_tree(path, tmp)
+            path = link
+        else:
+            # base/model points at the model used (the tiny base lives in the user's cache, shared by runs).
+            if link.exists() and not link.is_symlink():
+                from dipnet.pipeline.outputs import is_ours
+
+                if not is_ours(link):
+                    raise UsageError(f"{link}: exists and is not the link dipnet makes; remove it")
+                shutil.rmtree(link)  # a copy staged by an earlier Slurm job: a link now
+            tmp = link.with_name(f"model.tmp-{os.getpid()}")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(path.resolve(), target_is_directory=True)
+            os.replace(tmp, link)
+        self.stage_eval_data()
         return {"model_dir": str(path.resolve()), "fingerprint": model_fingerprint(path), "pretrain": meta}
+
+    def stage_eval_data(self) -> None:
+        """GSM8K, from the local copy or the hub, into run_dir/data/gsm8k: evaluation jobs read
+        only the run directory (and a hub dataset is fetched once, by the first job)."""
+        e = self.recipe.eval
+        if not any(t.startswith("gsm8k") for t in e.tasks):
+            return
+        from dipnet.eval.tasks import load_gsm8k
+        from dipnet.pipeline.outputs import output_dir
+
+        train, test = load_gsm8k(e.gsm8k_path)
+        with output_dir(self.dir / "data" / "gsm8k", "data", flag="staged eval data") as tmp:
+            for name, rows in (("train", train), ("test", test)):
+                (tmp / f"{name}.jsonl").write_text("".join(
+                    json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows))
+        self.say(f"  staged GSM8K for evaluation ({len(train)} train, {len(test)} test) in {self.dir / 'data' / 'gsm8k'}")
+
+    def eval_gsm8k_path(self) -> str | None:
+        staged = self.dir / "data" / "gsm8k"
+        return str(staged) if (staged / "test.jsonl").is_file() else self.recipe.eval.gsm8k_path
 
     def base_dir(self) -> str:
         """The base model directory the base stage recorded; it must be the one the recipe names
         (a manifest is a file in the run directory, not a source of paths to load)."""
         recorded = self.manifest.outputs("base").get("model_dir")
+        staged = self.dir / "base" / "model"
+        if isinstance(recorded, str) and staged.is_dir() and not staged.is_symlink() and \
+                Path(recorded).resolve() == staged.resolve():
+            return recorded  # the copy a Slurm job staged into the run directory
         expected = self.expected_base()
         if expected is not None and (not isinstance(recorded, str) or Path(recorded).resolve() != expected.resolve()):
             raise UsageError(f"{self.manifest.path}: base model_dir {recorded!r} is not the model the recipe names "
@@ -307,11 +420,15 @@ class Run:
         if budget_s:
             args += ["--max-seconds", f"{budget_s:.2f}"]
         single = r.launch.launcher == "single"
+        timeout, stop = r.launch.timeout_s, None
         if slurm.in_slurm_job():  # inside `dipnet launch --slurm`'s train job: ranks on every node
             procs, single = int(os.environ["DIPNET_PROCS_PER_NODE"]), False
-            port = int(os.environ.get("MASTER_PORT", slurm.RDZV_PORT))
+            port = int(os.environ["MASTER_PORT"])
             cmd = slurm.slurm_train_command(args, procs)
             how = f"slurm {os.environ['DIPNET_SLURM_LAUNCHER']} {os.environ.get('SLURM_NNODES', '1')} node(s) x{procs}"
+            # The job's own limit governs (USR1 arrives before it, and the run saves and requeues).
+            timeout = slurm.job_seconds_left() or timeout
+            stop = slurm.signal_job_steps
         else:
             procs = 1 if single else (r.launch.procs_per_node or launch.default_procs_per_node())
             port = launch.choose_master_port(r.launch.master_port)
@@ -321,7 +438,7 @@ class Run:
         names = ", ".join(b[0] for b in batch)
         self.say(f"  {names}: {how}, ZeRO-{r.train.zero_stage} (log: {log})")
         t0 = time.time()
-        launch.run_ranks(cmd, launch.rank_env(procs, port), log, r.launch.timeout_s, single=single, port=port)
+        launch.run_ranks(cmd, launch.rank_env(procs, port), log, timeout, single=single, port=port, stop=stop)
         self.say(f"  launch finished in {time.time() - t0:.1f}s")
 
     def matched(self, r: Recipe, variant: str) -> Recipe:
@@ -393,7 +510,7 @@ class Run:
                 with output_dir(dest, "eval", inputs=[m["model_dir"]], flag="eval directory") as tmp:
                     evaluate_model(m["model_dir"], list(e.tasks), tmp, engine=e.engine, shots=e.shots, limit=e.limit,
                                    max_new_tokens=e.max_new_tokens, chat_template=e.chat_template,
-                                   gsm8k_path=e.gsm8k_path, synthetic_settings=self.recipe.data.synthetic,
+                                   gsm8k_path=self.eval_gsm8k_path(), synthetic_settings=self.recipe.data.synthetic,
                                    dip_mode=e.dip_mode, noise_sigmas=list(e.noise_sigmas), progress=self.progress,
                                    label=name, trust_remote_code=self.recipe.model.trust_remote_code)
                     write_json_atomic(tmp / "inputs.json", {"key": key})
@@ -418,6 +535,22 @@ class Run:
         return paths
 
 
+def _link_or_copy_tree(src: Path, dst: Path) -> None:
+    """Every file of src under dst: a hard link where the file system allows, else a copy."""
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if p.is_dir():
+            (dst / rel).mkdir(parents=True, exist_ok=True)
+            continue
+        if p.name == ".dipnet.json":
+            continue  # dst has its own marker
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(p.resolve(), dst / rel)
+        except OSError:
+            shutil.copy2(p, dst / rel)
+
+
 def download_model(repo_id: str) -> Path:
     """A hub model's safetensors, config and tokenizer files (where a hub is reachable)."""
     try:
@@ -440,7 +573,7 @@ def run_pipeline(recipe: Recipe, *, from_stage: str | None = None, only: str | N
                 raise UsageError(f"{name} {val}: unknown stage; expected one of {', '.join(STAGES)}")
     claim_run_dir(recipe.output_dir.resolve())
     run = Run(recipe, progress=progress)
-    with run_lock(run.dir), _sigterm_as_interrupt():
+    with run_lock(run.dir), _sigterm_as_interrupt(), _preemption():
         resolved = run.dir / "recipe.yaml"
         tmp = resolved.with_name("recipe.yaml.tmp")
         tmp.write_text(f"# resolved from {recipe_path or 'recipe'} at {_now()}\n" +
@@ -460,6 +593,15 @@ def run_pipeline(recipe: Recipe, *, from_stage: str | None = None, only: str | N
             run.manifest.start(stage, inputs)
             try:
                 outputs = getattr(run, f"stage_{stage}")()
+            except Preempted:
+                # USR1 from Slurm before the time limit (or a preemption): the ranks have saved;
+                # back in the queue under the same job id, the next start resumes.
+                requeued = _requeue()
+                what = "job requeued; it resumes from its latest checkpoint" if requeued else \
+                    "job NOT requeued (scontrol requeue failed): resubmit with dipnet launch"
+                run.manifest.finish(stage, "interrupted", error=f"preempted: {what}")
+                run.say(f"[{stage}] preempted: {what}")
+                raise
             except KeyboardInterrupt:
                 run.manifest.finish(stage, "interrupted", error="interrupted (SIGINT/SIGTERM)")
                 raise
@@ -471,6 +613,35 @@ def run_pipeline(recipe: Recipe, *, from_stage: str | None = None, only: str | N
                 raise
             run.manifest.finish(stage, "completed", outputs=outputs)
     return run.dir
+
+
+class Preempted(BaseException):
+    """Raised in the main process on SIGUSR1 inside a Slurm job (like KeyboardInterrupt, it
+    passes through `except Exception`, and run_ranks stops the ranks on its way out)."""
+
+
+@contextmanager
+def _preemption():
+    from dipnet.launch.slurm import in_slurm_job
+
+    if not in_slurm_job():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Preempted
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def _requeue() -> bool:
+    from dipnet.launch.slurm import requeue_this_job
+
+    return requeue_this_job()
 
 
 @contextmanager

@@ -16,13 +16,37 @@ written under a temporary name and renamed when complete), `checkpoints/latest`,
 
 from __future__ import annotations
 
+import signal
+
+
+class _StopRequest:
+    """Set by SIGTERM/SIGINT/SIGUSR1; the loop finishes its step, saves and exits.
+
+    Installed before anything heavy is imported (below): a preemption or time-limit signal that
+    arrives while a rank is still starting must not kill it, or every restart could be cut
+    down before its first step and the job would never progress."""
+
+    requested = False
+
+    @classmethod
+    def install(cls) -> None:
+        def handler(signum, frame):
+            cls.requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+
+STOP = _StopRequest
+if __name__ == "__main__":
+    STOP.install()
+
 import argparse
 import gc
 import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import asdict
@@ -44,21 +68,6 @@ class Stopped(RunError):
     exit_code = STOPPED_EXIT
 
 
-class _StopRequest:
-    """Set by SIGTERM/SIGINT/SIGUSR1; the loop finishes its step, saves and exits."""
-
-    requested = False
-
-    @classmethod
-    def install(cls) -> None:
-        def handler(signum, frame):
-            cls.requested = True
-
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(sig, handler)
-
-
-STOP = _StopRequest
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -94,9 +103,15 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, bool]:
         # DeepSpeed compiles a shared-memory all-reduce op at every cold start on CPU (20-55 s);
         # only inference all-reduce uses it. Training all-reduces go through gloo either way.
         ds_torch.build_shm_op = lambda: None
-    if "RANK" not in os.environ:  # a single process without a launcher
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", os.environ.get("DIPNET_MASTER_PORT", "29500"))
+    if "RANK" not in os.environ:
+        if "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+            # `srun -n N` (deepspeed --launcher slurm) starts every rank with only Slurm's view of it.
+            os.environ.update(RANK=os.environ["SLURM_PROCID"], LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+                              WORLD_SIZE=os.environ.get("SLURM_NTASKS", "1"))
+        else:
+            # Without a rank every process would train alone on GPU 0, N copies writing one directory.
+            raise RunError("no RANK in the environment: start training through a launcher (deepspeed, torchrun, "
+                           "srun) or launch.launcher: single")
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -241,6 +256,30 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, state: dict, keep_last: 
     return final
 
 
+def to_universal(ckpt: Path, is_main: bool) -> Path:
+    """DeepSpeed's universal form of `ckpt` (written once by rank 0 into ckpt/universal/)."""
+    uni = ckpt / "universal"
+    if is_main and not (uni / ".complete").is_file():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        from dipnet.pipeline.export import weights_only_torch_load
+
+        shutil.rmtree(uni, ignore_errors=True)
+        args = Namespace(input_folder=str(ckpt / ckpt.name), output_folder=str(uni / ckpt.name), num_extract_workers=1,
+                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        try:
+            with weights_only_torch_load():  # the converter unpickles freely otherwise
+                ds_to_universal.main(args)
+        except Exception as exc:
+            raise RunError(f"cannot convert {ckpt} to a universal checkpoint for another world size "
+                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+        (uni / ".complete").write_text("ok")
+    torch.distributed.barrier()
+    return uni
+
+
 def gather_lambda_stats(model, zero_stage: int) -> dict:
     """Per-projection λ statistics from the optimizer's float32 master values (the forward pass
     may see a bf16 copy). All ranks call: under ZeRO-3 the master is gathered."""
@@ -333,6 +372,20 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     accum = grad_accum(t, world)
     warmup = warmup_steps(t, steps)
     ds_config = build_ds_config(t, world, device.type, accum=accum)
+    resume = latest_checkpoint(ckpt_root)
+    universal = None
+    if resume is not None:
+        from dipnet.pipeline.export import read_trainer_state
+
+        written_by = read_trainer_state(resume)["world_size"]
+        if written_by != world:
+            # Another number of ranks: DeepSpeed's universal checkpoint (ZeRO-1/2/3) re-partitions
+            # parameters and optimizer state for this world size.
+            universal = to_universal(resume, is_main)
+            ds_config["checkpoint"] = {"load_universal": True}
+            if is_main:
+                print(f"resuming {written_by}-rank checkpoint {resume.name} on {world} ranks (universal checkpoint)",
+                      flush=True)
     # ZeRO-3: transformers loads the weights straight into partitions (deepspeed.zero.Init) while
     # this object is alive, so no rank ever holds the whole model; λ and LoRA adapters created
     # after loading are partitioned by deepspeed.initialize. Weights load in the training dtype.
@@ -363,19 +416,14 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
         for stale in ckpt_root.glob(".tmp-*"):  # interrupted writes: never used, removed
             shutil.rmtree(stale, ignore_errors=True)
     torch.distributed.barrier()
-    resume = latest_checkpoint(ckpt_root)
     if resume is not None:
         from dipnet.pipeline.export import read_trainer_state, weights_only_torch_load
 
         state = read_trainer_state(resume)
-        if state["world_size"] != world:
-            raise RunError(f"checkpoint {resume} was written by {state['world_size']} ranks, this run has {world}; "
-                           f"resume with launch.procs_per_node={state['world_size']} (x nodes), or start afresh by "
-                           f"removing {ckpt_root}")
         with weights_only_torch_load():  # DeepSpeed's loader would unpickle freely; ours holds tensors and plain data
             # Not strict: the checkpoint holds only trainable parameters; the frozen ones were
             # just loaded from model_dir (read_trainer_state checked the checkpoint is whole).
-            engine.load_checkpoint(str(resume), tag=resume.name, load_optimizer_states=True,
+            engine.load_checkpoint(str(universal or resume), tag=resume.name, load_optimizer_states=True,
                                    load_lr_scheduler_states=False, load_module_strict=False)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         if is_main:
@@ -411,8 +459,9 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     gamma = d.gamma
     pad = tokenizer.pad_token_id
     engine.train()
-    t_loop = time.time()
+    t_loop = last_save = time.time()
     last = None
+    slow = float(os.environ.get("DIPNET_FAULT_SLOW_STEP", "0") or 0)  # fault injection (tests): seconds per step
     for step in range(start_step, steps):
         t0 = time.time()
         f = lr_factor(step, warmup, steps)
@@ -434,18 +483,22 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
                 terms["loss"] = terms["loss"] * float("nan")
             engine.backward(terms["loss"])
             engine.step()
+            if slow:
+                time.sleep(slow)
             sums += torch.stack([terms["loss"].detach(), terms["nll"], terms["prior"], terms["var_penalty"],
                                  batch["attention_mask"].sum()]).to(torch.float64)
         # One all-reduce carries the statistics and three flags every rank must agree on: a
         # non-finite loss anywhere, a spent time budget (study.match=time), a stop signal
         # (SIGTERM/SIGINT: finish this step, save, exit).
         over = max_seconds is not None and time.time() - t_loop >= max_seconds
-        flags = torch.tensor([0.0, float(over), float(STOP.requested)], dtype=torch.float64, device=device)
+        save_due = t.save_every_minutes is not None and time.time() - last_save >= 60 * t.save_every_minutes
+        flags = torch.tensor([0.0, float(over), float(STOP.requested), float(save_due)], dtype=torch.float64,
+                             device=device)
         packed = torch.cat([sums, flags])
         packed[5] = (~torch.isfinite(sums[0])).to(torch.float64)
         torch.distributed.all_reduce(packed)
         packed = packed.cpu()
-        stats, nonfinite, over_n, stop_n = packed[:5] / world, packed[5].item(), packed[6].item(), packed[7].item()
+        stats, nonfinite, over_n, stop_n, due_n = packed[:5] / world, *packed[5:].tolist()
         if over_n > 0:
             steps = step + 1  # time budget spent: this step is the last one
         if nonfinite > 0:
@@ -479,9 +532,10 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
             bar.set_postfix(loss=f"{stats[0].item() / len(micro_batches):.4f}",
                             tok_s=f"{tokens_step / step_time:.0f}", refresh=False)
 
-        if done % t.save_every == 0 or done == steps or stop_n > 0:
+        if done % t.save_every == 0 or done == steps or stop_n > 0 or due_n > 0:
             save(done, tokens_seen)
-        if stop_n > 0:
+            last_save = time.time()
+        if stop_n > 0 and done < steps:  # a signal in the last step: just finish the run
             if is_main:
                 print(f"stopped by a signal after step {done}; checkpoint saved", flush=True)
             raise Stopped(f"stopped by a signal after step {done} (checkpoint saved; a rerun resumes)")

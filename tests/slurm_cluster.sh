@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
-# A real one-node Slurm cluster on 127.0.0.1 for the tests (Debian's Slurm 22.05 + munge).
-#   tests/slurm_cluster.sh start   install if missing, start munged/slurmctld/slurmd, wait for idle;
-#                                  prints `export SLURM_CONF=...` (also written to tests/.slurm/env)
-#   tests/slurm_cluster.sh stop    cancel jobs, stop the daemons by PID (TERM, then KILL)
+# A real Slurm cluster for the tests (Debian's Slurm 22.05 + munge), on this machine only.
+#   tests/slurm_cluster.sh start [--nodes N]   install if missing, start munged, slurmctld and N
+#                                              slurmd, wait until every node is idle; prints
+#                                              `export SLURM_CONF=...` (also in tests/.slurm/env)
+#   tests/slurm_cluster.sh stop                cancel jobs, stop the daemons (TERM, then KILL),
+#                                              remove the namespaces, veths and bridge it made
+#
+# One node (the default without namespaces): node1 on 127.0.0.1.
+# Two or more nodes: each slurmd runs in its own network namespace (dipnet-node1, ...) joined to a
+# bridge (dipnetbr0) by a veth pair, with link-local addresses 169.254.77.1 (slurmctld, on the
+# bridge) and 169.254.77.1N (node N). Those addresses exist only inside what this script creates
+# and are removed on stop; nothing else is ever contacted. munge is shared through the file
+# system (its socket is a file). Each node declares the machine's CPUs; test jobs ask for few.
 # State lives in tests/.slurm/. Facts and fixes: ../shared/docs/SLURM_LOCAL.md.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 dir="$here/.slurm"
 conf="$dir/etc/slurm.conf"
+BR=dipnetbr0
+NET=169.254.77
 
 log() { echo "[slurm_cluster] $*" >&2; }
 
@@ -18,7 +29,7 @@ install_packages() {
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge iproute2 >/dev/null
   rm -f /usr/sbin/policy-rc.d
 }
 
@@ -33,7 +44,31 @@ dump_logs() {
   for f in "$dir"/log/*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 30 "$f"; } >&2; done
 }
 
+netns_up() {  # namespaces, veths and the bridge for N nodes
+  local n=$1
+  ip link show "$BR" >/dev/null 2>&1 || { ip link add "$BR" type bridge && ip addr add "$NET.1/24" dev "$BR"; }
+  ip link set "$BR" up
+  for i in $(seq 1 "$n"); do
+    ip netns list | grep -qw "dipnet-node$i" || ip netns add "dipnet-node$i"
+    if ! ip link show "dipnetv$i" >/dev/null 2>&1; then
+      ip link add "dipnetv$i" type veth peer name eth0 netns "dipnet-node$i"
+      ip link set "dipnetv$i" master "$BR" up
+      ip -n "dipnet-node$i" addr add "$NET.1$i/24" dev eth0
+      ip -n "dipnet-node$i" link set eth0 up
+      ip -n "dipnet-node$i" link set lo up
+    fi
+  done
+}
+
+netns_down() {
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^dipnet-node' || true); do ip netns del "$ns" || true; done
+  for l in $(ip -br link 2>/dev/null | awk '{print $1}' | grep '^dipnetv' | sed 's/@.*//' || true); do ip link del "$l" 2>/dev/null || true; done
+  ip link show "$BR" >/dev/null 2>&1 && ip link del "$BR" || true
+}
+
 start() {
+  local nodes=1
+  if [ "${1:-}" = "--nodes" ]; then nodes=$2; fi
   install_packages
   mkdir -p "$dir"/{etc,state,spool,run,log} /run/munge /var/log/munge /var/lib/munge /etc/munge
   chown munge:munge /run/munge /var/log/munge /var/lib/munge /etc/munge 2>/dev/null || true
@@ -45,26 +80,36 @@ start() {
     runuser -u munge -- munged --pid-file=/run/munge/munged.pid || munged --force
   fi
   local c; c=$(slurmd -C | head -1)
-  local cpus sockets cores threads mem
+  local cpus cores threads mem ctl
   cpus=$(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<<"$c")
   cores=$(sed -n 's/.*CoresPerSocket=\([0-9]*\).*/\1/p' <<<"$c")
-  sockets=$(sed -n 's/.*SocketsPerBoard=\([0-9]*\).*/\1/p' <<<"$c")
   threads=$(sed -n 's/.*ThreadsPerCore=\([0-9]*\).*/\1/p' <<<"$c")
   mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$c")
-  mem=$(( mem * 9 / 10 ))
+  mem=$(( mem * 8 / 10 / nodes ))
+  local nodelines=""
+  if [ "$nodes" -gt 1 ]; then
+    netns_up "$nodes"
+    ctl="$NET.1"
+    for i in $(seq 1 "$nodes"); do
+      nodelines+="NodeName=node$i NodeAddr=$NET.1$i CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$mem State=UNKNOWN"$'\n'
+    done
+  else
+    ctl=127.0.0.1
+    nodelines="NodeName=node1 NodeAddr=127.0.0.1 CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$mem State=UNKNOWN"$'\n'
+  fi
   cat > "$conf" <<CONF
 ClusterName=dipnettest
-SlurmctldHost=localhost(127.0.0.1)
+SlurmctldHost=$(hostname -s)($ctl)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
+SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/run/slurmctld.pid
-SlurmdPidFile=$dir/run/slurmd.pid
+SlurmdPidFile=$dir/run/slurmd-%n.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
-SlurmdLogFile=$dir/log/slurmd.log
+SlurmdLogFile=$dir/log/slurmd-%n.log
 SlurmctldPort=6817
 SlurmdPort=6818
 MailProg=/bin/true
@@ -79,42 +124,57 @@ DefMemPerCPU=1024
 SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
-KillWait=5
+# Time for ranks to finish their step and write a checkpoint after SIGTERM (requeue, time limit).
+KillWait=30
 MinJobAge=300
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus Boards=1 SocketsPerBoard=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+JobRequeue=1
+${nodelines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
   export SLURM_CONF="$conf"
   alive "$dir/run/slurmctld.pid" || SLURM_CONF="$conf" setsid slurmctld -D -i -f "$conf" >>"$dir/log/slurmctld.out" 2>&1 < /dev/null &
   sleep 1
-  alive "$dir/run/slurmd.pid" || SLURM_CONF="$conf" setsid slurmd -D -N localhost -f "$conf" >>"$dir/log/slurmd.out" 2>&1 < /dev/null &
-  local deadline=$(( $(date +%s) + 60 ))
-  until sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; do
-    if [ "$(date +%s)" -gt "$deadline" ]; then log "node never became idle"; sinfo >&2 || true; dump_logs; exit 1; fi
+  for i in $(seq 1 "$nodes"); do
+    mkdir -p "$dir/spool/node$i"
+    alive "$dir/run/slurmd-node$i.pid" && continue
+    if [ "$nodes" -gt 1 ]; then
+      # nsenter --net, not `ip netns exec`: the latter also remounts /sys, hiding the cgroup
+      # file system slurmd needs; only the network is this node's own.
+      SLURM_CONF="$conf" setsid nsenter --net="/run/netns/dipnet-node$i" slurmd -D -N "node$i" -f "$conf" >>"$dir/log/slurmd-node$i.out" 2>&1 < /dev/null &
+    else
+      SLURM_CONF="$conf" setsid slurmd -D -N node1 -f "$conf" >>"$dir/log/slurmd-node1.out" 2>&1 < /dev/null &
+    fi
+  done
+  local deadline=$(( $(date +%s) + 90 ))
+  until [ "$(sinfo -h -o '%T %D' 2>/dev/null | awk '$1 ~ /^(idle|mixed|allocated)$/ {s += $2} END {print s+0}')" -ge "$nodes" ]; do
+    if [ "$(date +%s)" -gt "$deadline" ]; then log "nodes never became idle"; sinfo >&2 || true; dump_logs; exit 1; fi
     sleep 0.5
   done
   echo "export SLURM_CONF=$conf" > "$dir/env"
-  log "cluster up: $(sinfo -h -o '%P %D %T %c CPUs')"
+  echo "$nodes" > "$dir/nodes"
+  log "cluster up: $(sinfo -h -o '%P %D %T %c CPUs' | tr '\n' ' ')"
   echo "export SLURM_CONF=$conf"
 }
 
 stop() {
   export SLURM_CONF="$conf"
   [ -f "$conf" ] && scancel --user="$(id -un)" 2>/dev/null || true
-  for name in slurmd slurmctld; do
-    local f="$dir/run/$name.pid"
+  for f in "$dir"/run/slurmd-*.pid "$dir/run/slurmd.pid" "$dir/run/slurmctld.pid"; do
+    [ -f "$f" ] || continue
     if alive "$f"; then
       local pid; pid=$(cat "$f")
       kill -TERM "$pid" 2>/dev/null || true
       for _ in $(seq 1 20); do alive "$f" || break; sleep 0.5; done
       alive "$f" && kill -KILL "$pid" 2>/dev/null || true
     fi
+    rm -f "$f"
   done
+  netns_down
+  rm -f "$dir/nodes"
   log "cluster stopped"
 }
 
 case "${1:-}" in
-  start) start ;;
+  start) shift; start "$@" ;;
   stop) stop ;;
-  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--nodes N] | stop" >&2; exit 2 ;;
 esac

@@ -162,3 +162,110 @@ def test_time_budget_stops_and_saves(tmp_path, tiny_base_dir):
     launch.run_ranks(cmd, launch.rank_env(1, port), out / "train.log", 300, single=True, port=port)
     s = _json.loads((out / "train_summary.json").read_text())
     assert 1 <= s["steps"] < 1000 and (out / "checkpoints" / f"step-{s['steps']:06d}").is_dir()
+
+
+def test_lock_without_flock(tmp_path):
+    """File systems without flock: an atomically created lock file with host, PID and heartbeat."""
+    import os
+    import socket
+
+    run_dir = tmp_path / "nolock"
+    env = {**os.environ, "DIPNET_LOCK": "file"}
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time, pathlib; from dipnet.pipeline.run import run_lock\n"
+        f"with run_lock(pathlib.Path({str(run_dir)!r})):\n"
+        "    print('held', flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        held = json.loads((run_dir / ".lock.held").read_text())
+        assert held == {"host": socket.gethostname(), "pid": holder.pid}
+        os.environ["DIPNET_LOCK"] = "file"
+        with pytest.raises(UsageError, match=f"another dipnet run \\(PID {holder.pid} on {socket.gethostname()}\\)"):
+            with run_lock(run_dir):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    try:
+        # The holder died without releasing: its lock is stale (same host, PID gone) and taken over.
+        assert (run_dir / ".lock.held").is_file()
+        with run_lock(run_dir):
+            assert json.loads((run_dir / ".lock.held").read_text())["pid"] == os.getpid()
+        assert not (run_dir / ".lock.held").exists()
+        # Another host's lock with a fresh heartbeat is respected; an old one is stale.
+        (run_dir / ".lock.held").write_text(json.dumps({"host": "othernode", "pid": 1}))
+        with pytest.raises(UsageError, match="PID 1 on othernode"):
+            with run_lock(run_dir):
+                pass
+        os.utime(run_dir / ".lock.held", (0, 0))
+        with run_lock(run_dir):
+            pass
+    finally:
+        os.environ.pop("DIPNET_LOCK", None)
+
+
+def test_flock_unsupported_falls_back(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with run_lock(tmp_path / "r"):
+        assert (tmp_path / "r" / ".lock.held").is_file()
+    assert not (tmp_path / "r" / ".lock.held").exists()
+
+
+@pytest.mark.slow
+def test_later_stages_read_only_the_run_directory(tmp_path, tiny_base_dir):
+    """The first stages stage data into the run directory; with the sources gone and the hub
+    off, training, export and evaluation still run (offline compute nodes)."""
+    from dipnet.pipeline import synthetic
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = synthetic.generate_split(40, 5, ood=False)
+    (src / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (src / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+    p = fast_recipe(tmp_path, {"data": {"train": str(src / "train.jsonl")},
+                               "eval": {"tasks": ["gsm8k"], "gsm8k_path": str(src), "limit": 4}}, name="offline")
+    r1 = run_cli("run", p, "--only", "base,convert,preprocess", cwd=tmp_path)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    assert (tmp_path / "offline" / "data" / "gsm8k" / "test.jsonl").is_file()
+    # The sources become unusable (a compute node that cannot reach them): later stages must not read them.
+    (src / "train.jsonl").write_text("{not json\n")
+    (src / "test.jsonl").unlink()
+    r2 = run_cli("run", p, "--only", "train,export,eval", cwd=tmp_path,
+                 env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    res = json.loads((tmp_path / "offline" / "eval" / "main-s0" / "results.json").read_text())
+    assert res["tasks"]["gsm8k"]["n"] == 4
+
+
+def test_slurm_durations_and_offline_later_jobs(tmp_path):
+    from argparse import Namespace
+
+    from dipnet.launch import slurm
+
+    assert slurm.parse_slurm_time("1-02:03:04") == 93784 and slurm.parse_slurm_time("05:00") == 300
+    assert slurm.parse_slurm_time("UNLIMITED") is None and slurm.parse_slurm_time("NOT_SET") is None
+    r = load_recipe(fast_recipe(tmp_path))
+    s = slurm.slurm_settings(r, Namespace(nodes=None, gpus_per_node=None, cpus_per_task=None, partition=None,
+                                          time=None, account=None, launcher=None))
+    texts = {name: slurm.render_job(r, tmp_path / "r.yaml", tmp_path / "run", name, st, s) for name, st in slurm.CHAIN}
+    assert "HF_HUB_OFFLINE" not in texts["preprocess"]
+    assert all("export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1" in texts[n] for n in ("train", "export", "eval"))
+    assert all("#SBATCH --requeue" in t and "#SBATCH --signal=B:USR1@180" in t for t in texts.values())
+    assert 'export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))' in texts["train"]
+
+
+@pytest.mark.slow
+def test_checkpoint_every_few_seconds(tmp_path, tiny_base_dir):
+    from trainhelp import train
+
+    out = tmp_path / "minutes"
+    train(out, {"train.max_steps": 12, "train.save_every": 100, "train.save_every_minutes": 0.0001,
+                "train.keep_last": 100, "launch.launcher": "single"}, procs=1)
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert len(steps) >= 10, steps  # save_every alone would give only step-000012

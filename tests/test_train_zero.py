@@ -1,6 +1,7 @@
 """Real 2-rank DeepSpeed runs on the tiny base: ZeRO-1/2/3 agreement, λ under ZeRO-3,
 checkpoints, kill -9 and resume, LoRA + DIP, export round trip, EOS."""
 
+import json
 import os
 
 import pytest
@@ -115,12 +116,27 @@ def _no_rank_alive(run):
             assert not (str(run) in cmd and "dipnet.pipeline.train" in cmd and state != "Z"), f"rank still running: {d} {cmd}"
 
 
-def test_resume_refuses_other_world_size(tmp_path):
-    cfg = {"train.max_steps": 4, "train.save_every": 2, "train.zero_stage": 1, "launch.launcher": "single"}
+def test_resume_on_another_world_size_through_a_universal_checkpoint(tmp_path):
+    """2 ranks stop after step 3 (a rank dies in step 4); 1 rank resumes from DeepSpeed's universal
+    form of that checkpoint. The global batch is fixed, so steps 4-6 see the same examples, and
+    their losses match an uninterrupted 2-rank run's (float summation order differs)."""
+    cfg = {"train.max_steps": 6, "train.save_every": 3, "train.zero_stage": 2, "dip.method": "none",
+           "train.global_batch_size": 8, "train.micro_batch_size": 4}
+    ref = tmp_path / "ref"
+    train(ref, cfg)
     run = tmp_path / "ws"
-    train(run, {**cfg, "train.max_steps": 2}, procs=1)
-    with pytest.raises(RunError, match="written by 1 ranks, this run has 2; resume with launch.procs_per_node=1"):
-        train(run, {**cfg, "launch.launcher": "deepspeed"}, procs=2)
+    with pytest.raises(RunError, match="training failed"):
+        train(run, cfg, env={"DIPNET_FAULT_KILL": "0:4"})
+    assert (run / "checkpoints" / "latest").read_text() == "step-000003"
+    train(run, cfg, procs=1)
+    log = (run / "train.log").read_text()
+    assert "resuming 2-rank checkpoint step-000003 on 1 ranks (universal checkpoint)" in log
+    a = {r["step"]: r["loss"] for r in metrics(ref)}
+    b = {r["step"]: r["loss"] for r in metrics(run)}  # later lines (the resumed run) win
+    assert [s for s in b if s > 3] == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+    assert json.loads((run / "train_summary.json").read_text())["world_size"] == 1
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good(tmp_path):

@@ -1,0 +1,161 @@
+"""Many nodes under Slurm, for real: the 2-node cluster of tests/slurm_cluster.sh (two slurmd,
+each in its own network namespace). Ranks on both launcher paths, preemption and requeue, time
+limits, and the offline compute-node rule. Skips with one line only where the cluster (network
+namespaces) is unavailable; in CI it must be there.
+"""
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+from conftest import REPO, run_cli, write_recipe
+
+from dipnet.launch import slurm
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+CONF = REPO / "tests" / ".slurm" / "etc" / "slurm.conf"
+
+
+def need_nodes(n: int = 2):
+    os.environ.setdefault("SLURM_CONF", str(CONF))
+    nodes_file = REPO / "tests" / ".slurm" / "nodes"
+    have = int(nodes_file.read_text()) if nodes_file.is_file() else 0
+    res = subprocess.run(["sinfo", "-h", "-o", "%D %T"], capture_output=True, text=True) \
+        if subprocess.run(["which", "sinfo"], capture_output=True).returncode == 0 else None
+    idle = sum(int(line.split()[0]) for line in (res.stdout.splitlines() if res and res.returncode == 0 else [])
+               if line.split()[1] in ("idle", "mixed", "allocated"))
+    if have < n or idle < n:
+        why = f"needs the {n}-node Slurm cluster (tests/slurm_cluster.sh start --nodes {n}); found {idle} node(s)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+# 2 nodes x 1 rank. Inside a node's network namespace the host name resolves to 127.0.0.1, so gloo
+# is told which interface reaches the other node (on a real cluster: its fabric interface).
+TWO_NODES = {
+    "data": {"synthetic": {"n_train": 64, "n_test": 16}, "max_length": 96},
+    "train": {"max_steps": 6, "micro_batch_size": 4, "save_every": 3, "log_every": 1, "zero_stage": 2},
+    "launch": {"procs_per_node": 1, "slurm": {"nodes": 2, "cpus_per_task": 2, "env": {"GLOO_SOCKET_IFNAME": "eth0"}}},
+    "eval": {"engine": "hf", "tasks": ["arith-id"], "limit": 8, "max_new_tokens": 24},
+    "report": {"smoothness": False},
+}
+
+
+def _launch(p, *extra):
+    res = run_cli("launch", p, "--slurm", "--gpus-per-node", "0", *extra, cwd=REPO)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+def _wait(run, timeout=600):
+    """Wait for the chain; a requeued job is held ~2 minutes by Slurm (PENDING, reason BeginTime):
+    release it at once, which changes nothing in what dipnet does."""
+    jobs = [j["job_id"] for j in json.loads((run / "slurm" / "jobs.json").read_text())["jobs"]]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        states = [slurm.settled_state(j) for j in jobs]
+        for j, (state, reason) in zip(jobs, states):
+            if state == "PENDING" and reason == "BeginTime":
+                subprocess.run(["scontrol", "update", f"JobId={j}", "StartTime=now"], capture_output=True)
+        if all(state in slurm.TERMINAL for state, _ in states):
+            break
+        time.sleep(0.5)
+    st = run_cli("status", run, cwd=REPO)
+    assert st.returncode == 0 and "COMPLETED" in st.stdout, st.stdout + st.stderr
+    return st
+
+
+def _losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "train" / "main-s0" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same recipe trained on one node with 2 local ranks (no Slurm)."""
+    root = tmp_path_factory.mktemp("ref")
+    p = write_recipe(root, "ref", TWO_NODES, {"launch": {"launcher": "deepspeed", "procs_per_node": 2}})
+    res = run_cli("run", p, "--only", "base,convert,preprocess,train", cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return root / "ref"
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_nodes_train_like_one_node(tmp_path, tiny_base_dir, reference, launcher):
+    need_nodes(2)
+    p = write_recipe(tmp_path, "nodes", TWO_NODES, {"launch": {"slurm": {**TWO_NODES["launch"]["slurm"],
+                                                                         "launcher": launcher}}})
+    _launch(p, "--until", "train")
+    run = tmp_path / "nodes"
+    _wait(run)
+    summary = json.loads((run / "train" / "main-s0" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2
+    log = (run / "train" / "train.log").read_text()
+    assert ("torch.distributed.run" if launcher == "torchrun" else "--launcher slurm") in log
+    job_logs = "".join(p.read_text() for p in (run / "slurm").glob("train-*.log"))
+    assert "on 2 node(s): node1 node2" in job_logs and "169.254.77.11" in job_logs
+    a, b = _losses(reference), _losses(run)
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (a, b)
+    # The first job staged the base model into the run directory (compute nodes may be offline).
+    base = run / "base" / "model"
+    assert base.is_dir() and not base.is_symlink() and (base / "model.safetensors").is_file()
+
+
+def test_requeue_mid_training_resumes_to_the_same_weights(tmp_path, tiny_base_dir, reference):
+    """`scontrol requeue` while training: the ranks save on SIGTERM, Slurm requeues the job under
+    the same id, the next start resumes, the chain completes, and the final weights equal an
+    uninterrupted run's."""
+    need_nodes(2)
+    from dipnet.pipeline.export import consolidate_zero_checkpoint
+    from dipnet.pipeline.train import latest_checkpoint
+
+    slow = {"launch": {"slurm": {**TWO_NODES["launch"]["slurm"],
+                                 "env": {"GLOO_SOCKET_IFNAME": "eth0", "DIPNET_FAULT_SLOW_STEP": "1.5"}}}}
+    p = write_recipe(tmp_path, "requeue", TWO_NODES, slow)
+    _launch(p, "--until", "train")
+    run = tmp_path / "requeue"
+    jobs = json.loads((run / "slurm" / "jobs.json").read_text())["jobs"]
+    train_id = jobs[1]["job_id"]
+    metrics = run / "train" / "main-s0" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):  # mid-training
+        assert time.time() < deadline, slurm.job_state(train_id)
+        time.sleep(0.3)
+    t0 = time.time()
+    res = subprocess.run(["scontrol", "requeue", train_id], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    _wait(run)
+    logs = "".join(p.read_text() for p in sorted((run / "slurm").glob("train-*.log")))
+    assert "restart 1" in logs  # the same job started again
+    train_log = (run / "train" / "train.log").read_text()
+    assert "stopped by a signal after step" in train_log and "resumed from" in train_log
+    a = consolidate_zero_checkpoint(latest_checkpoint(reference / "train" / "main-s0" / "checkpoints"))
+    b = consolidate_zero_checkpoint(latest_checkpoint(run / "train" / "main-s0" / "checkpoints"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    print(f"\nrequeue -> chain complete in {time.time() - t0:.0f} s")
+
+
+def test_time_limit_signal_saves_and_requeues(tmp_path, tiny_base_dir, reference):
+    """A 1-minute limit with USR1 20 s before it (Slurm delivers it 10-40 s into the job: its
+    limit check runs every 30 s): the ranks save, the job requeues itself under the same id, and
+    the chain completes in later starts with the same final weights."""
+    need_nodes(2)
+    from dipnet.pipeline.export import consolidate_zero_checkpoint
+    from dipnet.pipeline.train import latest_checkpoint
+
+    slow = {"train": {**TWO_NODES["train"], "max_steps": 6},
+            "launch": {"slurm": {**TWO_NODES["launch"]["slurm"], "time": "1", "signal_margin_s": 20,
+                                 "env": {"GLOO_SOCKET_IFNAME": "eth0", "DIPNET_FAULT_SLOW_STEP": "8"}}}}
+    p = write_recipe(tmp_path, "limit", TWO_NODES, slow)
+    _launch(p, "--until", "train")
+    run = tmp_path / "limit"
+    _wait(run, timeout=900)
+    logs = "".join(p.read_text() for p in sorted((run / "slurm").glob("train-*.log")))
+    assert "restart 1" in logs and "preempted: job requeued" in logs, logs[-3000:]
+    assert "stopped by a signal after step" in (run / "train" / "train.log").read_text()  # saved on USR1
+    a = consolidate_zero_checkpoint(latest_checkpoint(reference / "train" / "main-s0" / "checkpoints"))
+    b = consolidate_zero_checkpoint(latest_checkpoint(run / "train" / "main-s0" / "checkpoints"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
