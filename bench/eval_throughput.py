@@ -42,8 +42,7 @@ def prompts_for(tok, n: int) -> list[list[int]]:
     from dipnet.eval.tasks import build_task
 
     task = build_task("arith-id")
-    qs = [p["question"] for p in task.problems]
-    return [tok(task.prompt(qs[i % len(qs)])).input_ids for i in range(n)]
+    return [tok(task.prompt(i % len(task.problems))).input_ids for i in range(n)]
 
 
 def hf_batched(model, prompts, new, batch):

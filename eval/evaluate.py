@@ -4,8 +4,9 @@
     dipnet eval --predictions samples_gsm8k.jsonl --task gsm8k --out DIR    (re-score, no model)
 
 Per task: both GSM8K scores (accuracy, n, 95% Wilson CI), teacher-forced answer NLL and token
-accuracy (a forward pass, always with transformers), wall time and generated tokens/s, the
-exact prompt set-up, engine and version, and a fingerprint of the model directory.
+accuracy (on the same engine: vLLM prompt logprobs, or a transformers forward pass), wall time
+and generated tokens/s, the exact prompt set-up (lm-eval 0.4.13's, see tasks.py), engine and
+version, and a fingerprint of the model directory.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from dipnet.eval import extract
 from dipnet.eval.metrics import wilson_interval
-from dipnet.eval.tasks import Task, build_task, dump_jsonl, read_predictions, target_of
+from dipnet.eval.tasks import (DEFAULT_MAX_NEW_TOKENS, FILTERS, Task, build_task, dump_jsonl, encode_prompt,
+                               read_predictions, stops_with_eos, target_of)
 from dipnet.pipeline.errors import UsageError
 
 
@@ -39,41 +41,53 @@ def model_fingerprint(model_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def max_model_len(model) -> int:
-    c = model.config
+def max_model_len(config: dict) -> int:
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if getattr(c, attr, None):
-            return min(int(getattr(c, attr)), 4096)
+        if config.get(attr):
+            return min(int(config[attr]), 4096)
+    text = config.get("text_config") or {}
+    if text.get("max_position_embeddings"):
+        return min(int(text["max_position_embeddings"]), 4096)
     return 2048
 
 
 def score_rows(task: Task, outputs: list[str], prompts_text: list[str]) -> tuple[dict, list[dict]]:
-    samples, correct = [], {s: 0 for s in extract.SCORES}
+    names = list(task.filters)
+    samples, correct = [], {s: 0 for s in names}
     for prob, out, ptxt in zip(task.problems, outputs, prompts_text):
         target = target_of(prob)
-        sc = extract.score_output(out, target)
-        for s in extract.SCORES:
+        sc = extract.score_output(out, target, task.filters)
+        for s in names:
             correct[s] += sc[s]["correct"]
         samples.append({"prompt": ptxt, "output": out, "target": target,
-                        "extracted": {s: sc[s]["extracted"] for s in extract.SCORES},
-                        "correct": {s: sc[s]["correct"] for s in extract.SCORES}})
+                        "extracted": {s: sc[s]["extracted"] for s in names},
+                        "correct": {s: sc[s]["correct"] for s in names}})
     n = len(samples)
     scores = {s: {"accuracy": correct[s] / n if n else 0.0, "correct": correct[s], "n": n,
-                  "ci95": list(wilson_interval(correct[s], n))} for s in extract.SCORES}
+                  "ci95": list(wilson_interval(correct[s], n))} for s in names}
     return scores, samples
 
 
+def answer_ids(tok, answer: str) -> list[int]:
+    """The reference answer's tokens as they follow a prompt (`Answer:` + target delimiter)."""
+    return tok(" " + answer.strip(), add_special_tokens=False).input_ids
+
+
 def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | Path, *, engine: str = "vllm",
-                   shots: int = 0, limit: int | None = None, max_new_tokens: int = 64, chat_template: bool = False,
-                   gsm8k_path: str | None = None, synthetic_settings=None, dip_mode: str = "mean",
-                   noise_sigmas: list[float] | None = None, vllm_engine=None, progress: bool = True,
-                   label: str | None = None, trust_remote_code: bool = False) -> dict:
+                   shots: int = 0, limit: int | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                   chat: str | None = None, gsm8k_path: str | None = None, synthetic_settings=None,
+                   dip_mode: str = "mean", noise_sigmas: list[float] | None = None, vllm_engine=None,
+                   progress: bool = True, label: str | None = None, trust_remote_code: bool = False,
+                   harness_tasks: list[str] | None = None, answer_nll: bool = True) -> dict:
     """Evaluate `model_dir` into `out_dir` (results.json + samples_<task>.jsonl); returns the results.
 
-    The caller decides where `out_dir` is (the CLI and the eval stage build it under a
-    temporary name and swap it in when complete, so results and samples always agree).
+    With engine vllm, generation and the teacher-forced answer NLL both run on the vLLM engine
+    (`prompt_logprobs`); transformers loads the model only for engine hf, DIP sampling modes
+    and the noise sweep. The caller decides where `out_dir` is (the CLI and the eval stage build
+    it under a temporary name and swap it in when complete, so results and samples agree).
     """
     from dipnet.eval import hf_runner
+    from dipnet.pipeline.models import check_model_dir, load_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,18 +100,31 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
     if max_new_tokens <= 0 or shots < 0:
         raise UsageError(f"eval needs max_new_tokens > 0 and shots >= 0 (got {max_new_tokens}, {shots})")
     tasks = [build_task(t, shots=shots, limit=limit, synthetic_settings=synthetic_settings, gsm8k_path=gsm8k_path,
-                        chat_template=chat_template) for t in task_names]
+                        chat=chat) for t in task_names]
+    harness_tm = None
+    if harness_tasks:  # tasks and their data checked before any model or engine loads
+        from dipnet.eval.harness import prepare_harness
+
+        harness_tm = prepare_harness(harness_tasks, out / "harness", gsm8k_path=gsm8k_path,
+                                     synthetic_settings=synthetic_settings)
+    cfg = check_model_dir(model_dir, trust_remote_code)
+    L = max_model_len(cfg)
+    tok = load_tokenizer(model_dir, trust_remote_code)
     k = int(dip_mode.split(":")[1]) if dip_mode.startswith("average:") else 1
-    model, tok = hf_runner.load_hf(model_dir, dip_mode="sample" if k > 1 else "mean",
-                                   trust_remote_code=trust_remote_code)
-    L = max_model_len(model)
+    model = None
+    if engine == "hf" or noise_sigmas:
+        model, _ = hf_runner.load_hf(model_dir, dip_mode="sample" if k > 1 else "mean",
+                                     trust_remote_code=trust_remote_code)
+    encoded = {}
     for task in tasks:  # every prompt must fit: a silently cut few-shot prompt is another task
-        longest = max(len(tok(task.prompt(p["question"], tok), add_special_tokens=not task.chat_template).input_ids)
-                      for p in task.problems)
+        texts = [task.prompt(i, tok) for i in range(len(task.problems))]
+        ids = [encode_prompt(tok, t) for t in texts]
+        longest = max(len(x) for x in ids)
         if longest + max_new_tokens > L:
             raise UsageError(f"task {task.name}: the longest prompt has {longest} tokens; with max_new_tokens "
                              f"{max_new_tokens} it exceeds the model's context of {L} tokens (use fewer shots or "
                              "fewer new tokens)")
+        encoded[task.name] = (texts, ids)
     own_engine = None
     if engine == "vllm" and vllm_engine is None:
         from dipnet.eval.vllm_runner import VllmEngine
@@ -117,38 +144,63 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
                "max_model_len": L, "tasks": {}}
     try:
         for task in tasks:
-            prompts_text = [task.prompt(p["question"], tok) for p in task.problems]
-            enc = [tok(t, add_special_tokens=not task.chat_template).input_ids for t in prompts_text]
-            fitted = [hf_runner.fit_prompt(ids, L, max_new_tokens) for ids in enc]
-            prompts = [f[0] for f in fitted]
+            prompts_text, prompts = encoded[task.name]
+            stops = stops_with_eos(task, tok)
             t0 = time.time()
             if engine == "vllm":
-                gens = vllm_engine.generate(prompts, max_new_tokens, task.stops)
+                gens = vllm_engine.generate(prompts, max_new_tokens, stops)
             else:
-                gens = hf_runner.greedy_generate(model, tok, prompts, max_new_tokens, task.stops, k=k)
+                gens = hf_runner.greedy_generate(model, tok, prompts, max_new_tokens, stops, k=k)
             wall = time.time() - t0
             n_gen = sum(len(g[1]) for g in gens)
             scores, samples = score_rows(task, [g[0] for g in gens], prompts_text)
-            tf = hf_runner.teacher_forced(model, tok, prompts, [p["answer"] for p in task.problems], L)
-            for s, t in zip(samples, tf):
-                s["answer_nll"], s["answer_token_acc"] = t["nll"], t["token_acc"]
+            teacher_forced = None
+            if answer_nll:  # one more prefill of every prompt + answer (lm-eval computes no such thing)
+                answers = [answer_ids(tok, p["answer"]) for p in task.problems]
+                t1 = time.time()
+                if engine == "vllm":
+                    tf = vllm_engine.score(prompts, answers)
+                elif k == 1:
+                    tf = hf_runner.teacher_forced(model, tok, prompts, answers, L)
+                else:  # average:k: the NLL of each of k noisy passes, averaged (not one pass's)
+                    import torch
+
+                    passes = []
+                    for j in range(k):
+                        torch.manual_seed(j)
+                        passes.append(hf_runner.teacher_forced(model, tok, prompts, answers, L))
+                    tf = [{"nll": sum(p[i]["nll"] for p in passes) / k,
+                           "token_acc": sum(p[i]["token_acc"] for p in passes) / k} for i in range(len(prompts))]
+                for s, t in zip(samples, tf):
+                    s["answer_nll"], s["answer_token_acc"] = t["nll"], t["token_acc"]
+                teacher_forced = {"answer_nll": sum(t["nll"] for t in tf) / len(tf),
+                                  "answer_token_acc": sum(t["token_acc"] for t in tf) / len(tf),
+                                  "engine": engine, "wall_s": time.time() - t1}
             dump_jsonl(samples, out / f"samples_{task.name}.jsonl")
             results["tasks"][task.name] = {
-                "n": len(task.problems), "setup": task.setup(), "scores": scores,
-                "teacher_forced": {"answer_nll": sum(t["nll"] for t in tf) / len(tf),
-                                   "answer_token_acc": sum(t["token_acc"] for t in tf) / len(tf)},
+                "n": len(task.problems), "setup": task.setup(), "scores": scores, "teacher_forced": teacher_forced,
                 "wall_s": wall, "generated_tokens": n_gen, "generated_tokens_per_s": n_gen / wall if wall > 0 else None,
-                "truncated_prompts": sum(f[1] for f in fitted),
             }
             if progress:
-                fx = scores["flexible-extract"]["accuracy"]
-                print(f"  {label or Path(model_dir).name}: {task.name:16s} strict {scores['strict-match']['accuracy']:.3f} "
-                      f"flexible {fx:.3f} nll {results['tasks'][task.name]['teacher_forced']['answer_nll']:.3f} "
+                acc = "  ".join(f"{s} {v['accuracy']:.3f}" for s, v in scores.items())
+                nll = f"nll {teacher_forced['answer_nll']:.3f} " if teacher_forced else ""
+                print(f"  {label or Path(model_dir).name}: {task.name:16s} {acc} {nll}"
                       f"({len(task.problems)} problems, {wall:.1f}s)", flush=True)
         if noise_sigmas:  # on the first task (its first 100 problems): hf generation per σ is the cost
-            first = Task(name=tasks[0].name, problems=tasks[0].problems[:100], shots=tasks[0].shots,
-                         stops=tasks[0].stops, chat_template=tasks[0].chat_template)
-            results["noise_sweep"] = noise_sweep(model, tok, [first], noise_sigmas, max_new_tokens, L)
+            texts, ids = encoded[tasks[0].name]
+            results["noise_sweep"] = noise_sweep(model, tok, tasks[0], ids[:100], noise_sigmas, max_new_tokens)
+        if harness_tasks:  # lm-eval's tasks, on the same engine (its files under out/harness)
+            from dipnet.eval.harness import run_harness
+
+            t0 = time.time()
+            results["harness"] = run_harness(model_dir, harness_tasks, out / "harness", harness_tm, engine=engine,
+                                             vllm_engine=vllm_engine, limit=limit, max_length=L,
+                                             max_gen_toks=max_new_tokens,
+                                             trust_remote_code=trust_remote_code)
+            if progress:
+                for t, m in results["harness"].items():
+                    print(f"  {label or Path(model_dir).name}: {t:16s} (lm-eval) " +
+                          "  ".join(f"{k} {v:.3f}" for k, v in m.items()) + f" ({time.time() - t0:.1f}s)", flush=True)
     finally:
         if own_engine is not None:
             own_engine.close()
@@ -158,31 +210,28 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
     return results
 
 
-def noise_sweep(model, tok, tasks: list[Task], sigmas: list[float], max_new_tokens: int, L: int) -> dict:
+def noise_sweep(model, tok, task: Task, prompts: list[list[int]], sigmas: list[float], max_new_tokens: int) -> dict:
     """Flexible-extract accuracy with Gaussian noise of σ (× token RMS) on the input embeddings
     (the paper's "Gaussian" condition), with the hf engine and DIP in mean mode."""
     from dipnet.eval import hf_runner
     from dipnet.pipeline import dip as dipmod
 
     dipmod.set_dip_mode(model, "mean")
-    sweep = {}
-    for task in tasks:
-        prompts = [hf_runner.fit_prompt(tok(task.prompt(p["question"], tok)).input_ids, L, max_new_tokens)[0]
-                   for p in task.problems]
-        row = {}
-        for sigma in sigmas:
-            with hf_runner.embedding_noise(model, sigma, seed=0):
-                gens = hf_runner.greedy_generate(model, tok, prompts, max_new_tokens, task.stops)
-            scores, _ = score_rows(task, [g[0] for g in gens], [""] * len(prompts))
-            row[str(sigma)] = scores["flexible-extract"]["accuracy"]
-        sweep[task.name] = row
-    return sweep
+    first = Task(name=task.name, problems=task.problems[:len(prompts)], filters=task.filters)
+    row = {}
+    for sigma in sigmas:
+        with hf_runner.embedding_noise(model, sigma, seed=0):
+            gens = hf_runner.greedy_generate(model, tok, prompts, max_new_tokens, stops_with_eos(task, tok))
+        scores, _ = score_rows(first, [g[0] for g in gens], [""] * len(prompts))
+        row[str(sigma)] = scores["flexible-extract"]["accuracy"]
+    return {task.name: row}
 
 
 def rescore_predictions(path: str | Path, task_name: str, out_dir: str | Path) -> dict:
     """Score existing outputs (`output`, `target`) without a model."""
     rows = read_predictions(path)
-    task = Task(name=task_name, problems=[{"question": r.get("prompt", ""), "answer": str(r["target"])} for r in rows])
+    task = Task(name=task_name, problems=[{"question": r.get("prompt", ""), "answer": str(r["target"])} for r in rows],
+                filters=dict(FILTERS.get(task_name, FILTERS["gsm8k"])))
     scores, samples = score_rows(task, [r["output"] for r in rows], [r.get("prompt", "") for r in rows])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 """Answer extraction and exact match, exactly as lm-evaluation-harness scores GSM8K.
 
-Pure functions on strings, no model. Two filters:
-- strict-match: the first `#### (\\-?[0-9\\.\\,]+)` in the output;
+Pure functions on strings, no model. Two filters per task (`tasks.FILTERS`), each a regex and
+which match to take (lm-eval's `regex` filter with `group_select`, then `take_first`):
+- strict-match: gsm8k the first `#### (\\-?[0-9\\.\\,]+)`; gsm8k_cot the first
+  `The answer is (\\-?[0-9\\.\\,]+).`;
 - flexible-extract: the last match of `(-?[$0-9.,]{2,})|(-?[0-9]+)` (the first non-empty group).
 No match gives "[invalid]". `exact_match` then removes `,`, `$`, everything up to `#### ` and a
 trailing `.` from both prediction and reference (lm-eval's `regexes_to_ignore`), lower-cases
@@ -39,7 +41,8 @@ def flexible_extract(output: str) -> str:
     return _select(FLEXIBLE_RE.findall(output), -1)
 
 
-EXTRACTORS = {"strict-match": strict_match, "flexible-extract": flexible_extract}
+def apply_filter(output: str, pattern: str, group_select: int) -> str:
+    return _select(re.findall(pattern, output), group_select)
 
 
 def normalize(text: str) -> str:
@@ -52,11 +55,14 @@ def exact_match(prediction: str, reference: str) -> bool:
     return normalize(prediction) == normalize(reference)
 
 
-def score_output(output: str, reference: str) -> dict:
-    """{'strict-match': {'extracted', 'correct'}, 'flexible-extract': {...}} for one output."""
+def score_output(output: str, reference: str, filters: dict | None = None) -> dict:
+    """{'strict-match': {'extracted', 'correct'}, 'flexible-extract': {...}} for one output.
+
+    `filters`: {score name: (regex, group_select)}; default the gsm8k task's."""
+    filters = filters or {"strict-match": (STRICT_RE.pattern, 0), "flexible-extract": (FLEXIBLE_RE.pattern, -1)}
     out = {}
-    for name, fn in EXTRACTORS.items():
-        ext = fn(output)
+    for name, (pattern, group) in filters.items():
+        ext = apply_filter(output, pattern, group)
         out[name] = {"extracted": ext, "correct": ext != INVALID and exact_match(ext, reference)}
     return out
 

@@ -107,9 +107,11 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
 
 
 def decode_continuation(tokenizer, prompt: list[int], gen: list[int]) -> str:
-    full = tokenizer.decode(prompt + gen, skip_special_tokens=True)
-    head = tokenizer.decode(prompt, skip_special_tokens=True)
-    return full[len(head):] if full.startswith(head) else tokenizer.decode(gen, skip_special_tokens=True)
+    # Special tokens kept, as lm-eval's vLLM backend asks of vLLM (skip_special_tokens=False):
+    # a stop string such as <|im_end|> must be seen to cut there.
+    full = tokenizer.decode(prompt + gen, skip_special_tokens=False, spaces_between_special_tokens=False)
+    head = tokenizer.decode(prompt, skip_special_tokens=False, spaces_between_special_tokens=False)
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(gen, skip_special_tokens=False)
 
 
 def _hits_stop(tokenizer, prompt, gen, stops) -> bool:
@@ -118,7 +120,7 @@ def _hits_stop(tokenizer, prompt, gen, stops) -> bool:
 
 
 @torch.no_grad()
-def teacher_forced(model, tokenizer, prompts: list[list[int]], answers: list[str], max_len: int,
+def teacher_forced(model, tokenizer, prompts: list[list[int]], answers: list[list[int]], max_len: int,
                    batch_size: int = 16) -> list[dict]:
     """Per problem: mean NLL of the reference answer tokens and their greedy token accuracy.
 
@@ -130,8 +132,7 @@ def teacher_forced(model, tokenizer, prompts: list[list[int]], answers: list[str
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = []
-    for p, a in zip(prompts, answers):
-        a_ids = tokenizer(" " + a.strip(), add_special_tokens=False).input_ids
+    for p, a_ids in zip(prompts, answers):
         ids = (p + a_ids)[-max_len:]
         n_a = min(len(a_ids), len(ids) - 1)
         rows.append((ids, n_a))

@@ -81,9 +81,32 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=stops, skip_special_tokens=True)
+        # As lm-eval's vLLM backend: greedy, special tokens kept in the text, stop strings cut it.
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=stops, skip_special_tokens=False,
+                                spaces_between_special_tokens=False)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return [(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in outs]
+
+    def prompt_logprobs(self, seqs: list[list[int]]) -> list[list[tuple[float, int]]]:
+        """Per sequence: (logprob, rank) of each token after the first, given the tokens before
+        it, from one prefill (vLLM `prompt_logprobs`; rank 1 = the greedy choice)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
+        return [[(lp[t].logprob, lp[t].rank) for t, lp in zip(s[1:], o.prompt_logprobs[1:])]
+                for s, o in zip(seqs, outs)]
+
+    def score(self, prompts: list[list[int]], answers: list[list[int]]) -> list[dict]:
+        """Teacher-forced NLL and greedy token accuracy of each answer after its prompt, from
+        the engine's prompt logprobs (no transformers pass)."""
+        rows = []
+        for a, lps in zip(answers, self.prompt_logprobs([p + a for p, a in zip(prompts, answers)])):
+            tail = lps[len(lps) - len(a):]
+            rows.append({"nll": -sum(lp for lp, _ in tail) / len(tail),
+                         "token_acc": sum(r == 1 for _, r in tail) / len(tail), "answer_tokens": len(a)})
+        return rows
 
     def close(self) -> None:
         import gc

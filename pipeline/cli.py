@@ -29,7 +29,7 @@ from pathlib import Path
 from dipnet.pipeline.errors import DipnetError, UsageError
 
 COMMANDS = ("validate", "run", "base", "convert", "export", "eval", "serve", "report", "smoothness", "launch",
-            "status", "cancel")
+            "status", "cancel", "env")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="dip"), s.add_argument("--placement", default="block_input")
     s.add_argument("--scale", default="relative"), s.add_argument("--init-variance", type=float, default=1e-2)
     s.add_argument("--layers", default=None, help="comma-separated block indices")
-    s.add_argument("--noise-scale", type=float, default=0.1)
+    s.add_argument("--noise-scale", type=float, default=None, help="input_noise σ (0.1) or NEFTune α (5)")
     s.add_argument("--trust-remote-code", action="store_true")
 
     s = sub.add_parser("export", help="consolidate a DeepSpeed checkpoint into a Hugging Face directory")
@@ -89,10 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="evaluate a model directory, or re-score predictions")
     s.add_argument("model_dir", nargs="?")
-    s.add_argument("--tasks", default="arith-id,arith-ood"), s.add_argument("--engine", default="vllm")
+    s.add_argument("--tasks", default=None, help="dipnet tasks (default arith-id,arith-ood; none with --harness-tasks)"), s.add_argument("--engine", default="vllm")
     s.add_argument("--out", required=True), s.add_argument("--shots", type=int, default=0)
-    s.add_argument("--limit", type=int, default=None), s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--chat-template", action="store_true"), s.add_argument("--gsm8k-path", default=None)
+    s.add_argument("--limit", type=int, default=None), s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--chat", default="none", help="none | single (lm-eval --apply_chat_template) | multiturn "
+                   "(with --fewshot_as_multiturn)")
+    s.add_argument("--gsm8k-path", default=None)
+    s.add_argument("--harness-tasks", default="", help="lm-evaluation-harness tasks, comma-separated")
+    s.add_argument("--no-answer-nll", action="store_true", help="skip the teacher-forced answer NLL (one prefill less)")
     s.add_argument("--dip-mode", default="mean"), s.add_argument("--noise-sigmas", default="")
     s.add_argument("--predictions", help="JSONL with 'output' and 'target' to re-score (no model)")
     s.add_argument("--task", help="task of --predictions")
@@ -125,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("cancel", help="cancel a run's Slurm job chain")
     s.add_argument("run_dir")
+
+    s = sub.add_parser("env", help="the stack on this machine (versions, GPUs, DeepSpeed ops, Slurm, caches)")
+    s.add_argument("--json", action="store_true"), s.add_argument("--no-ops", action="store_true",
+                                                                   help="skip DeepSpeed's op check (faster)")
     return p
 
 
@@ -222,8 +230,7 @@ def cmd_convert(a) -> int:
                                 "init_variance": a.init_variance, "layers": layers, "noise_scale": a.noise_scale},
                   {"method": "--method", "placement": "--placement", "scale": "--scale", "init_variance": "--init-variance",
                    "layers": "--layers", "noise_scale": "--noise-scale"})
-    cfg = DipConfig(method=d.method, placement=d.placement, scale=d.scale, init_variance=d.init_variance,
-                    layers=d.layers, noise_scale=d.noise_scale)
+    cfg = DipConfig.from_settings(d)
     print(json.dumps(convert(a.model_dir, a.out, cfg, trust_remote_code=a.trust_remote_code), indent=2))
     return 0
 
@@ -259,25 +266,28 @@ def cmd_eval(a) -> int:
     else:
         if not a.model_dir:
             raise UsageError("dipnet eval: give MODEL_DIR, or --predictions FILE --task TASK")
-        tasks = [_check_task(t.strip()) for t in a.tasks.split(",") if t.strip()]
-        if not tasks:
-            raise UsageError("--tasks: expected at least one task")
+        names = a.tasks if a.tasks is not None else ("" if a.harness_tasks.strip() else "arith-id,arith-ood")
+        tasks = [_check_task(t.strip()) for t in names.split(",") if t.strip()]
+        if not tasks and not a.harness_tasks.strip():
+            raise UsageError("--tasks: expected at least one task (or --harness-tasks)")
         e = _settings(EvalSettings, {"engine": a.engine, "tasks": tasks, "shots": a.shots, "limit": a.limit,
                                      "max_new_tokens": a.max_new_tokens, "dip_mode": a.dip_mode,
                                      "noise_sigmas": _float_list(a.noise_sigmas, "--noise-sigmas"),
-                                     "gsm8k_path": a.gsm8k_path},
-                      {"engine": "--engine", "shots": "--shots", "limit": "--limit", "max_new_tokens": "--max-new-tokens",
+                                     "gsm8k_path": a.gsm8k_path, "chat": a.chat,
+                                     "harness_tasks": [t.strip() for t in a.harness_tasks.split(",") if t.strip()]},
+                      {"chat": "--chat", "harness_tasks": "--harness-tasks", "engine": "--engine", "shots": "--shots", "limit": "--limit", "max_new_tokens": "--max-new-tokens",
                        "dip_mode": "--dip-mode", "noise_sigmas": "--noise-sigmas", "gsm8k_path": "--gsm8k-path"})
         if e.gsm8k_path and not Path(e.gsm8k_path).is_dir():
             raise UsageError(f"--gsm8k-path {e.gsm8k_path}: no such directory")
         with output_dir(a.out, "eval", inputs=[a.model_dir]) as tmp:
             res = evaluate_model(a.model_dir, list(e.tasks), tmp, engine=e.engine, shots=e.shots, limit=e.limit,
-                                 max_new_tokens=e.max_new_tokens, chat_template=a.chat_template,
-                                 gsm8k_path=e.gsm8k_path, dip_mode=e.dip_mode, noise_sigmas=list(e.noise_sigmas))
+                                 max_new_tokens=e.max_new_tokens, chat=None if e.chat == "none" else e.chat,
+                                 gsm8k_path=e.gsm8k_path, dip_mode=e.dip_mode, noise_sigmas=list(e.noise_sigmas),
+                                 harness_tasks=list(e.harness_tasks), answer_nll=not a.no_answer_nll)
     for t, r in res["tasks"].items():
-        s = r["scores"]
-        print(f"{t}: strict-match {s['strict-match']['accuracy']:.4f}  flexible-extract "
-              f"{s['flexible-extract']['accuracy']:.4f}  (n={r['n']})")
+        print(f"{t}: " + "  ".join(f"{k} {v['accuracy']:.4f}" for k, v in r["scores"].items()) + f"  (n={r['n']})")
+    for t, m in res.get("harness", {}).items():
+        print(f"{t} (lm-eval): " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
     print(f"results: {Path(a.out) / 'results.json'}")
     return 0
 
@@ -343,6 +353,14 @@ def cmd_status(a) -> int:
     from dipnet.launch.slurm import status
 
     return status(a.run_dir, wait=a.wait, timeout=a.timeout)
+
+
+def cmd_env(a) -> int:
+    from dipnet.pipeline.env import collect_env, format_env
+
+    env = collect_env(deepspeed_ops=not a.no_ops)
+    print(json.dumps(env, indent=2) if a.json else format_env(env))
+    return 0
 
 
 def cmd_cancel(a) -> int:

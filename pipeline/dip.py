@@ -10,7 +10,8 @@ u = v + sqrt(λ) ⊙ ε, with one learnable variance per feature (stored as log-
   child modules of the decoder layers (`model.layers.3.dip_input`), so optimizers, ZeRO
   partitioning and state dicts see them like any other parameter, and forward pre-hooks apply
   them, so the model's own forward code is untouched.
-- `dip_objective(...)`: mean NLL over m trajectories + α·mean(λ) − β·mean(ln λ) + γ·variance.
+- `dip_objective(...)`: mean NLL over m trajectories + Σ(α·λ − β·ln λ) (shifted to 0 at its
+  minimum λ = β/α; `mean` reduction optional) + γ·variance.
 - Baselines in the same framework: `input_noise` (fixed Gaussian on the embeddings only),
   `neftune` (uniform embedding noise scaled by α/sqrt(L·d)), `dip_fixed` (λ frozen), `none`.
 - `save_dip` / `load_dip`: `dip/dip.safetensors` + `dip/dip_config.json` beside the base weights.
@@ -131,19 +132,37 @@ class DistributionalInputProjection(nn.Module):
                 f"learnable={self.log_variance_offset.requires_grad}")
 
 
+NEFTUNE_ALPHA = 5.0  # the NEFTune paper's and its code's default (axolotl, LLaMA-Factory use it too)
+INPUT_NOISE_SIGMA = 0.1
+
+
 class NEFTuneNoise(nn.Module):
-    """NEFTune (Jain et al. 2023): uniform noise on the token embeddings, magnitude α/sqrt(L·d)."""
+    """NEFTune (Jain et al. 2023): uniform noise U(−1, 1)·α/sqrt(L_i·d) on the token embeddings.
+
+    As the reference implementation (its train.py): L_i is example i's unpadded length, and pad
+    positions get no noise; both come from the attention mask the model was called with
+    (`attention_mask`, captured by a pre-hook on the model). Without a mask every position
+    counts (transformers' own NEFTune hook uses the padded length L for every example)."""
 
     def __init__(self, alpha: float):
         super().__init__()
         self.alpha = float(alpha)
         self.mode = "sample"
+        self.attention_mask: torch.Tensor | None = None
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         if self.mode == "mean" or self.alpha == 0:
             return emb
-        mag = self.alpha / math.sqrt(emb.shape[-2] * emb.shape[-1])
-        return emb + torch.zeros_like(emb).uniform_(-mag, mag)
+        noise = torch.zeros_like(emb).uniform_(-1, 1)
+        mask = self.attention_mask
+        if mask is not None and mask.shape == emb.shape[:2]:
+            mask = mask.to(emb.dtype)
+            noise = noise * mask.unsqueeze(-1)
+            lengths = mask.sum(1).clamp_min(1)
+        else:
+            lengths = torch.full(emb.shape[:1], float(emb.shape[-2]), device=emb.device, dtype=emb.dtype)
+        mag = self.alpha / torch.sqrt(lengths * emb.shape[-1])
+        return emb + (noise * mag.view(-1, 1, 1)).detach()
 
 
 @dataclass(frozen=True)
@@ -155,7 +174,7 @@ class DipConfig:
     scale: str = "relative"
     init_variance: float = 1e-2
     layers: Optional[list[int]] = None
-    noise_scale: float = 0.1
+    noise_scale: float = INPUT_NOISE_SIGMA  # σ of input_noise; α of neftune (NEFTUNE_ALPHA by default)
     # Recorded for readers of the directory; attach_dip does not use them.
     trajectories: int = 1
     alpha: float = 0.0
@@ -166,8 +185,16 @@ class DipConfig:
     @classmethod
     def from_settings(cls, dip) -> "DipConfig":
         return cls(method=dip.method, placement=dip.placement, scale=dip.scale, init_variance=dip.init_variance,
-                   layers=list(dip.layers) if dip.layers is not None else None, noise_scale=dip.noise_scale,
+                   layers=list(dip.layers) if dip.layers is not None else None,
+                   noise_scale=default_noise_scale(dip.method, dip.noise_scale),
                    trajectories=dip.trajectories, alpha=dip.alpha, beta=dip.beta, gamma=dip.gamma)
+
+
+def default_noise_scale(method: str, value: float | None) -> float:
+    """dip.noise_scale when set, else the method's own default: NEFTune α = 5, input-noise σ = 0.1."""
+    if value is not None:
+        return float(value)
+    return NEFTUNE_ALPHA if method == "neftune" else INPUT_NOISE_SIGMA
 
 
 # ----------------------------------------------------------------------------- finding layers
@@ -241,8 +268,13 @@ def attach_dip(model: nn.Module, config: DipConfig) -> list[str]:
 
     if config.method == "neftune":
         emb = model.get_input_embeddings()
-        emb.neftune_noise = NEFTuneNoise(config.noise_scale)
-        model._dip_hooks.append(emb.register_forward_hook(lambda _m, _a, out: emb.neftune_noise(out)))
+        emb.neftune_noise = neft = NEFTuneNoise(config.noise_scale)
+        model._dip_hooks.append(emb.register_forward_hook(lambda _m, _a, out: neft(out)))
+
+        def capture_mask(_m, args, kwargs):  # the reference convention needs each example's length
+            neft.attention_mask = kwargs.get("attention_mask")
+
+        model._dip_hooks.append(model.register_forward_pre_hook(capture_mask, with_kwargs=True))
         return ["neftune_noise"]
 
     if config.method == "input_noise":
@@ -324,13 +356,22 @@ def _short(name: str) -> str:
 
 # ----------------------------------------------------------------------------- objective
 
-def dip_prior(model: nn.Module, alpha: float, beta: float) -> torch.Tensor:
-    """α·mean(λ) − β·mean(ln λ) over every feature of every learnable projection.
+PRIOR_REDUCTIONS = ("sum", "mean")
 
-    Means, not sums, so α and β do not scale with model size. Minimised at λ = β/α.
-    Uses the terms each projection recorded in its last forward (consumed here), which is the
-    only place a ZeRO-3-partitioned λ is whole; without a forward it reads λ directly.
+
+def dip_prior(model: nn.Module, alpha: float, beta: float, reduction: str = "sum") -> torch.Tensor:
+    """Σ over every feature of every learnable projection of α·λ − β·ln λ, minus its minimum
+    (at λ = β/α, so the term is ≥ 0 and reads as a distance from the prior's optimum).
+
+    `sum` (default) is the ELBO's form: each λ feels α·λ − β on its ln λ whatever the model's
+    size. `mean` divides by the N = layers × hidden variances, so each λ's pull shrinks as 1/N
+    (bench/dip_prior_gradient.py: 0.2% of the NLL's pull at N = 512, 0.02% at N = 4,096), and α
+    and β stop meaning anything at the paper's N ≈ 100k. Uses the terms each projection recorded
+    in its last forward (consumed here), the only place a ZeRO-3-partitioned λ is whole; without
+    a forward it reads λ directly.
     """
+    if reduction not in PRIOR_REDUCTIONS:
+        raise ValueError(f"prior reduction must be sum or mean, got {reduction!r}")
     projs = [p for _, p in projections(model) if p.log_variance_offset.requires_grad]
     if not projs or (alpha == 0 and beta == 0):
         for p in projs:
@@ -346,7 +387,9 @@ def dip_prior(model: nn.Module, alpha: float, beta: float) -> torch.Tensor:
             lv = p.log_variance
             sl, slog, n = lv.exp().sum(), lv.sum(), lv.numel()
         sum_lam, sum_log, count = sum_lam + sl, sum_log + slog, count + n
-    return alpha * sum_lam / count - beta * sum_log / count
+    at_min = (beta - beta * math.log(beta / alpha)) * count if alpha > 0 and beta > 0 else 0.0
+    total = alpha * sum_lam - beta * sum_log - at_min
+    return total / count if reduction == "mean" else total
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,7 +405,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def dip_objective(logits: torch.Tensor, labels: torch.Tensor, trajectories: int, model: nn.Module,
-                  alpha: float, beta: float, gamma: float) -> dict[str, torch.Tensor]:
+                  alpha: float, beta: float, gamma: float, prior_reduction: str = "sum") -> dict[str, torch.Tensor]:
     """The DIP loss for a batch that was repeated `trajectories` times along dim 0.
 
     Returns a dict with `loss` (to backpropagate) and its terms `nll`, `prior`, `var_penalty`.
@@ -382,7 +425,7 @@ def dip_objective(logits: torch.Tensor, labels: torch.Tensor, trajectories: int,
         var_penalty = (var * mask1).sum() / mask1.sum().clamp_min(1)
     else:
         var_penalty = torch.zeros((), device=logits.device)
-    prior = dip_prior(model, alpha, beta).to(logits.device)
+    prior = dip_prior(model, alpha, beta, prior_reduction).to(logits.device)
     loss = nll + prior + gamma * var_penalty
     return {"loss": loss, "nll": nll.detach(), "prior": prior.detach(), "var_penalty": var_penalty.detach()}
 

@@ -91,15 +91,21 @@ DipMethod = Literal["none", "input_noise", "neftune", "dip_fixed", "dip"]
 class DipSettings(_Section):
     method: DipMethod = Field("dip", description="none (plain fine-tuning) | input_noise | neftune | dip_fixed | dip.")
     trajectories: int = Field(1, ge=1, description="m: noisy trajectories per example, run as one batch.")
-    alpha: float = Field(1e-3, ge=0, description="Weight of mean(λ) in the loss (keeps variances from growing).")
-    beta: float = Field(1e-5, ge=0, description="Weight of −mean(ln λ) (keeps variances from collapsing); prior minimum at λ = β/α.")
+    alpha: float = Field(1e-2, ge=0, description="Weight of Σλ in the loss (keeps variances from growing).")
+    beta: float = Field(1e-4, ge=0, description="Weight of −Σ ln λ (keeps variances from collapsing); prior minimum at λ = β/α.")
+    prior_reduction: Literal["sum", "mean"] = Field(
+        "sum", description="sum: Σ over all N variances (the ELBO's form; each λ's pull independent of model size); "
+                           "mean: divided by N (pre-0.3 behaviour: α, β fade as 1/N).")
     gamma: float = Field(0.0, ge=0, description="Weight of the variance across trajectories of the target log-probability (needs m ≥ 2).")
     init_variance: float = Field(3e-3, gt=0, description="Initial λ for every feature (chosen by recipes/sweep-lambda.yaml).")
     scale: Literal["absolute", "relative"] = Field("relative", description="relative: noise × per-token RMS of the input; absolute: λ in hidden-state units.")
-    placement: Literal["block_input", "attn_mlp"] = Field("block_input", description="Where projections sit.")
+    placement: Literal["block_input", "attn_mlp"] = Field(
+        "block_input", description="block_input: every decoder block's input; attn_mlp: the input of the attention "
+                                   "and MLP norms (noise reaches those branches only; the residual path stays clean).")
     layers: Optional[list[int]] = Field(None, description="Restrict to these block indices (default: all).")
     lr_scale: float = Field(10.0, gt=0, description="Learning-rate multiplier for the λ parameters.")
-    noise_scale: float = Field(0.1, ge=0, description="σ for input_noise (relative to embedding RMS); NEFTune's α for neftune.")
+    noise_scale: Optional[float] = Field(None, ge=0, description="σ for input_noise (relative to embedding RMS, default "
+                                         "0.1); NEFTune's α for neftune (default 5, the NEFTune paper's).")
 
     @model_validator(mode="after")
     def _check(self):
@@ -159,11 +165,18 @@ class TrainSettings(_Section):
     keep_last: int = Field(2, gt=0, description="Checkpoints kept.")
     log_every: int = Field(10, gt=0)
     lora: LoraSettings = LoraSettings()
+    optimizer: Literal["adamw", "sam"] = Field(
+        "adamw", description="adamw, or sam: sharpness-aware minimisation (Foret et al. 2021) around AdamW, two "
+                             "forward/backward passes per micro-batch.")
+    sam_rho: float = Field(0.05, gt=0, le=10, description="SAM's neighbourhood radius ρ (its paper's default 0.05).")
 
     @model_validator(mode="after")
     def _check(self):
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set train.max_steps or train.epochs")
+        if self.optimizer == "sam" and self.zero_stage == 3:
+            raise ValueError("train.optimizer sam needs train.zero_stage 0, 1 or 2 (ZeRO-3 partitions the weights "
+                             "SAM must perturb as a whole)")
         if self.offload and self.zero_stage < 2:
             raise ValueError("train.offload needs train.zero_stage 2 or 3")
         return self
@@ -246,7 +259,7 @@ class ExportSettings(_Section):
     tolerance: float = Field(1e-5, gt=0, description="Max |logit difference| exported vs trained mean mode.")
 
 
-EvalTask = Literal["arith-id", "arith-ood", "arith-perturbed", "gsm8k", "gsm8k-perturbed"]
+EvalTask = Literal["arith-id", "arith-ood", "arith-perturbed", "arith-val", "gsm8k", "gsm8k_cot", "gsm8k-perturbed"]
 
 
 class EvalSettings(_Section):
@@ -254,8 +267,14 @@ class EvalSettings(_Section):
     tasks: list[EvalTask] = Field(default_factory=lambda: ["arith-id", "arith-ood", "arith-perturbed"])
     shots: int = Field(0, ge=0, description="Few-shot examples (lm-evaluation-harness uses 5 for gsm8k).")
     limit: Optional[int] = Field(None, gt=0, description="Evaluate only the first N problems per task.")
-    max_new_tokens: int = Field(64, gt=0)
-    chat_template: bool = False
+    max_new_tokens: int = Field(256, gt=0, description="Generation budget (lm-eval's max_gen_toks: 256).")
+    chat: Literal["none", "single", "multiturn"] = Field(
+        "none", description="Chat rendering as lm-eval's --apply_chat_template (single) or with "
+                            "--fewshot_as_multiturn (multiturn).")
+    answer_nll: bool = Field(True, description="Teacher-forced NLL of the reference answers (one more prefill per "
+                                               "problem on the same engine; the report's NLL columns need it).")
+    harness_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks run on every "
+                                     "model through the same engine (gsm8k/gsm8k_cot/dipnet_arith_* from local data).")
     gsm8k_path: Optional[str] = Field(None, description="Directory with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k if present, else the hub).")
     noise_sigmas: list[float] = Field(default_factory=list, description="Embedding-noise sweep σ values (hf engine).")
     dip_mode: str = Field("mean", description="mean | average:k (hf engine only).")
@@ -266,6 +285,14 @@ class EvalSettings(_Section):
     def _mode(cls, v: str) -> str:
         if v != "mean" and not (v.startswith("average:") and v[8:].isdigit() and int(v[8:]) > 0):
             raise ValueError("expected 'mean' or 'average:K' with K a positive integer")
+        return v
+
+    @field_validator("harness_tasks")
+    @classmethod
+    def _harness_names(cls, v):
+        for t in v:  # lm-eval task names: they reach file names of its output
+            if not t or len(t) > 100 or not all(c.isalnum() or c in "_-." for c in t) or t.startswith("."):
+                raise ValueError(f"harness task name {t!r}: expected letters, digits, '_', '-', '.'")
         return v
 
     @field_validator("noise_sigmas")

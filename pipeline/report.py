@@ -11,6 +11,7 @@ the sign and size of every effect and whether its CI excludes zero, whatever the
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -81,11 +82,34 @@ def _cost(entries: dict) -> dict:
             "train_wall_s": mean(walls) if walls else None}
 
 
+def lambda_drift(entries: dict) -> dict:
+    """Per layer: mean λ at the first and last logged step (averaged over seeds), the relative
+    change, and the spread across features at the end (min, max; over seeds)."""
+    per_layer: dict = defaultdict(lambda: {"start": [], "end": [], "min": [], "max": []})
+    for e in entries.values():
+        lam = [r for r in e["metrics"] if r.get("lambda")]
+        if len(lam) < 2:
+            continue
+        for layer, end in lam[-1]["lambda"].items():
+            start = lam[0]["lambda"].get(layer)
+            if start:
+                d = per_layer[layer]
+                d["start"].append(start["mean"]), d["end"].append(end["mean"])
+                d["min"].append(end.get("min", end["mean"])), d["max"].append(end.get("max", end["mean"]))
+    out = {}
+    for layer in sorted(per_layer, key=lambda k: (int(k.split(".")[0]) if k.split(".")[0].isdigit() else 0, k)):
+        d = per_layer[layer]
+        s0, s1 = mean(d["start"]), mean(d["end"])
+        out[layer] = {"start": s0, "end": s1, "change": s1 / s0 - 1 if s0 else None, "end_min": min(d["min"]),
+                      "end_max": max(d["max"]), "seeds": len(d["start"])}
+    return out
+
+
 def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000, data: dict | None = None) -> dict:
     data = collect(run_dir) if data is None else data
     tasks = sorted({t for v in data.values() for e in v.values() for t in e["results"]["tasks"]})
     report = {"run_dir": str(run_dir), "baseline": baseline, "tasks": tasks, "variants": {}, "differences": {},
-              "cost": {}, "smoothness": {}, "noise_sweep": {}}
+              "cost": {}, "smoothness": {}, "noise_sweep": {}, "harness": {}, "lambda_drift": {}}
     for variant, entries in data.items():
         vrep = {}
         for t in tasks:
@@ -98,8 +122,9 @@ def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000, da
                            "std": std(p["scores"]["strict-match"]["accuracy"] for p in per)},
                 "flexible": {"mean": mean(p["scores"]["flexible-extract"]["accuracy"] for p in per),
                              "std": std(p["scores"]["flexible-extract"]["accuracy"] for p in per)},
-                "answer_nll": {"mean": mean(p["teacher_forced"]["answer_nll"] for p in per),
-                               "std": std(p["teacher_forced"]["answer_nll"] for p in per)},
+                "answer_nll": ({"mean": mean(p["teacher_forced"]["answer_nll"] for p in per),
+                                "std": std(p["teacher_forced"]["answer_nll"] for p in per)}
+                               if all(p.get("teacher_forced") for p in per) else None),
             }
         report["variants"][variant] = vrep
         if variant != "base":
@@ -108,6 +133,14 @@ def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000, da
         if sm:
             report["smoothness"][variant] = {k: mean(s[k] for s in sm) for k in
                                              ("grad_norm", "random_increase", "adversarial_increase", "hessian_trace", "loss")}
+        drift = lambda_drift(entries)
+        if drift:
+            report["lambda_drift"][variant] = drift
+        harness = [e["results"]["harness"] for e in entries.values() if e["results"].get("harness")]
+        if harness:  # lm-eval's own metrics, one row per task: mean ± std over seeds
+            report["harness"][variant] = {
+                t: {m: {"mean": mean(h[t][m] for h in harness if t in h), "std": std(h[t][m] for h in harness if t in h),
+                        "seeds": sum(t in h for h in harness)} for m in harness[0][t]} for t in harness[0]}
         sweeps = [e["results"].get("noise_sweep") for e in entries.values() if e["results"].get("noise_sweep")]
         if sweeps:
             report["noise_sweep"][variant] = {t: {s: mean(sw[t][s] for sw in sweeps) for s in sweeps[0][t]} for t in sweeps[0]}
@@ -130,11 +163,19 @@ def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000, da
                 if not a or not b or not a[0] or len(a[0]) != len(b[0]):
                     continue
                 d, lo, hi = paired_bootstrap(a, b, resamples=resamples)
-                na = [[s["answer_nll"] for s in e["samples"][t]] for e in data[variant].values()]
-                nb = [[s["answer_nll"] for s in e["samples"][t]] for e in data[baseline].values()]
-                dn, lon, hin = paired_bootstrap(na, nb, resamples=resamples, seed=1)
-                report["differences"][variant][t] = {"accuracy": {"diff": d, "ci95": [lo, hi]},
-                                                     "answer_nll": {"diff": dn, "ci95": [lon, hin]}}
+                # Minimum detectable effect (80% power, two-sided 5%): 2.8 standard errors, the SE
+                # read off the bootstrap interval; the seeds that would make the observed effect
+                # detectable, if the SE shrinks as 1/sqrt(seeds) (seed variance dominating).
+                se = (hi - lo) / 3.92
+                mde = 2.8 * se
+                need = math.ceil(len(a) * (mde / abs(d)) ** 2) if d else None
+                report["differences"][variant][t] = {"accuracy": {"diff": d, "ci95": [lo, hi], "mde": mde,
+                                                                  "seeds_needed": need}, "answer_nll": None}
+                na = [[s.get("answer_nll") for s in e["samples"][t]] for e in data[variant].values()]
+                nb = [[s.get("answer_nll") for s in e["samples"][t]] for e in data[baseline].values()]
+                if all(x is not None for row in na + nb for x in row):
+                    dn, lon, hin = paired_bootstrap(na, nb, resamples=resamples, seed=1)
+                    report["differences"][variant][t]["answer_nll"] = {"diff": dn, "ci95": [lon, hin]}
     report["summary"] = summary_sentences(report)
     return report
 
@@ -150,9 +191,10 @@ def summary_sentences(report: dict) -> list[str]:
             lines.append(
                 f"{variant} vs {base} on {t}: accuracy {sign} by {abs(acc['diff']) * 100:.1f} points "
                 f"(95% CI {acc['ci95'][0] * 100:+.1f} to {acc['ci95'][1] * 100:+.1f}; "
-                f"{'excludes zero' if excl else 'includes zero: no detectable effect'}); answer NLL "
-                f"{nll['diff']:+.3f} nats (CI {nll['ci95'][0]:+.3f} to {nll['ci95'][1]:+.3f}"
-                f"{', excludes zero' if nll['ci95'][0] > 0 or nll['ci95'][1] < 0 else ', includes zero'}).")
+                f"{'excludes zero' if excl else 'includes zero: no detectable effect'})" + (
+                    f"; answer NLL {nll['diff']:+.3f} nats (CI {nll['ci95'][0]:+.3f} to {nll['ci95'][1]:+.3f}"
+                    f"{', excludes zero' if nll['ci95'][0] > 0 or nll['ci95'][1] < 0 else ', includes zero'})"
+                    if nll else "") + ".")
     for variant, c in report["cost"].items():
         rel = c.get("relative") or {}
         if variant != base and rel.get("step_time_s"):
@@ -183,16 +225,19 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
             r = per.get(t)
             cells.append("—" if r is None else
                          f"{_fmt(r['flexible']['mean'])} ± {_fmt(r['flexible']['std'])} / {_fmt(r['strict']['mean'])}"
-                         f" · NLL {r['answer_nll']['mean']:.3f} ± {r['answer_nll']['std']:.3f}")
+                         + (f" · NLL {r['answer_nll']['mean']:.3f} ± {r['answer_nll']['std']:.3f}" if r["answer_nll"] else ""))
         seeds = max((r["seeds"] for r in per.values()), default=0)
         lines.append(f"| {v} | {seeds} | " + " | ".join(cells) + " |")
     lines += ["", f"## Paired difference to `{report['baseline']}` (bootstrap 95% CI over problems and seeds)", "",
-              "| variant | task | Δ accuracy (points) | CI | Δ answer NLL | CI |", "|---|---|---|---|---|---|"]
+              "| variant | task | Δ accuracy (points) | CI | detectable (80% power) | seeds for this Δ | Δ answer NLL | CI |",
+              "|---|---|---|---|---|---|---|---|"]
     for v, per in report["differences"].items():
         for t, d in per.items():
             a, n = d["accuracy"], d["answer_nll"]
+            nll = f"{n['diff']:+.3f} | [{n['ci95'][0]:+.3f}, {n['ci95'][1]:+.3f}]" if n else "— | —"
+            need = a.get("seeds_needed")
             lines.append(f"| {v} | {t} | {a['diff'] * 100:+.1f} | [{a['ci95'][0] * 100:+.1f}, {a['ci95'][1] * 100:+.1f}] | "
-                         f"{n['diff']:+.3f} | [{n['ci95'][0]:+.3f}, {n['ci95'][1]:+.3f}] |")
+                         f"±{a.get('mde', 0) * 100:.1f} | {need if need is not None else '—'} | {nll} |")
     lines += ["", "## Cost (relative to the baseline)", "",
               "| variant | step time (s) | tokens/s | peak mem (MB) | train wall (s) | × step time | × FLOPs |",
               "|---|---|---|---|---|---|---|"]
@@ -207,6 +252,22 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
         for v, s in report["smoothness"].items():
             lines.append(f"| {v} | {s['loss']:.3f} | {s['grad_norm']:.4f} | {s['random_increase']:.4f} | "
                          f"{s['adversarial_increase']:.4f} | {s['hessian_trace']:.4f} |")
+    if report.get("lambda_drift"):
+        lines += ["", "## λ drift per layer (mean over features; first → last logged step, mean over seeds)", "",
+                  "| variant | layer | λ start | λ end | change | spread at end (min – max) | seeds |",
+                  "|---|---|---|---|---|---|---|"]
+        for v, per in report["lambda_drift"].items():
+            for layer, d in per.items():
+                ch = "n/a" if d["change"] is None else f"{d['change'] * 100:+.0f}%"
+                lines.append(f"| {v} | {layer} | {d['start']:.3g} | {d['end']:.3g} | {ch} | "
+                             f"{d['end_min']:.3g} – {d['end_max']:.3g} | {d['seeds']} |")
+    if report.get("harness"):
+        lines += ["", "## lm-evaluation-harness tasks (lm-eval 0.4.13's own metrics, mean ± std over seeds)", "",
+                  "| variant | task | metric | value | seeds |", "|---|---|---|---|---|"]
+        for v, per in report["harness"].items():
+            for t, metrics in per.items():
+                for m, x in metrics.items():
+                    lines.append(f"| {v} | {t} | {m} | {x['mean']:.4f} ± {x['std']:.4f} | {x['seeds']} |")
     if report["noise_sweep"]:
         lines += ["", "## Embedding-noise sweep (flexible-extract accuracy, %)", ""]
         for v, per in report["noise_sweep"].items():

@@ -509,9 +509,10 @@ class Run:
             try:
                 with output_dir(dest, "eval", inputs=[m["model_dir"]], flag="eval directory") as tmp:
                     evaluate_model(m["model_dir"], list(e.tasks), tmp, engine=e.engine, shots=e.shots, limit=e.limit,
-                                   max_new_tokens=e.max_new_tokens, chat_template=e.chat_template,
+                                   max_new_tokens=e.max_new_tokens, chat=None if e.chat == "none" else e.chat,
                                    gsm8k_path=self.eval_gsm8k_path(), synthetic_settings=self.recipe.data.synthetic,
                                    dip_mode=e.dip_mode, noise_sigmas=list(e.noise_sigmas), progress=self.progress,
+                                   harness_tasks=list(e.harness_tasks), answer_nll=e.answer_nll,
                                    label=name, trust_remote_code=self.recipe.model.trust_remote_code)
                     write_json_atomic(tmp / "inputs.json", {"key": key})
             except DipnetError as exc:
@@ -525,7 +526,9 @@ class Run:
     def _eval_key(self, m: dict) -> str:
         from dipnet.eval.evaluate import model_fingerprint
 
-        return _hash([model_fingerprint(m["model_dir"]), self.recipe.section_hash("eval", "data")])
+        from dipnet.eval.tasks import PROMPTS_VERSION
+
+        return _hash([model_fingerprint(m["model_dir"]), self.recipe.section_hash("eval", "data"), PROMPTS_VERSION])
 
     def stage_report(self) -> dict:
         from dipnet.pipeline.report import write_report
@@ -579,6 +582,11 @@ def run_pipeline(recipe: Recipe, *, from_stage: str | None = None, only: str | N
         tmp.write_text(f"# resolved from {recipe_path or 'recipe'} at {_now()}\n" +
                        yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         os.replace(tmp, resolved)
+        from dipnet.pipeline.env import collect_env
+
+        # The stack that ran (or last ran) this directory's stages: `dipnet env`, as data.
+        run.manifest.data["environment"] = collect_env()
+        run.manifest.save()
         forced = False
         for stage in STAGES:
             if only_set and stage not in only_set:

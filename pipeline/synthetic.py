@@ -98,11 +98,15 @@ def generate_split(n: int, seed: int, *, ood: bool, exclude: set[str] = frozense
 
 
 def generate_splits(n_train: int, n_test: int, seed: int) -> dict[str, list[dict]]:
-    """train / test-id / test-ood; test-id never repeats a train question."""
+    """train / test-id / test-ood / val; test-id and val never repeat a train question, and
+    val never a test-id one. val (for choosing hyper-parameters) comes from its own seed, so
+    adding it changed no other split."""
     train = generate_split(n_train, seed, ood=False)
     test_id = generate_split(n_test, seed + 1, ood=False, exclude={r["question"] for r in train})
     test_ood = generate_split(n_test, seed + 2, ood=True)
-    return {"train": train, "test-id": test_id, "test-ood": test_ood}
+    val = generate_split(n_test, seed + 3, ood=False,
+                         exclude={r["question"] for r in train} | {r["question"] for r in test_id})
+    return {"train": train, "test-id": test_id, "test-ood": test_ood, "val": val}
 
 
 def write_splits(out_dir: str | Path, n_train: int, n_test: int, seed: int) -> dict[str, Path]:

@@ -171,6 +171,36 @@ def build_optimizer(model, recipe: Recipe):
     return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95))
 
 
+def sam_perturb(module, batch: dict, loss_fn, rho: float, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """SAM's ascent (Foret et al. 2021): w ← w + ρ·g/‖g‖ with g the gradient of this micro-batch's
+    loss, averaged over ranks so every replica moves the same way. Returns (param, saved value)
+    pairs for `sam_restore`. The gradient is taken with autograd directly, outside DeepSpeed's
+    buffers, so the engine's own backward afterwards sees only the perturbed point's gradient.
+    Needs whole weights on every rank: ZeRO 0-2 (the recipe refuses ZeRO-3)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    grads = torch.autograd.grad(loss_fn(logits), params, allow_unused=True)
+    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)])
+    if world > 1:
+        torch.distributed.all_reduce(flat)
+        flat /= world
+    scale = rho / (flat.norm() + 1e-12)
+    saved, offset = [], 0
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            saved.append((p, p.detach().clone()))
+            p.add_((flat[offset:offset + n] * scale).view_as(p).to(p.dtype))
+            offset += n
+    return saved
+
+
+def sam_restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for p, value in saved:
+            p.copy_(value)
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < warmup:
@@ -475,13 +505,21 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
         for idx in micro_batches:
             batch = collate([examples[i] for i in idx], pad)
             batch = {k: v.to(device) for k, v in dipmod.repeat_for_trajectories(batch, m).items()}
+
+            def objective(logits, batch=batch, module=engine.module):
+                return dipmod.dip_objective(logits, batch["labels"], m, module, alpha, beta, gamma, d.prior_reduction)
+
+            sam_saved = (sam_perturb(engine.module, batch, lambda lg: objective(lg)["loss"], t.sam_rho, world)
+                         if t.optimizer == "sam" else None)
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            terms = dipmod.dip_objective(logits, batch["labels"], m, engine.module, alpha, beta, gamma)
+            terms = objective(logits)
             if fault_kill == (rank, step + 1):  # fault injection (tests): die mid-step, like kill -9
                 os.kill(os.getpid(), signal.SIGKILL)
             if fault_nan == step + 1:
                 terms["loss"] = terms["loss"] * float("nan")
             engine.backward(terms["loss"])
+            if sam_saved is not None:  # SAM: the update uses the perturbed point's gradient, from w
+                sam_restore(sam_saved)
             engine.step()
             if slow:
                 time.sleep(slow)

@@ -25,6 +25,7 @@ def test_splits_disjoint_and_ood_is_harder():
     train_q = {r["question"] for r in s["train"]}
     assert not train_q & {r["question"] for r in s["test-id"]}
     assert not train_q & {r["question"] for r in s["test-ood"]}
+    assert not (train_q | {r["question"] for r in s["test-id"]}) & {r["question"] for r in s["val"]}
     steps = lambda rows: max(r["answer"].count("\n") for r in rows)  # noqa: E731
     assert steps(s["train"]) == 2 and steps(s["test-ood"]) == 3
     # OOD names and templates never appear in training questions.
@@ -38,7 +39,7 @@ def test_splits_disjoint_and_ood_is_harder():
 
 def test_dataset_dict():
     dd = synthetic.as_dataset_dict(20, 10, 3)
-    assert set(dd) == {"train", "test-id", "test-ood"} and len(dd["train"]) == 20
+    assert set(dd) == {"train", "test-id", "test-ood", "val"} and len(dd["train"]) == 20
 
 
 @pytest.mark.parametrize("i", range(9))

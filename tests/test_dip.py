@@ -142,10 +142,15 @@ def test_objective_terms_match_hand_computed():
     a, b, c = math.log(0.5), math.log(math.e / (math.e + 1)), math.log(math.e ** 2 / (1 + math.e ** 2))
     nll = -(a + b + c + b) / 4
     var = ((a - c) / 2) ** 2 / 2  # per-token population variance over 2 trajectories, averaged over 2 tokens
-    prior = alpha * (0.01 + 0.02) / 2 - beta * (math.log(0.01) + math.log(0.02)) / 2
+    n = sum(p.log_variance.numel() for _, p in dip.projections(model))
+    at_min = beta - beta * math.log(beta / alpha)  # α·λ − β·ln λ at λ = β/α
+    h = n // 2  # half the features at λ = 0.01, half at 0.02
+    prior = h * (alpha * 0.01 - beta * math.log(0.01)) + h * (alpha * 0.02 - beta * math.log(0.02)) - n * at_min
+    assert dip.dip_prior(model, alpha, beta, "mean").item() == pytest.approx(prior / n, rel=1e-5)
+    t = dip.dip_objective(logits, labels, 2, model, alpha, beta, gamma)
     assert t["nll"].item() == pytest.approx(nll, rel=1e-6)
     assert t["var_penalty"].item() == pytest.approx(var, rel=1e-5)
-    assert t["prior"].item() == pytest.approx(prior, rel=1e-6)
+    assert t["prior"].item() == pytest.approx(prior, rel=1e-5) and t["prior"].item() > 0
     assert t["loss"].item() == pytest.approx(nll + prior + gamma * var, rel=1e-6)
 
 
@@ -181,6 +186,29 @@ def test_baselines_attach_as_specified():
     assert 0 < (noisy - clean).abs().max() <= bound
     dip.set_dip_mode(m, "mean")
     assert torch.equal(emb(x), clean)
+
+
+def test_neftune_follows_the_reference_length_and_padding_convention():
+    """α/sqrt(L_i·d) with L_i each example's unpadded length, and no noise on pad positions."""
+    from dipnet.pipeline.recipe import DipSettings
+
+    assert dip.DipConfig.from_settings(DipSettings(method="neftune")).noise_scale == 5.0
+    assert dip.DipConfig.from_settings(DipSettings(method="input_noise")).noise_scale == 0.1
+    m = _model("llama")
+    dip.attach_dip(m, dip.DipConfig(method="neftune", noise_scale=5.0))
+    emb = m.get_input_embeddings()
+    seen = []
+    h = emb.register_forward_hook(lambda _m, _a, out: seen.append(out.detach().clone()))
+    x = torch.randint(3, 128, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 4:] = 0  # example 1: 4 real tokens, 6 pads
+    m(input_ids=x, attention_mask=mask)
+    h.remove()
+    delta = seen[0] - torch.nn.functional.embedding(x, emb.weight)
+    d = delta.shape[-1]
+    assert delta[1, 4:].abs().max() == 0  # pads clean
+    assert 0.8 * 5 / math.sqrt(10 * d) < delta[0].abs().max() <= 5 / math.sqrt(10 * d) + 1e-7
+    assert 5 / math.sqrt(10 * d) < delta[1, :4].abs().max() <= 5 / math.sqrt(4 * d) + 1e-7
 
 
 def test_layers_restrict_and_errors():

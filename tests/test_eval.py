@@ -74,11 +74,14 @@ def test_gsm8k_gold_answers_score_100(tmp_path):
 @pytest.mark.skipif(not (SHARED_GSM8K / "test.jsonl").is_file(), reason="../shared/data/gsm8k not present")
 def test_gsm8k_prompt_is_lm_eval_format():
     t = build_task("gsm8k", shots=5, gsm8k_path=str(SHARED_GSM8K))
-    p = t.prompt(t.problems[0]["question"])
+    p = t.prompt(0)
     assert p.count("Question: ") == 6 and p.endswith(f"Question: {t.problems[0]['question']}\nAnswer:")
     assert "\n\nQuestion: " in p and p.split("\n\n")[0].split("\nAnswer: ")[1].rstrip().split("#### ")[-1].strip().replace(",", "").isdigit()
     assert t.stops[0] == "Question:" and len(t.problems) == 1319
-    assert build_task("gsm8k", shots=5, gsm8k_path=str(SHARED_GSM8K)).shots == t.shots  # deterministic shots
+    assert build_task("gsm8k", shots=5, gsm8k_path=str(SHARED_GSM8K)).shot_sets == t.shot_sets  # deterministic
+    assert t.shot_sets[0] != t.shot_sets[1]  # drawn afresh for every question, as lm-eval does
+    # The first N problems get the same shots whatever N is (lm-eval's --limit).
+    assert build_task("gsm8k", shots=5, limit=7, gsm8k_path=str(SHARED_GSM8K)).shot_sets == t.shot_sets[:7]
     tp = build_task("gsm8k-perturbed", gsm8k_path=str(SHARED_GSM8K), limit=10)
     assert all(a["answer"] == b["answer"] for a, b in zip(tp.problems, t.problems[:10]))
     assert all(a["question"] != b["question"] for a, b in zip(tp.problems, t.problems[:10]))
@@ -129,6 +132,12 @@ def test_vllm_and_hf_agree_and_results_complete(exported, tmp_path):
         for sc in ("strict-match", "flexible-extract"):
             assert set(r["scores"][sc]) == {"accuracy", "correct", "n", "ci95"}
         assert r["setup"]["stop"][0] == "Question:" and r["setup"]["shots"] == 0
+        # NLL from vLLM's prompt logprobs equals the transformers forward pass.
+        assert abs(r["teacher_forced"]["answer_nll"] - rh["tasks"][t]["teacher_forced"]["answer_nll"]) <= 1e-3
+        assert r["teacher_forced"]["engine"] == "vllm" and rh["tasks"][t]["teacher_forced"]["engine"] == "hf"
+        per_v = [s["answer_nll"] for s in sv]
+        per_h = [s["answer_nll"] for s in sh]
+        assert max(abs(a - b) for a, b in zip(per_v, per_h)) <= 1e-3
     assert rv["engine"] == "vllm" and rv["engine_version"].startswith("vllm") and len(rv["model_fingerprint"]) == 16
     # It learned the format: the untrained-on-problems base sits at an answer NLL of ~5.6.
     assert rv["tasks"]["arith-id"]["teacher_forced"]["answer_nll"] < 1.5
@@ -142,7 +151,7 @@ def test_average_k1_without_noise_equals_mean(exported):
 
     model, tok = load_hf(exported, dip_mode="mean")
     task = build_task("arith-id", limit=16)
-    prompts = [tok(task.prompt(p["question"])).input_ids for p in task.problems]
+    prompts = [tok(task.prompt(i)).input_ids for i in range(len(task.problems))]
     mean = greedy_generate(model, tok, prompts, 32, task.stops, k=1)
     dip.set_dip_mode(model, "mean")  # no noise
     avg = greedy_generate(model, tok, prompts, 32, task.stops, k=1)
@@ -167,7 +176,7 @@ def test_hf_noise_sweep_and_average_mode(exported, tmp_path):
 
     model, tok = load_hf(exported)
     task = build_task("arith-id", limit=8)
-    prompts = [tok(task.prompt(p["question"])).input_ids for p in task.problems]
+    prompts = [tok(task.prompt(i)).input_ids for i in range(len(task.problems))]
     clean = greedy_generate(model, tok, prompts, 24, task.stops)
     with embedding_noise(model, 0.0, seed=0):
         assert greedy_generate(model, tok, prompts, 24, task.stops) == clean
@@ -177,7 +186,8 @@ def test_hf_noise_sweep_and_average_mode(exported, tmp_path):
 
 @pytest.mark.slow
 def test_cli_eval_and_rescore(exported, tmp_path):
-    res = run_cli("eval", exported, "--tasks", "arith-id", "--engine", "hf", "--limit", "8", "--out", tmp_path / "e")
+    res = run_cli("eval", exported, "--tasks", "arith-id", "--engine", "hf", "--limit", "8", "--max-new-tokens", "32",
+                  "--out", tmp_path / "e")
     assert res.returncode == 0, res.stderr[-1500:]
     res2 = run_cli("eval", "--predictions", tmp_path / "e" / "samples_arith-id.jsonl", "--task", "arith-id",
                    "--out", tmp_path / "r")

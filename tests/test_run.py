@@ -45,6 +45,9 @@ def test_stages_run_skip_from_only_and_invalidate(tmp_path, tiny_base_dir):
     run_dir = tmp_path / "fast"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert all(manifest["stages"][s]["status"] == "completed" for s in STAGES)
+    import torch
+
+    assert manifest["environment"]["torch"]["version"] == torch.__version__  # `dipnet env`, as data
     for s in ("base", "convert", "preprocess", "train", "export", "eval"):
         assert (run_dir / s).is_dir(), s
     assert (run_dir / "recipe.yaml").is_file() and (run_dir / "report.md").is_file()
@@ -66,13 +69,28 @@ def test_stages_run_skip_from_only_and_invalidate(tmp_path, tiny_base_dir):
     r4b = run_cli("report", run_dir, "--no-smoothness", cwd=tmp_path)  # regenerated from stored results
     assert r4b.returncode == 0 and (run_dir / "report.md").is_file() and "| main |" in r4b.stdout
 
-    # Changing what eval reads re-runs eval and report only.
-    r5 = run_cli("run", p, "eval.limit=4", cwd=tmp_path)
+    # Changing what eval reads re-runs eval and report only; a harness task gets its report row.
+    r5 = run_cli("run", p, "eval.limit=4", "eval.harness_tasks=[dipnet_arith_id]", cwd=tmp_path)
     assert r5.returncode == 0, r5.stderr[-2000:]
     log = stage_log(r5.stdout)
     assert [s for s in STAGES if log[s] == "ran"] == ["eval", "report"]
     res = json.loads((run_dir / "eval" / "main-s0" / "results.json").read_text())
     assert res["tasks"]["arith-id"]["n"] == 4
+    assert set(res["harness"]["dipnet_arith_id"]) == {"exact_match,strict-match", "exact_match,flexible-extract"}
+    assert list((run_dir / "eval" / "main-s0" / "harness").glob("*/samples_dipnet_arith_id_*.jsonl"))
+    assert "| main | dipnet_arith_id | exact_match,flexible-extract |" in (run_dir / "report.md").read_text()
+
+
+def test_env_command():
+    res = run_cli("env", "--json")
+    assert res.returncode == 0, res.stderr[-1000:]
+    env = json.loads(res.stdout)
+    import torch
+
+    assert env["torch"]["version"] == torch.__version__ and env["packages"]["transformers"]
+    assert "cpu_adam" in env["deepspeed_ops"]
+    text = run_cli("env", "--no-ops")
+    assert text.returncode == 0 and "vLLM build" in text.stdout and len(text.stdout.splitlines()) <= 40
 
 
 def test_lock_refuses_second_run(tmp_path):

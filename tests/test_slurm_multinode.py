@@ -51,15 +51,22 @@ def _launch(p, *extra):
 
 
 def _wait(run, timeout=600):
-    """Wait for the chain; a requeued job is held ~2 minutes by Slurm (PENDING, reason BeginTime):
-    release it at once, which changes nothing in what dipnet does."""
+    """Wait for the chain. Slurm holds a requeued job ~2 minutes (PENDING, reason BeginTime) while
+    it cleans up the old start; after 10 s of that, release it (sooner, the new start can find its
+    credential revoked and fail), which changes nothing in what dipnet does."""
     jobs = [j["job_id"] for j in json.loads((run / "slurm" / "jobs.json").read_text())["jobs"]]
     deadline = time.time() + timeout
+    held_since: dict[str, float] = {}
     while time.time() < deadline:
         states = [slurm.settled_state(j) for j in jobs]
         for j, (state, reason) in zip(jobs, states):
             if state == "PENDING" and reason == "BeginTime":
-                subprocess.run(["scontrol", "update", f"JobId={j}", "StartTime=now"], capture_output=True)
+                held_since.setdefault(j, time.time())
+                if time.time() - held_since[j] > 10:
+                    subprocess.run(["scontrol", "update", f"JobId={j}", "StartTime=now"], capture_output=True)
+                    held_since.pop(j)
+            else:
+                held_since.pop(j, None)
         if all(state in slurm.TERMINAL for state, _ in states):
             break
         time.sleep(0.5)

