@@ -105,6 +105,28 @@ def lambda_drift(entries: dict) -> dict:
     return out
 
 
+def paired_difference(data: dict, variant: str, baseline: str, task: str, resamples: int) -> dict | None:
+    """variant − baseline on one task: accuracy (flexible-extract) and answer NLL, paired bootstrap
+    over problems and seeds, with the minimum detectable effect and the seeds the observed one needs."""
+    a = [[float(s["correct"]["flexible-extract"]) for s in e["samples"].get(task, [])] for e in data[variant].values()]
+    b = [[float(s["correct"]["flexible-extract"]) for s in e["samples"].get(task, [])] for e in data[baseline].values()]
+    if not a or not b or not a[0] or len(a[0]) != len(b[0]):
+        return None
+    d, lo, hi = paired_bootstrap(a, b, resamples=resamples)
+    # Minimum detectable effect (80% power, two-sided 5%): 2.8 standard errors, the SE read off
+    # the bootstrap interval; the seeds that would make the observed effect detectable, if the SE
+    # shrinks as 1/sqrt(seeds) (seed variance dominating).
+    mde = 2.8 * (hi - lo) / 3.92
+    need = math.ceil(len(a) * (mde / abs(d)) ** 2) if d else None
+    out = {"accuracy": {"diff": d, "ci95": [lo, hi], "mde": mde, "seeds_needed": need}, "answer_nll": None}
+    na = [[s.get("answer_nll") for s in e["samples"][task]] for e in data[variant].values()]
+    nb = [[s.get("answer_nll") for s in e["samples"][task]] for e in data[baseline].values()]
+    if all(x is not None for row in na + nb for x in row):
+        dn, lon, hin = paired_bootstrap(na, nb, resamples=resamples, seed=1)
+        out["answer_nll"] = {"diff": dn, "ci95": [lon, hin]}
+    return out
+
+
 def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000, data: dict | None = None) -> dict:
     data = collect(run_dir) if data is None else data
     tasks = sorted({t for v in data.values() for e in v.values() for t in e["results"]["tasks"]})
@@ -156,26 +178,12 @@ def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000, da
         for variant in data:
             if variant in (baseline, "base"):
                 continue
-            report["differences"][variant] = {}
-            for t in tasks:
-                a = [[float(s["correct"]["flexible-extract"]) for s in e["samples"].get(t, [])] for e in data[variant].values()]
-                b = [[float(s["correct"]["flexible-extract"]) for s in e["samples"].get(t, [])] for e in data[baseline].values()]
-                if not a or not b or not a[0] or len(a[0]) != len(b[0]):
-                    continue
-                d, lo, hi = paired_bootstrap(a, b, resamples=resamples)
-                # Minimum detectable effect (80% power, two-sided 5%): 2.8 standard errors, the SE
-                # read off the bootstrap interval; the seeds that would make the observed effect
-                # detectable, if the SE shrinks as 1/sqrt(seeds) (seed variance dominating).
-                se = (hi - lo) / 3.92
-                mde = 2.8 * se
-                need = math.ceil(len(a) * (mde / abs(d)) ** 2) if d else None
-                report["differences"][variant][t] = {"accuracy": {"diff": d, "ci95": [lo, hi], "mde": mde,
-                                                                  "seeds_needed": need}, "answer_nll": None}
-                na = [[s.get("answer_nll") for s in e["samples"][t]] for e in data[variant].values()]
-                nb = [[s.get("answer_nll") for s in e["samples"][t]] for e in data[baseline].values()]
-                if all(x is not None for row in na + nb for x in row):
-                    dn, lon, hin = paired_bootstrap(na, nb, resamples=resamples, seed=1)
-                    report["differences"][variant][t]["answer_nll"] = {"diff": dn, "ci95": [lon, hin]}
+            report["differences"][variant] = {t: d for t in tasks
+                                              if (d := paired_difference(data, variant, baseline, t, resamples))}
+    # The control that tells learned from fixed noise: the same projections with λ frozen.
+    if "dip" in data and "dip_fixed" in data and baseline != "dip_fixed":
+        report["learned_vs_fixed"] = {t: d for t in tasks
+                                      if (d := paired_difference(data, "dip", "dip_fixed", t, resamples))}
     report["summary"] = summary_sentences(report)
     return report
 
@@ -217,6 +225,11 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
     lines = [f"# DIP study report: {Path(report['run_dir']).name}", ""]
     lines += ["## Summary", ""] + [f"- {s}" for s in report["summary"]] + [""]
     lines += ["## Accuracy (flexible-extract / strict-match, %, mean ± std over seeds) and answer NLL", ""]
+    val = [t for t in report["tasks"] if t.endswith("-val")]
+    if val:
+        tests = [t for t in report["tasks"] if t not in val]
+        lines += [f"{', '.join(val)}: validation split, the only one hyper-parameters are chosen on"
+                  + (f"; {', '.join(tests)}: test splits, untouched by selection." if tests else "."), ""]
     hdr = "| variant | seeds | " + " | ".join(report["tasks"]) + " |"
     lines += [hdr, "|" + "---|" * (len(report["tasks"]) + 2)]
     for v, per in report["variants"].items():
@@ -238,6 +251,16 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
             need = a.get("seeds_needed")
             lines.append(f"| {v} | {t} | {a['diff'] * 100:+.1f} | [{a['ci95'][0] * 100:+.1f}, {a['ci95'][1] * 100:+.1f}] | "
                          f"±{a.get('mde', 0) * 100:.1f} | {need if need is not None else '—'} | {nll} |")
+    if report.get("learned_vs_fixed"):
+        lines += ["", "## Learned vs fixed noise: `dip` − `dip_fixed` (same projections, λ frozen at init)", "",
+                  "| task | Δ accuracy (points) | CI | detectable (80% power) | seeds for this Δ | Δ answer NLL | CI |",
+                  "|---|---|---|---|---|---|---|"]
+        for t, d in report["learned_vs_fixed"].items():
+            a, n = d["accuracy"], d["answer_nll"]
+            nll = f"{n['diff']:+.3f} | [{n['ci95'][0]:+.3f}, {n['ci95'][1]:+.3f}]" if n else "— | —"
+            need = a.get("seeds_needed")
+            lines.append(f"| {t} | {a['diff'] * 100:+.1f} | [{a['ci95'][0] * 100:+.1f}, {a['ci95'][1] * 100:+.1f}] | "
+                         f"±{a['mde'] * 100:.1f} | {need if need is not None else '—'} | {nll} |")
     lines += ["", "## Cost (relative to the baseline)", "",
               "| variant | step time (s) | tokens/s | peak mem (MB) | train wall (s) | × step time | × FLOPs |",
               "|---|---|---|---|---|---|---|"]
