@@ -7,7 +7,9 @@ sockets and temporary files stay under `workdir`.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -56,26 +58,60 @@ def version() -> str:
     return "unknown"
 
 
+@contextlib.contextmanager
+def engine_output_to(log: Path):
+    """The process's stdout and stderr (file descriptors 1 and 2, so C++ and worker-process output
+    too) go to `log` while the engine works: its warnings, kernel registrations and progress bars
+    belong in the stage's log, not on a person's console."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log, "ab") as f:
+        os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        os.close(saved[0]), os.close(saved[1])
+
+
+def log_tail(log: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
 class VllmEngine:
-    """One engine per model directory; `generate` takes token-id prompts."""
+    """One engine per model directory; `generate` takes token-id prompts. Everything the engine
+    prints goes to `workdir/engine.log` (its last 20 lines are shown if it fails to start)."""
 
     def __init__(self, model_dir: str | Path, workdir: str | Path, max_model_len: int, seed: int = 0):
         os.environ.update(vllm_environment(workdir))
         tempfile.tempdir = None  # re-read TMPDIR
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise UsageError(f"engine vllm is not installed: {INSTALL_HINT}") from None
+        self.log = Path(workdir) / "engine.log"
         kwargs = dict(model=str(model_dir), seed=seed, max_model_len=max_model_len, trust_remote_code=False)
         if _has_cuda():
             kwargs.update(dtype="bfloat16")
         else:
             kwargs.update(dtype="float32", enforce_eager=True, max_num_seqs=256)
-        try:
-            self.llm = LLM(**kwargs)
-        except Exception as exc:  # the engine's own reason, in one line
-            msg = " ".join(str(exc).split())[:300] or type(exc).__name__
-            raise RunError(f"vLLM engine failed to start for {model_dir}: {msg}") from None
+        failure = None
+        with engine_output_to(self.log):
+            try:
+                from vllm import LLM
+            except ImportError:
+                failure = UsageError(f"engine vllm is not installed: {INSTALL_HINT}")
+            else:
+                try:
+                    self.llm = LLM(**kwargs)
+                except Exception as exc:  # the engine's own reason, in one line
+                    msg = " ".join(str(exc).split())[:300] or type(exc).__name__
+                    failure = RunError(f"vLLM engine failed to start for {model_dir}: {msg}")
+        if failure is not None:
+            if isinstance(failure, RunError):
+                print(f"--- last lines of {self.log} ---\n{log_tail(self.log)}\n---", file=sys.stderr)
+            raise failure
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stops: list[str]) -> list[tuple[str, list[int]]]:
         from vllm import SamplingParams
@@ -84,7 +120,8 @@ class VllmEngine:
         # As lm-eval's vLLM backend: greedy, special tokens kept in the text, stop strings cut it.
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=stops, skip_special_tokens=False,
                                 spaces_between_special_tokens=False)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        with engine_output_to(self.log):
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return [(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in outs]
 
     def prompt_logprobs(self, seqs: list[list[int]]) -> list[list[tuple[float, int]]]:
@@ -94,7 +131,8 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
+        with engine_output_to(self.log):
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
         return [[(lp[t].logprob, lp[t].rank) for t, lp in zip(s[1:], o.prompt_logprobs[1:])]
                 for s, o in zip(seqs, outs)]
 
@@ -113,9 +151,10 @@ class VllmEngine:
 
         llm = getattr(self, "llm", None)
         if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:
-                pass
+            with engine_output_to(self.log):
+                try:
+                    llm.llm_engine.engine_core.shutdown()
+                except Exception:
+                    pass
         self.llm = None
         gc.collect()

@@ -505,7 +505,6 @@ class Run:
                     _read_key(dest / "inputs.json") == key:
                 out[name] = {**m, "results": str(dest / "results.json"), "key": key}
                 continue
-            self.say(f"  evaluating {name} ({e.engine})")
             try:
                 with output_dir(dest, "eval", inputs=[m["model_dir"]], flag="eval directory") as tmp:
                     evaluate_model(m["model_dir"], list(e.tasks), tmp, engine=e.engine, shots=e.shots, limit=e.limit,
