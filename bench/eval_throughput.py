@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 
 
-def make_25m(tmp: Path, tok_dir: Path) -> Path:
+def make_25m(tmp: Path, tok_dir: Path, max_position: int = 256) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dipnet.pipeline.models import copy_tokenizer_files
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=max_position,
                       bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
     d = tmp / "llama25m"
     LlamaForCausalLM(cfg).save_pretrained(d)

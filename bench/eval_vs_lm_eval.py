@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def pick_model(tmp: Path, arg: str | None) -> tuple[Path, int, int]:
@@ -36,20 +37,12 @@ def pick_model(tmp: Path, arg: str | None) -> tuple[Path, int, int]:
         return pretrained_base("smollm2-135m-instruct", progress=False), -1, 256
     except UsageError as exc:
         print(f"SmolLM2 unavailable ({exc}); using a 25M random Llama, 0-shot")
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from eval_throughput import make_25m  # the same 25M Llama, with a context for GSM8K prompts
 
     from dipnet.pipeline.base_model import tiny_base
-    from dipnet.pipeline.models import copy_tokenizer_files
     from dipnet.pipeline.recipe import TinyBaseSettings
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
-    d = tmp / "llama25m"
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    copy_tokenizer_files(tiny_base(TinyBaseSettings(), seed=0, progress=False), d)
+    d = make_25m(tmp, tiny_base(TinyBaseSettings(), seed=0, progress=False), max_position=2048)
     return d, 0, 64
 
 

@@ -221,6 +221,15 @@ def _fmt(x, pct=True):
     return f"{x * 100:.1f}" if pct else f"{x:.3f}"
 
 
+def _difference_cells(d: dict) -> str:
+    """Δ accuracy, its CI, the detectable effect, the seeds it needs, Δ NLL and its CI (table cells)."""
+    a, n = d["accuracy"], d["answer_nll"]
+    nll = f"{n['diff']:+.3f} | [{n['ci95'][0]:+.3f}, {n['ci95'][1]:+.3f}]" if n else "— | —"
+    need = a.get("seeds_needed")
+    return (f"{a['diff'] * 100:+.1f} | [{a['ci95'][0] * 100:+.1f}, {a['ci95'][1] * 100:+.1f}] | "
+            f"±{a.get('mde', 0) * 100:.1f} | {need if need is not None else '—'} | {nll}")
+
+
 def render_markdown(report: dict, plots: list[Path]) -> str:
     lines = [f"# DIP study report: {Path(report['run_dir']).name}", ""]
     lines += ["## Summary", ""] + [f"- {s}" for s in report["summary"]] + [""]
@@ -246,21 +255,13 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for v, per in report["differences"].items():
         for t, d in per.items():
-            a, n = d["accuracy"], d["answer_nll"]
-            nll = f"{n['diff']:+.3f} | [{n['ci95'][0]:+.3f}, {n['ci95'][1]:+.3f}]" if n else "— | —"
-            need = a.get("seeds_needed")
-            lines.append(f"| {v} | {t} | {a['diff'] * 100:+.1f} | [{a['ci95'][0] * 100:+.1f}, {a['ci95'][1] * 100:+.1f}] | "
-                         f"±{a.get('mde', 0) * 100:.1f} | {need if need is not None else '—'} | {nll} |")
+            lines.append(f"| {v} | {t} | {_difference_cells(d)} |")
     if report.get("learned_vs_fixed"):
         lines += ["", "## Learned vs fixed noise: `dip` − `dip_fixed` (same projections, λ frozen at init)", "",
                   "| task | Δ accuracy (points) | CI | detectable (80% power) | seeds for this Δ | Δ answer NLL | CI |",
                   "|---|---|---|---|---|---|---|"]
         for t, d in report["learned_vs_fixed"].items():
-            a, n = d["accuracy"], d["answer_nll"]
-            nll = f"{n['diff']:+.3f} | [{n['ci95'][0]:+.3f}, {n['ci95'][1]:+.3f}]" if n else "— | —"
-            need = a.get("seeds_needed")
-            lines.append(f"| {t} | {a['diff'] * 100:+.1f} | [{a['ci95'][0] * 100:+.1f}, {a['ci95'][1] * 100:+.1f}] | "
-                         f"±{a['mde'] * 100:.1f} | {need if need is not None else '—'} | {nll} |")
+            lines.append(f"| {t} | {_difference_cells(d)} |")
     lines += ["", "## Cost (relative to the baseline)", "",
               "| variant | step time (s) | tokens/s | peak mem (MB) | train wall (s) | × step time | × FLOPs |",
               "|---|---|---|---|---|---|---|"]

@@ -700,3 +700,38 @@ def test_failed_command_prints_no_library_chatter(tmp_path, tiny_base_dir):
     res = subprocess.run([sys.executable, "-m", "dipnet.pipeline.cli", "convert", str(d), "--out",
                           str(tmp_path / "c"), "--layers", "9"], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "gsm8k\nmalicious: 1", ".hidden", "x" * 101, ""])
+def test_harness_task_names_cannot_become_paths(capsys, tmp_path, name):
+    """eval.harness_tasks names reach lm-eval's output file names: refused at the flag, one line."""
+    rc, _, err = cli(capsys, "eval", tmp_path, "--harness-tasks", f"{name},gsm8k", "--out", tmp_path / "e")
+    lines = [x for x in err.splitlines() if x.strip()]
+    if name == "":  # an empty name is just skipped by the comma split; the model dir is then refused
+        assert rc == 2 and len(lines) == 1
+    else:
+        assert rc == 2 and len(lines) == 1 and "harness" in lines[0], err
+    assert not (tmp_path / "e").exists()
+
+
+def test_gsm8k_path_cannot_inject_into_harness_task_files(tmp_path):
+    """A data directory whose name carries YAML (newlines, tags) is written as a quoted string:
+    lm-eval's task file names exactly that directory and nothing else."""
+    import shutil
+
+    import yaml
+    from conftest import SHARED_GSM8K
+
+    from dipnet.eval.harness import write_local_tasks
+
+    if not (SHARED_GSM8K / "test.jsonl").is_file():
+        pytest.skip("../shared/data/gsm8k not present")
+    evil = tmp_path / "d\ninclude: passwd\n!!python.object.apply:os.system ['touch x']"
+    evil.mkdir()
+    for f in ("train.jsonl", "test.jsonl"):
+        shutil.copy(SHARED_GSM8K / f, evil / f)
+    d = write_local_tasks(tmp_path / "tasks", gsm8k_path=str(evil))
+    cfg = yaml.safe_load((d / "gsm8k.yaml").read_text())  # safe_load: any tag would raise here
+    assert cfg["dataset_kwargs"]["data_files"]["test"] == str((evil / "test.jsonl").resolve())
+    assert cfg["include"].endswith("gsm8k.yaml") and "passwd" not in cfg["include"]
+    assert not (tmp_path / "x").exists() and not (d / "x").exists()
