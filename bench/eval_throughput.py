@@ -1,11 +1,13 @@
 """Generated tokens/s: vLLM vs transformers batched `generate` vs one prompt at a time.
 
-256 prompts x 64 new tokens (EOS ignored, so every engine generates the same count), greedy,
-on the tiny base and on a ~25M-parameter Llama (hidden 512, 8 layers, head dim 64; random
-weights: throughput does not depend on them). All engines run in this process, one after
-another, and the ratios are printed side by side.
+256 prompts x 64 new tokens (EOS ignored, so every engine generates the same count), greedy, on
+the tiny base, a ~25M-parameter Llama (hidden 512, 8 layers, head dim 64; random weights:
+throughput does not depend on them) and SmolLM2-135M-Instruct (the real model, on GSM8K test
+questions in lm-eval's zero-shot `Question: ...\nAnswer:` form when ../shared/data/gsm8k is
+present). All engines run in this process, one after another, and the ratios are printed side
+by side. For each model, vLLM runs once per KV-cache size in `--kv-gib` (VLLM_CPU_KVCACHE_SPACE).
 
-    python bench/eval_throughput.py [--prompts 256] [--new 64] [--single 32] [--compiled]
+    python bench/eval_throughput.py [--models tiny,25m,smollm2] [--kv-gib 1,4] [--compiled]
 
 `--single N` times one-prompt-at-a-time generation on the first N prompts (it is slow) and
 reports its tokens/s. `--compiled` lets vLLM compile (CPU: slower start, faster steps).
@@ -38,15 +40,17 @@ def make_25m(tmp: Path, tok_dir: Path, max_position: int = 256) -> Path:
     return d
 
 
-def prompts_for(tok, n: int) -> list[list[int]]:
-    from dipnet.eval.tasks import build_task
+def prompts_for(tok, n: int, gsm8k: bool = False) -> list[list[int]]:
+    from dipnet.eval.tasks import build_task, default_gsm8k_dir
 
-    task = build_task("arith-id")
+    if gsm8k and default_gsm8k_dir() is not None:
+        task = build_task("gsm8k", shots=0, gsm8k_path=str(default_gsm8k_dir()))
+    else:
+        task = build_task("arith-id")
     return [tok(task.prompt(i % len(task.problems))).input_ids for i in range(n)]
 
 
-def hf_batched(model, prompts, new, batch):
-    pad = 3
+def hf_batched(model, prompts, new, batch, pad=3):
     n_tok = 0
     for s in range(0, len(prompts), batch):
         chunk = prompts[s:s + batch]
@@ -62,10 +66,12 @@ def hf_batched(model, prompts, new, batch):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="tiny,25m,smollm2")
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--single", type=int, default=32)
     ap.add_argument("--batch", type=int, default=64, help="hf batched generate batch size")
+    ap.add_argument("--kv-gib", default="1", help="comma list of VLLM_CPU_KVCACHE_SPACE values to try")
     ap.add_argument("--compiled", action="store_true")
     args = ap.parse_args(argv)
 
@@ -79,45 +85,62 @@ def main(argv=None):
     os.environ.update(vllm_environment(tmp / "vllm"))
     tempfile.tempdir = None
     tiny = tiny_base(TinyBaseSettings(), progress=False)
-    models = {"tiny (1M)": tiny, "llama 25M": make_25m(tmp, tiny)}
-    tok = AutoTokenizer.from_pretrained(tiny)
-    prompts = prompts_for(tok, args.prompts)
+    builders = {"tiny": lambda: ("tiny (1M)", tiny), "25m": lambda: ("llama 25M", make_25m(tmp, tiny)),
+                "smollm2": lambda: ("SmolLM2-135M", _smollm2())}
     print(f"{args.prompts} prompts x {args.new} new tokens, greedy, EOS ignored; torch threads {torch.get_num_threads()}")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    for name, d in models.items():
+    for key in args.models.split(","):
+        name, d = builders[key]()
+        tok = AutoTokenizer.from_pretrained(d)
+        prompts = prompts_for(tok, args.prompts, gsm8k=key == "smollm2")
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        single = args.single if key != "smollm2" else min(args.single, 8)
         model = AutoModelForCausalLM.from_pretrained(d).eval()
-        hf_batched(model, prompts[:2], 4, 2)  # warm-up
+        hf_batched(model, prompts[:2], 4, 2, pad)  # warm-up
         t0 = time.perf_counter()
-        n = hf_batched(model, prompts, args.new, args.batch)
+        n = hf_batched(model, prompts, args.new, args.batch, pad)
         hf_b = n / (time.perf_counter() - t0)
         t0 = time.perf_counter()
-        n = hf_batched(model, prompts[:args.single], args.new, 1)
+        n = hf_batched(model, prompts[:single], args.new, 1, pad)
         hf_1 = n / (time.perf_counter() - t0)
+        del model
 
-        t0 = time.perf_counter()
-        kw = dict(model=str(d), dtype="float32", max_model_len=256, seed=0, max_num_seqs=256)
-        if not args.compiled:
-            kw["enforce_eager"] = True
-        llm = LLM(**kw)
-        start_s = time.perf_counter() - t0
-        params = SamplingParams(temperature=0.0, max_tokens=args.new, ignore_eos=True)
-        llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[:8]], params, use_tqdm=False)  # warm-up
-        t0 = time.perf_counter()
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        vl = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:
-            pass
-        del llm
-        print(f"\n{name}: vLLM engine start {start_s:.1f}s ({'compiled' if args.compiled else 'eager'})")
-        print(f"{'engine':26s} {'tokens/s':>10s} {'vLLM ÷ this':>12s}")
-        for label, v in (("vllm (one batched call)", vl), (f"hf generate, batch {args.batch}", hf_b),
-                         ("hf generate, one at a time", hf_1)):
-            print(f"{label:26s} {v:10.0f} {vl / v:12.2f}")
+        rows = []
+        for kv in args.kv_gib.split(","):
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = kv
+            t0 = time.perf_counter()
+            kw = dict(model=str(d), dtype="float32", max_model_len=max(map(len, prompts)) + args.new, seed=0,
+                      max_num_seqs=256)
+            if not args.compiled:
+                kw["enforce_eager"] = True
+            llm = LLM(**kw)
+            start_s = time.perf_counter() - t0
+            params = SamplingParams(temperature=0.0, max_tokens=args.new, ignore_eos=True)
+            llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[:8]], params, use_tqdm=False)  # warm-up
+            t0 = time.perf_counter()
+            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+            rows.append((f"vllm, KV cache {kv} GiB", sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0), start_s))
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+            del llm
+        vl = max(v for _, v, _ in rows)
+        print(f"\n{name}: vLLM {'compiled' if args.compiled else 'eager'}, engine start {rows[0][2]:.1f}s; "
+              f"prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens")
+        print(f"{'engine':28s} {'tokens/s':>10s} {'best vLLM ÷ this':>17s}")
+        for label, v in [(lbl, v) for lbl, v, _ in rows] + [(f"hf generate, batch {args.batch}", hf_b),
+                                                          (f"hf generate, one at a time ({single})", hf_1)]:
+            print(f"{label:28s} {v:10.0f} {vl / v:17.2f}", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _smollm2():
+    from dipnet.pipeline.pretrained import pretrained_base
+
+    return pretrained_base("smollm2-135m-instruct", progress=False)
 
 
 if __name__ == "__main__":

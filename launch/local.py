@@ -130,13 +130,14 @@ def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
 
 
 def run_ranks(cmd: list[str], env: dict, log_path: Path, timeout_s: float, single: bool = False, port: int = 0,
-              stop=None, grace_s: float = 30.0) -> None:
+              stop=None, grace_s: float = 30.0, on_poll=None, poll_s: float = 2.0) -> None:
     """Run the launcher; raise RunError with the log's last error line if it fails.
 
     On a timeout, Ctrl-C/SIGTERM or a preemption of the caller, the ranks are asked to stop:
     `stop()` if given (under Slurm: signal the job's steps, which keeps srun's step alive while
     the ranks save), else SIGTERM to the launcher's process group; whatever is still running
     after `grace_s` is killed. Ranks finish their step and write a checkpoint on SIGTERM.
+    `on_poll()`, if given, is called every `poll_s` seconds while the ranks run (live progress).
     """
     if single:
         env = {**env, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -147,7 +148,16 @@ def run_ranks(cmd: list[str], env: dict, log_path: Path, timeout_s: float, singl
         log.flush()
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = proc.wait(timeout=timeout_s)
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    rc = proc.wait(timeout=max(0.0, min(poll_s, deadline - time.monotonic())))
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline:
+                        raise
+                    if on_poll is not None:
+                        on_poll()
         except subprocess.TimeoutExpired:
             _stop(proc, stop, grace_s)
             raise RunError(f"training timed out after {timeout_s:.0f}s (launch.timeout_s, or the Slurm job's time left); "

@@ -604,14 +604,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def expand_runs(recipe: Recipe) -> list[tuple[str, int, Recipe]]:
-    """The (variant, seed, recipe) triples a study trains. No variants: one run named 'main'."""
+    """The (variant, seed, recipe) triples a study trains, interleaved by seed (sft-s0, dip-s0,
+    sft-s1, dip-s1, ...): runs share one launch one after another, so interleaving spreads a
+    machine's drift over every variant instead of charging it to the last one trained.
+    No variants: one run named 'main'."""
     raw = recipe.to_dict()
     raw.pop("variants"), raw.pop("seeds")
     seeds = recipe.seeds or [recipe.run.seed]
     variants = recipe.variants or {"main": {}}
     runs = []
-    for name, ov in variants.items():
-        for seed in seeds:
+    for seed in seeds:
+        for name, ov in variants.items():
             r = Recipe.model_validate(apply_overrides(raw, {**flatten_overrides(ov), "run.seed": seed}))
             runs.append((name, seed, r))
     return runs

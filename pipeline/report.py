@@ -16,6 +16,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from statistics import median
+
 from dipnet.eval.metrics import mean, paired_bootstrap, std
 from dipnet.pipeline.errors import UsageError
 from dipnet.pipeline.plots import _plt, read_metrics
@@ -65,19 +67,33 @@ def collect(run_dir: Path) -> dict:
     return out
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _cost(entries: dict) -> dict:
+    """Per variant: the median over seeds of each run's median step time (every step timed, warm-up
+    excluded: train_summary.json's `step_time`), the runs' range, tokens/s, memory, wall time.
+    Runs from before per-step timing fall back to the logged steps."""
     steps, toks, mems, tokens_seen, walls = [], [], [], [], []
     for e in entries.values():
+        st = (e["summary"] or {}).get("step_time")
         rows = [r for r in e["metrics"] if r["step"] > 1]  # step 1 includes warm-up
-        if rows:
-            st = sorted(r["step_time_s"] for r in rows)
-            steps.append(st[len(st) // 2])
+        if isinstance(st, dict) and all(_finite(st.get(k)) for k in ("median_s", "tokens_per_s")):
+            steps.append(st["median_s"])
+            toks.append(st["tokens_per_s"])
+        elif rows:
+            logged = sorted(r["step_time_s"] for r in rows)
+            steps.append(logged[len(logged) // 2])
             toks.append(mean(r["tokens_per_s"] for r in rows))
+        if rows:
             mems.append(max(r["peak_mem_mb"] for r in rows))
         if e["summary"]:
             tokens_seen.append(e["summary"]["tokens_seen"])
             walls.append(e["summary"]["wall_s"])
-    return {"step_time_s": mean(steps) if steps else None, "tokens_per_s": mean(toks) if toks else None,
+    return {"step_time_s": median(steps) if steps else None,
+            "step_time_range_s": [min(steps), max(steps)] if steps else None,
+            "tokens_per_s": median([t for t in toks if t]) if any(toks) else None,
             "peak_mem_mb": mean(mems) if mems else None, "tokens_seen": mean(tokens_seen) if tokens_seen else None,
             "train_wall_s": mean(walls) if walls else None}
 
@@ -263,12 +279,16 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
         for t, d in report["learned_vs_fixed"].items():
             lines.append(f"| {t} | {_difference_cells(d)} |")
     lines += ["", "## Cost (relative to the baseline)", "",
-              "| variant | step time (s) | tokens/s | peak mem (MB) | train wall (s) | × step time | × FLOPs |",
-              "|---|---|---|---|---|---|---|"]
+              "Step time: median over each run's steps (warm-up excluded), then over seeds; the seeds' range",
+              "beside it.", "",
+              "| variant | step time (s) | seeds' range | tokens/s | peak mem (MB) | train wall (s) | × step time | × FLOPs |",
+              "|---|---|---|---|---|---|---|---|"]
     for v, c in report["cost"].items():
         rel = c.get("relative") or {}
         f = lambda x, d=3: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
-        lines.append(f"| {v} | {f(c['step_time_s'], 4)} | {f(c['tokens_per_s'], 0)} | {f(c['peak_mem_mb'], 0)} | "
+        rng = c.get("step_time_range_s")
+        lines.append(f"| {v} | {f(c['step_time_s'], 4)} | {f'{rng[0]:.4f}–{rng[1]:.4f}' if rng else 'n/a'} | "
+                     f"{f(c['tokens_per_s'], 0)} | {f(c['peak_mem_mb'], 0)} | "
                      f"{f(c['train_wall_s'], 1)} | {f(rel.get('step_time_s'), 2)} | {f(rel.get('flops'), 2)} |")
     if report["smoothness"]:
         lines += ["", "## Smoothness w.r.t. input embeddings (lower is smoother)", "",
@@ -281,7 +301,17 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
                   "| variant | layer | λ start | λ end | change | spread at end (min – max) | seeds |",
                   "|---|---|---|---|---|---|---|"]
         for v, per in report["lambda_drift"].items():
-            for layer, d in per.items():
+            items = list(per.items())
+            if len(items) > 8:  # deep models: first and last layers here, every layer in report.json
+                items = items[:3] + [None] + items[-3:]
+            for item in items:
+                if item is None:
+                    changes = [d["change"] for d in per.values() if d["change"] is not None]
+                    lines.append(f"| {v} | … ({len(per) - 6} more) | | | "
+                                 + (f"{min(changes) * 100:+.0f}% … {max(changes) * 100:+.0f}% over all {len(per)}"
+                                    if changes else "n/a") + " | | |")
+                    continue
+                layer, d = item
                 ch = "n/a" if d["change"] is None else f"{d['change'] * 100:+.0f}%"
                 lines.append(f"| {v} | {layer} | {d['start']:.3g} | {d['end']:.3g} | {ch} | "
                              f"{d['end_min']:.3g} – {d['end_max']:.3g} | {d['seeds']} |")

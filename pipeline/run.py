@@ -212,6 +212,7 @@ class Run:
         self.manifest = Manifest(self.dir)
         self.progress = progress
         self.runs = expand_runs(recipe)
+        self._announced: set[str] = set()  # runs whose "trained" line was printed
 
     def say(self, msg: str) -> None:
         if self.progress:
@@ -401,9 +402,19 @@ class Run:
         for run_id, variant, seed, r, d, key in pending:
             if not (d / "train_summary.json").is_file():
                 raise RunError(f"training of {run_id} did not finish (see {self.dir / 'train' / 'train.log'})")
-            self.say(f"  {run_id}: trained {json.loads((d / 'train_summary.json').read_text())['steps']} steps")
+            self._say_trained(run_id, d)
             out[run_id] = self._train_outputs(d, variant, seed, key)
         return out
+
+    def _say_trained(self, run_id: str, d: Path) -> None:
+        """One console line per finished run, printed once (live while the launch goes on)."""
+        if run_id in self._announced:
+            return
+        self._announced.add(run_id)
+        s = json.loads((d / "train_summary.json").read_text())
+        loss = s.get("last", {}).get("loss")
+        self.say(f"  {run_id}: trained {s['steps']} steps in {s['wall_s']:.0f}s"
+                 + (f", final loss {loss:.4f}" if isinstance(loss, (int, float)) else ""))
 
     def runs_of(self, variant: str):
         return [(f"{v}-s{s}", v, s, r) for v, s, r in self.runs if v == variant]
@@ -438,7 +449,17 @@ class Run:
         names = ", ".join(b[0] for b in batch)
         self.say(f"  {names}: {how}, ZeRO-{r.train.zero_stage} (log: {log})")
         t0 = time.time()
-        launch.run_ranks(cmd, launch.rank_env(procs, port), log, timeout, single=single, port=port, stop=stop)
+
+        def announce_finished_runs():  # the ranks write train_summary.json as each run ends
+            for run_id, *_, d, _ in batch:
+                if (d / "train_summary.json").is_file():
+                    try:
+                        self._say_trained(run_id, d)
+                    except (OSError, ValueError, KeyError, TypeError):
+                        self._announced.discard(run_id)  # half-written: read it again at the next poll
+
+        launch.run_ranks(cmd, launch.rank_env(procs, port), log, timeout, single=single, port=port, stop=stop,
+                         on_poll=announce_finished_runs)
         self.say(f"  launch finished in {time.time() - t0:.1f}s")
 
     def matched(self, r: Recipe, variant: str) -> Recipe:

@@ -491,6 +491,7 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     engine.train()
     t_loop = last_save = time.time()
     last = None
+    timed = []  # (seconds, tokens) of every step this process ran: the summary's step-time median
     slow = float(os.environ.get("DIPNET_FAULT_SLOW_STEP", "0") or 0)  # fault injection (tests): seconds per step
     for step in range(start_step, steps):
         t0 = time.time()
@@ -546,6 +547,7 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
         tokens_step = int(round(stats[4].item() * world))
         tokens_seen += tokens_step
         step_time = time.time() - t0
+        timed.append((step_time, tokens_step))
         done = step + 1
 
         if done % t.log_every == 0 or done == steps or done == 1:
@@ -585,7 +587,7 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
         writer.close()
         metrics_f.close()
         summary = {"steps": steps, "resumed_from": start_step, "tokens_seen": tokens_seen, "world_size": world,
-                   "wall_s": time.time() - t_loop, "last": last,
+                   "wall_s": time.time() - t_loop, "last": last, "step_time": step_time_stats(timed),
                    "checkpoint": str(latest_checkpoint(ckpt_root))}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         from dipnet.pipeline.plots import plot_training
@@ -597,6 +599,20 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     engine.destroy()
     del engine, optimizer, model, zero3_init, save
     torch.distributed.barrier()
+
+
+def step_time_stats(timed: list[tuple[float, int]]) -> dict | None:
+    """Median step time (and its 10th-90th percentile spread) over every step but the warm-up
+    ones (the first 10%, at least 1, at most 10: allocator, thread pools and the first all-reduce
+    make them slow), and tokens/s over the same steps. This is what the report's cost table uses."""
+    warm = min(10, max(1, len(timed) // 10))
+    rest = sorted(timed[warm:]) if len(timed) > warm else sorted(timed)
+    if not rest:
+        return None
+    q = lambda f: rest[min(len(rest) - 1, int(f * len(rest)))][0]  # noqa: E731
+    seconds = sum(t for t, _ in rest)
+    return {"median_s": q(0.5), "p10_s": q(0.1), "p90_s": q(0.9), "steps_timed": len(rest),
+            "warmup_excluded": len(timed) - len(rest), "tokens_per_s": sum(n for _, n in rest) / seconds if seconds else None}
 
 
 def live_engines() -> int:

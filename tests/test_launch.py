@@ -63,3 +63,18 @@ def test_offload_needs_stage_2():
 
     with pytest.raises(ValidationError, match="train.offload needs train.zero_stage 2 or 3"):
         TrainSettings(zero_stage=1, offload=True)
+
+
+def test_run_ranks_polls_while_the_ranks_run(tmp_path):
+    """The train stage prints each run's line as it finishes, while the launch goes on: run_ranks
+    calls on_poll during the wait (here: a 'rank' that writes its summary, then keeps running)."""
+    import sys
+
+    flag = tmp_path / "train_summary.json"
+    seen = []
+    cmd = [sys.executable, "-c", f"import time; open({str(flag)!r}, 'w').write('{{}}'); time.sleep(1.5)"]
+    launch.run_ranks(cmd, {}, tmp_path / "log", 60, on_poll=lambda: seen.append(flag.is_file()), poll_s=0.1)
+    assert True in seen  # a poll saw the finished run's file while the launcher still ran
+    with pytest.raises(Exception, match="timed out"):
+        launch.run_ranks([sys.executable, "-c", "import time; time.sleep(30)"], {}, tmp_path / "log2", 0.5,
+                         on_poll=lambda: None, poll_s=0.1, grace_s=1)

@@ -47,3 +47,48 @@ def pytest_approx(x):
     import pytest
 
     return pytest.approx(x, abs=1e-9)
+
+
+def test_cost_uses_every_step_without_warmup(tmp_path):
+    """The cost table's step time is each run's median over all its steps bar the warm-up ones
+    (train_summary.json), then the median over seeds with the seeds' range: a slow first step and a
+    slow outlier do not move it, and a garbled summary falls back to the logged steps."""
+    from dipnet.pipeline.train import step_time_stats
+
+    st = step_time_stats([(9.0, 100)] + [(1.0, 100)] * 15 + [(1.2, 100)] * 3 + [(50.0, 100)])
+    assert st["warmup_excluded"] == 2 and st["steps_timed"] == 18 and st["median_s"] == 1.0
+    assert st["p90_s"] == 1.2 and st["tokens_per_s"] == 1800 / (15 * 1.0 + 3 * 1.2 + 50.0 - 1.0)
+    assert step_time_stats([]) is None and step_time_stats([(2.0, 10)])["median_s"] == 2.0
+
+    def entries(step_s):
+        out = {}
+        for s, v in enumerate(step_s):
+            e = _entry(0.5, s, None)
+            e["summary"] = {"tokens_seen": 1000, "wall_s": 10.0,
+                            "step_time": {"median_s": v, "tokens_per_s": 100 / v, "p10_s": v, "p90_s": v}}
+            out[s] = e
+        return out
+
+    data = {"sft": entries([1.0, 1.1, 0.9]), "dip": entries([1.02, 1.5, 1.04])}
+    data["dip"][2]["summary"]["step_time"] = {"median_s": "fast", "tokens_per_s": None}  # hostile: ignored
+    r = build_report(tmp_path, data=data, resamples=100)
+    assert r["cost"]["sft"]["step_time_s"] == 1.0 and r["cost"]["sft"]["step_time_range_s"] == [0.9, 1.1]
+    assert r["cost"]["dip"]["step_time_s"] == 1.02 and r["cost"]["dip"]["step_time_range_s"] == [0.1, 1.5]
+    assert "| sft | 1.0000 | 0.9000–1.1000 |" in render_markdown(r, [])
+
+
+def test_lambda_drift_of_a_deep_model_is_summarised(tmp_path):
+    """30 layers would be 30 rows per variant: the markdown shows the first and last three and the
+    range of changes over all of them; report.json keeps every layer."""
+    def entry(seed):
+        e = _entry(0.5, seed, None)
+        e["metrics"][0]["lambda"] = {f"{i}.dip_input": {"mean": 3e-3, "min": 3e-3, "max": 3e-3} for i in range(30)}
+        e["metrics"][1]["lambda"] = {f"{i}.dip_input": {"mean": 3e-3 * (1 + i / 100), "min": 3e-3, "max": 4e-3}
+                                     for i in range(30)}
+        return e
+
+    r = build_report(tmp_path, data={"sft": {0: _entry(0.5, 0, None)}, "dip": {0: entry(1)}}, resamples=100)
+    assert len(r["lambda_drift"]["dip"]) == 30
+    md = render_markdown(r, [])
+    assert "| dip | 29.dip_input |" in md and "| dip | 5.dip_input |" not in md
+    assert "| dip | … (24 more) | | | +0% … +29% over all 30 | | |" in md

@@ -2,6 +2,7 @@
 recipe change, the lock file, and atomic stage outputs."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -42,6 +43,7 @@ def test_stages_run_skip_from_only_and_invalidate(tmp_path, tiny_base_dir):
     r1 = run_cli("run", p, cwd=tmp_path)
     assert r1.returncode == 0, r1.stderr[-2000:]
     assert stage_log(r1.stdout) == {s: "ran" for s in STAGES}
+    assert re.search(r"^  main-s0: trained \d+ steps in \d+s, final loss \d", r1.stdout, re.M), r1.stdout
     run_dir = tmp_path / "fast"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert all(manifest["stages"][s]["status"] == "completed" for s in STAGES)
