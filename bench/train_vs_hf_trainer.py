@@ -112,6 +112,10 @@ def hf_worker(recipe_path: str, base: str, data: str, out: str) -> None:
     from dipnet.pipeline.recipe import Recipe
     from dipnet.pipeline.train import setup_model
 
+    import deepspeed
+
+    # The same process group as ours (gloo on CPU); the Trainer's accelerate state adopts it.
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     recipe = Recipe.model_validate(json.loads(Path(recipe_path).read_text()))
     t = recipe.train
     rank = int(os.environ.get("RANK", "0"))

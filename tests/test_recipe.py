@@ -108,3 +108,20 @@ def test_paper_recipes_validate_and_render(path):
 def test_sweep_recipe_validates():
     r = load_recipe(REPO / "recipes" / "sweep-lambda.yaml")
     assert len(expand_runs(r)) == 20 and r.dip.scale == "relative"
+
+
+def test_real_model_recipe_validates():
+    """recipes/smollm2-gsm8k.yaml: the real-model study the README reports (its run takes ~30 min,
+    so the suite checks the recipe; tests/test_real_model.py runs every stage on the real model)."""
+    from conftest import SHARED_GSM8K
+
+    if not (SHARED_GSM8K / "train.jsonl").is_file():
+        with pytest.raises(UsageError, match="data.train': no such file"):
+            load_recipe(REPO / "recipes" / "smollm2-gsm8k.yaml")
+        return
+    r = load_recipe(REPO / "recipes" / "smollm2-gsm8k.yaml")
+    assert r.model.base == "smollm2-135m-instruct" and r.data.train.endswith("gsm8k/train.jsonl")
+    assert r.train.method == "lora" and r.train.zero_stage == 2 and r.launch.launcher == "deepspeed"
+    assert r.launch.procs_per_node == 2 and r.eval.engine == "vllm" and r.eval.eval_base
+    assert r.eval.tasks == ["gsm8k"] and r.eval.shots == 5 and r.eval.chat == "none"
+    assert set(r.variants) == {"sft", "dip", "dip_fixed"} and len(r.seeds) >= 2
