@@ -104,8 +104,12 @@ def test_kill9_during_checkpoint_write_never_uses_it(tmp_path, tiny_base_dir):
 def test_sigint_stops_every_child_and_rerun_resumes(tmp_path, tiny_base_dir):
     p = recipe(tmp_path, "sigint", {"train": {"max_steps": 400, "save_every": 5}})
     run = tmp_path / "sigint"
+    # Ctrl-C as a person's shell delivers it: with SIGINT's default disposition. A test suite started
+    # in the background of a non-interactive shell (`make test &`) inherits SIGINT *ignored*, and
+    # Python then never installs its KeyboardInterrupt handler, so restore the default first.
     proc = subprocess.Popen([sys.executable, "-m", "dipnet.pipeline.cli", "run", str(p)], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     latest = run / "train" / "main-s0" / "checkpoints" / "latest"
     deadline = time.time() + 240
     while not latest.is_file():
