@@ -1,6 +1,6 @@
 """Our training loop vs the Hugging Face Trainer with the same DeepSpeed config, 2 ranks.
 
-Same model, preprocessed data, collation (dipnet's `collate`), micro-batch, accumulation, ZeRO
+Same model, preprocessed (packed) data, collation (dipnet's `collate`), micro-batch, accumulation, ZeRO
 stage, precision and optimizer (torch AdamW, the client optimizer both hand to DeepSpeed), both
 started with the deepspeed launcher. Variants per model: `ours` (dip.method none), `hf`
 (transformers.Trainer + DeepSpeed on the same model object dipnet builds) and `ours+dip`
@@ -33,9 +33,12 @@ sys.path.insert(0, str(HERE))
 
 MODELS = {
     # name: (recipe overrides, warm-up steps, timed steps)
+    # Packed sequences (no padding): both loops then process exactly the same tokens per step,
+    # whatever order their samplers draw (unpacked, 20 timed sequences differ in padding by chance).
     "25m": ({"data.train": "synthetic", "data.max_length": 128, "data.synthetic.n_train": 1200,
-             "train.method": "full", "train.micro_batch_size": 8}, 3, 24),
-    "smollm2": ({"data.max_length": 384, "train.method": "lora", "train.micro_batch_size": 2}, 2, 5),
+             "data.packing": True, "train.method": "full", "train.micro_batch_size": 8}, 3, 24),
+    "smollm2": ({"data.max_length": 256, "data.packing": True, "train.method": "lora",
+                 "train.micro_batch_size": 2}, 2, 6),
 }
 
 
@@ -94,11 +97,28 @@ def run_hf(recipe, base: Path, data: str, out: Path) -> dict:
     ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     cmd = [ds, "--num_gpus", "2", "--master_port", str(port), str(Path(__file__).resolve()), "--hf-worker",
            str(out / "recipe.json"), str(base), data, str(out)]
-    launch.run_ranks(cmd, launch.rank_env(2, port), out / "train.log", 3600, port=port)
+    try:
+        launch.run_ranks(cmd, launch.rank_env(2, port), out / "train.log", 3600, port=port)
+    except Exception:
+        print("\n".join((out / "train.log").read_text().splitlines()[-25:]))
+        raise
     ranks = [json.loads((out / f"hf_rank{r}.json").read_text()) for r in (0, 1)]
     warm = recipe.train.log_every
     t = ranks[0]["step_end"]
     return {"tokens": sum(sum(r["tokens"][warm:]) for r in ranks), "seconds": t[-1] - t[warm - 1], "steps": len(t) - warm}
+
+
+def hf_ds_config(t) -> dict:
+    """Our ZeRO template as an HF user would pass it: "auto" values that the Trainer fills from its
+    TrainingArguments (the same numbers ours fills from the recipe), CPU device settings as ours."""
+    from dipnet.launch.ds_config import DEVICE_SETTINGS, template_path
+
+    cfg = json.loads(template_path(t.zero_stage, t.offload).read_text())
+    zero = cfg.get("zero_optimization", {})
+    for k, v in DEVICE_SETTINGS["cpu"].items():
+        if zero.get(k) == "auto":
+            zero[k] = v
+    return cfg
 
 
 def hf_worker(recipe_path: str, base: str, data: str, out: str) -> None:
@@ -106,7 +126,6 @@ def hf_worker(recipe_path: str, base: str, data: str, out: str) -> None:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from dipnet.launch.ds_config import build_ds_config
     from dipnet.pipeline.data import TokenizedExamples, collate
     from dipnet.pipeline.models import load_tokenizer
     from dipnet.pipeline.recipe import Recipe
@@ -115,7 +134,15 @@ def hf_worker(recipe_path: str, base: str, data: str, out: str) -> None:
     import deepspeed
 
     # The same process group as ours (gloo on CPU); the Trainer's accelerate state adopts it.
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    # With a DeepSpeed config, TrainingArguments builds accelerate's state without a backend, and
+    # on a CPU-only rank accelerate then finds none and trains as world size 1 (DeepSpeed sees 2
+    # and refuses the batch size): configure the state ourselves, as accelerate's docs allow.
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend=backend)
     recipe = Recipe.model_validate(json.loads(Path(recipe_path).read_text()))
     t = recipe.train
     rank = int(os.environ.get("RANK", "0"))
@@ -140,7 +167,11 @@ def hf_worker(recipe_path: str, base: str, data: str, out: str) -> None:
         max_grad_norm=t.grad_clip, optim="adamw_torch", logging_steps=10_000, save_strategy="no",
         report_to=[], disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
         seed=recipe.run.seed, bf16=t.precision == "bf16",
-        deepspeed=build_ds_config(t, int(os.environ.get("WORLD_SIZE", "1")), "cpu"))
+        accelerator_config={"use_configured_state": True},
+        deepspeed=hf_ds_config(t))
+    if rank == 0:
+        print(f"hf Trainer: world size {args.world_size}, micro {args.per_device_train_batch_size}, "
+              f"accumulation {args.gradient_accumulation_steps}", flush=True)
     trainer = Timed(model=model, args=args, train_dataset=TokenizedExamples(data),
                     data_collator=lambda ex: collate(ex, pad), callbacks=[StepEnd()])
     trainer.train()
@@ -151,6 +182,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="25m,smollm2")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--variants", default="ours,hf,ours+dip")
     ap.add_argument("--hf-worker", nargs=4, metavar=("RECIPE", "BASE", "DATA", "OUT"), help=argparse.SUPPRESS)
     args, _ = ap.parse_known_args(argv)  # the launcher appends --local_rank
     if args.hf_worker:
@@ -160,7 +192,7 @@ def main(argv=None):
     from dipnet.pipeline.data import preprocess
 
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, 2 ranks (gloo), ZeRO-2, fp32")
-    variants = ["ours", "hf", "ours+dip"]
+    variants = args.variants.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="dipnet-bench-"))
     try:
         for kind in args.models.split(","):
@@ -176,7 +208,7 @@ def main(argv=None):
                     results[v].append(run["tokens"] / run["seconds"])
                     print(f"  {kind} round {rnd} {v:9s} {run['tokens'] / run['seconds']:9.0f} tokens/s "
                           f"({run['steps']} steps, {run['seconds']:.1f} s)", flush=True)
-            hf = statistics.median(results["hf"])
+            hf = statistics.median(results["hf"]) if results.get("hf") else float("nan")
             print(f"\n{kind}: median tokens/s over {args.rounds} rounds (warm-up {warm} steps excluded)")
             print(f"{'variant':10s} {'tokens/s':>10s} {'spread':>17s} {'x hf':>6s}")
             for v in variants:
