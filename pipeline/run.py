@@ -412,9 +412,11 @@ class Run:
             return
         self._announced.add(run_id)
         s = json.loads((d / "train_summary.json").read_text())
-        loss = s.get("last", {}).get("loss")
-        self.say(f"  {run_id}: trained {s['steps']} steps in {s['wall_s']:.0f}s"
-                 + (f", final loss {loss:.4f}" if isinstance(loss, (int, float)) else ""))
+        num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731 (the file may be garbled)
+        last = s.get("last") if isinstance(s, dict) and isinstance(s.get("last"), dict) else {}
+        steps, wall, loss = (s.get("steps"), s.get("wall_s"), last.get("loss")) if isinstance(s, dict) else (None,) * 3
+        self.say(f"  {run_id}: trained {steps if num(steps) else '?'} steps"
+                 + (f" in {wall:.0f}s" if num(wall) else "") + (f", final loss {loss:.4f}" if num(loss) else ""))
 
     def runs_of(self, variant: str):
         return [(f"{v}-s{s}", v, s, r) for v, s, r in self.runs if v == variant]
