@@ -735,3 +735,18 @@ def test_gsm8k_path_cannot_inject_into_harness_task_files(tmp_path):
     assert cfg["dataset_kwargs"]["data_files"]["test"] == str((evil / "test.jsonl").resolve())
     assert cfg["include"].endswith("gsm8k.yaml") and "passwd" not in cfg["include"]
     assert not (tmp_path / "x").exists() and not (d / "x").exists()
+
+
+def test_garbled_train_summary_gives_a_plain_run_line(tmp_path, capsys):
+    """A run directory's train_summary.json is not trusted: the console line per run degrades to
+    '?' instead of a traceback when its values are not numbers."""
+    import json
+
+    from dipnet.pipeline.run import Run
+
+    r = Run.__new__(Run)
+    r._announced, r.progress = set(), True
+    for i, body in enumerate([{"steps": "x", "wall_s": "y", "last": None}, [1, 2], {"last": {"loss": "nan"}}]):
+        (tmp_path / "train_summary.json").write_text(json.dumps(body))
+        r._say_trained(f"r{i}", tmp_path)
+    assert capsys.readouterr().out.splitlines() == [f"  r{i}: trained ? steps" for i in range(3)]
