@@ -412,8 +412,15 @@ def dip_objective(logits: torch.Tensor, labels: torch.Tensor, trajectories: int,
     NLL is the mean over all counted tokens of all m trajectories; the variance penalty is the
     variance over trajectories of each target token's log-probability, averaged over tokens.
     """
-    m = trajectories
     lp, mask = token_logprobs(logits, labels)
+    return objective_terms(lp, mask, trajectories, model, alpha, beta, gamma, prior_reduction)
+
+
+def objective_terms(lp: torch.Tensor, mask: torch.Tensor, trajectories: int, model: nn.Module,
+                    alpha: float, beta: float, gamma: float, prior_reduction: str = "sum") -> dict[str, torch.Tensor]:
+    """`dip_objective` from the next-token log-probabilities [N, T-1] (0 where not counted) and
+    their mask, however they were computed (full logits, or only the counted positions' logits)."""
+    m = trajectories
     n_tok = mask.sum().clamp_min(1)
     nll = -lp.sum() / n_tok
     if gamma > 0:
@@ -424,8 +431,8 @@ def dip_objective(logits: torch.Tensor, labels: torch.Tensor, trajectories: int,
         mask1 = mask.view(m, -1, mask.shape[-1])[0]
         var_penalty = (var * mask1).sum() / mask1.sum().clamp_min(1)
     else:
-        var_penalty = torch.zeros((), device=logits.device)
-    prior = dip_prior(model, alpha, beta, prior_reduction).to(logits.device)
+        var_penalty = torch.zeros((), device=lp.device)
+    prior = dip_prior(model, alpha, beta, prior_reduction).to(lp.device)
     loss = nll + prior + gamma * var_penalty
     return {"loss": loss, "nll": nll.detach(), "prior": prior.detach(), "var_penalty": var_penalty.detach()}
 

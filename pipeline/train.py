@@ -171,15 +171,69 @@ def build_optimizer(model, recipe: Recipe):
     return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95))
 
 
-def sam_perturb(module, batch: dict, loss_fn, rho: float, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+# Post-processing some families apply after the vocabulary projection (Gemma 2's soft-capping,
+# Cohere's and Granite's logit scales): with any of them set, logits come from the model itself.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def next_token_logprobs(forward, batch: dict, output_layer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each counted next token [N, T-1] (0 where not counted) and the mask.
+
+    With `output_layer` (the model's vocabulary projection) logits are computed only where a
+    label counts: the model returns its last hidden state (and logits for one position), and the
+    projection runs on the counted positions alone. The HF Trainer computes logits everywhere; on
+    GSM8K SFT a third of the positions are prompt tokens that never count, and SmolLM2's 49k-word
+    projection is a fifth of its compute (measured: 9% less time per micro-batch).
+    `counted_logits_are_exact` decides whether a model allows it."""
+    if output_layer is None:
+        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return dipmod.token_logprobs(logits, batch["labels"])
+    out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  output_hidden_states=True, logits_to_keep=1)
+    target = batch["labels"][:, 1:]
+    mask = target != -100
+    logits = output_layer(out.hidden_states[-1][:, :-1][mask]).float()
+    lp = torch.gather(torch.log_softmax(logits, -1), -1, target[mask].unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp), mask
+
+
+def counted_logits_are_exact(forward, module, batch: dict, world: int) -> bool:
+    """Whether the model's logits are its output layer applied to its last hidden state, checked
+    on one real batch in one forward (so DIP noise and dropout are the same for both), and agreed
+    by every rank (ranks that ran different forwards would desynchronise ZeRO-3's gathers)."""
+    ok = not any(getattr(module.config, a, None) for a in LOGIT_TRANSFORMS)
+    layer = module.get_output_embeddings() if ok else None
+    if layer is not None:
+        with torch.no_grad():
+            try:  # logits_to_keep = every position: also checks the model accepts the argument
+                out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              output_hidden_states=True, logits_to_keep=batch["input_ids"].shape[1])
+            except TypeError:
+                out = None
+            hidden = getattr(out, "hidden_states", None)
+            if hidden is None or out.logits.shape != batch["input_ids"].shape + (out.logits.shape[-1],):
+                ok = False
+            else:
+                full = out.logits.float()
+                half = out.logits.dtype in (torch.bfloat16, torch.float16)  # rounding of a 16-bit matmul
+                tol = (2e-2 if half else 1e-4) * (1 + full.abs().max())
+                ok = bool((layer(hidden[-1]).float() - full).abs().max() <= tol)
+    else:
+        ok = False
+    flag = torch.tensor([float(ok)], device=next(module.parameters()).device)
+    if world > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def sam_perturb(module, loss_fn, rho: float, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """SAM's ascent (Foret et al. 2021): w ← w + ρ·g/‖g‖ with g the gradient of this micro-batch's
-    loss, averaged over ranks so every replica moves the same way. Returns (param, saved value)
+    loss (`loss_fn()`: a forward of this micro-batch), averaged over ranks so every replica moves the same way. Returns (param, saved value)
     pairs for `sam_restore`. The gradient is taken with autograd directly, outside DeepSpeed's
     buffers, so the engine's own backward afterwards sees only the perturbed point's gradient.
     Needs whole weights on every rank: ZeRO 0-2 (the recipe refuses ZeRO-3)."""
     params = [p for p in module.parameters() if p.requires_grad]
-    logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    grads = torch.autograd.grad(loss_fn(logits), params, allow_unused=True)
+    grads = torch.autograd.grad(loss_fn(), params, allow_unused=True)
     flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)])
     if world > 1:
         torch.distributed.all_reduce(flat)
@@ -489,6 +543,16 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     gamma = d.gamma
     pad = tokenizer.pad_token_id
     engine.train()
+    # Logits only at counted positions, where the model's logits are exactly its output layer on
+    # its last hidden state (checked on this run's first micro-batch).
+    first = collate([examples[i] for i in batch_indices(len(examples), recipe.run.seed, start_step, t.micro_batch_size,
+                                                         accum, rank, world)[0]], pad)
+    first = {k: v.to(device) for k, v in first.items()}
+    counted_only = counted_logits_are_exact(engine, engine.module, first, world)
+    output_layer = engine.module.get_output_embeddings() if counted_only else None
+    if is_main:
+        print(f"{out.name}: logits computed at {'counted positions only' if counted_only else 'every position'}",
+              flush=True)
     t_loop = last_save = time.time()
     last = None
     timed = []  # (seconds, tokens) of every step this process ran: the summary's step-time median
@@ -507,13 +571,13 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
             batch = collate([examples[i] for i in idx], pad)
             batch = {k: v.to(device) for k, v in dipmod.repeat_for_trajectories(batch, m).items()}
 
-            def objective(logits, batch=batch, module=engine.module):
-                return dipmod.dip_objective(logits, batch["labels"], m, module, alpha, beta, gamma, d.prior_reduction)
+            def objective(forward, batch=batch, module=engine.module):
+                lp, mask = next_token_logprobs(forward, batch, output_layer)
+                return dipmod.objective_terms(lp, mask, m, module, alpha, beta, gamma, d.prior_reduction)
 
-            sam_saved = (sam_perturb(engine.module, batch, lambda lg: objective(lg)["loss"], t.sam_rho, world)
+            sam_saved = (sam_perturb(engine.module, lambda: objective(engine.module)["loss"], t.sam_rho, world)
                          if t.optimizer == "sam" else None)
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            terms = objective(logits)
+            terms = objective(engine)
             if fault_kill == (rank, step + 1):  # fault injection (tests): die mid-step, like kill -9
                 os.kill(os.getpid(), signal.SIGKILL)
             if fault_nan == step + 1:
@@ -588,6 +652,7 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
         metrics_f.close()
         summary = {"steps": steps, "resumed_from": start_step, "tokens_seen": tokens_seen, "world_size": world,
                    "wall_s": time.time() - t_loop, "last": last, "step_time": step_time_stats(timed),
+                   "logits": "counted positions" if counted_only else "every position",
                    "checkpoint": str(latest_checkpoint(ckpt_root))}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         from dipnet.pipeline.plots import plot_training

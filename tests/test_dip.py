@@ -244,3 +244,38 @@ def test_lora_trains_lambda_with_adapters():
     assert any("lora_" in n for n in trainable)
     assert sum("log_variance" in n for n in trainable) == 2
     assert all("lora_" in n or "log_variance" in n for n in trainable)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_counted_position_logits_equal_full_logits(family):
+    """Training computes logits only at counted positions where a model allows it: same
+    log-probabilities and gradients as full logits (same DIP noise), and families whose logits
+    are post-processed after the output layer (Gemma 2's soft-capping) keep the full path."""
+    from dipnet.pipeline.train import counted_logits_are_exact, next_token_logprobs
+
+    model = _model(family).train()
+    dip.attach_dip(model, dip.DipConfig(method="dip", init_variance=0.05))
+    x = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    labels = x.clone()
+    labels[0, :5] = -100  # a prompt
+    labels[1, 9:] = -100  # padding
+    batch = {"input_ids": x, "attention_mask": (labels != -100) | (torch.arange(12) < 9), "labels": labels}
+    exact = counted_logits_are_exact(model, model, batch, world=1)
+    assert exact == (family != "gemma2"), family
+    if not exact:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for layer in (None, model.get_output_embeddings()):
+        torch.manual_seed(7)  # the same noise for both paths
+        lp, mask = next_token_logprobs(model, batch, layer)
+        results.append((lp, mask, torch.autograd.grad(-lp.sum(), params, allow_unused=True)))
+    (lp_full, mask_full, g_full), (lp_sel, mask_sel, g_sel) = results
+    assert torch.equal(mask_full, mask_sel) and mask_sel.sum() == 11 + 8 - 4
+    assert torch.allclose(lp_full, lp_sel, atol=1e-5), (lp_full - lp_sel).abs().max()
+    assert (lp_sel[~mask_sel] == 0).all()
+    for a, b in zip(g_full, g_sel):
+        if a is None:
+            assert b is None or not b.any()
+        else:
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
