@@ -575,7 +575,7 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
                 lp, mask = next_token_logprobs(forward, batch, output_layer)
                 return dipmod.objective_terms(lp, mask, m, module, alpha, beta, gamma, d.prior_reduction)
 
-            sam_saved = (sam_perturb(engine.module, lambda: objective(engine.module)["loss"], t.sam_rho, world)
+            sam_saved = (sam_perturb(engine.module, lambda module=engine.module: objective(module)["loss"], t.sam_rho, world)
                          if t.optimizer == "sam" else None)
             terms = objective(engine)
             if fault_kill == (rank, step + 1):  # fault injection (tests): die mid-step, like kill -9
