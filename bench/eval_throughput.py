@@ -5,9 +5,10 @@ the tiny base, a ~25M-parameter Llama (hidden 512, 8 layers, head dim 64; random
 throughput does not depend on them) and SmolLM2-135M-Instruct (the real model, on GSM8K test
 questions in lm-eval's zero-shot `Question: ...\nAnswer:` form when ../shared/data/gsm8k is
 present). All engines run in this process, one after another, and the ratios are printed side
-by side. For each model, vLLM runs once per KV-cache size in `--kv-gib` (VLLM_CPU_KVCACHE_SPACE).
+by side. For each model and dtype (`--dtype`; transformers runs in the same one), vLLM runs once per
+KV-cache size in `--kv-gib` (VLLM_CPU_KVCACHE_SPACE; default: what dipnet's engine picks).
 
-    python bench/eval_throughput.py [--models tiny,25m,smollm2] [--kv-gib 1,4] [--compiled]
+    python bench/eval_throughput.py [--models tiny,25m,smollm2] [--dtype float32,bfloat16] [--kv-gib 1,4] [--compiled]
 
 `--single N` times one-prompt-at-a-time generation on the first N prompts (it is slow) and
 reports its tokens/s. `--compiled` lets vLLM compile (CPU: slower start, faster steps).
@@ -71,13 +72,15 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--single", type=int, default=32)
     ap.add_argument("--batch", type=int, default=64, help="hf batched generate batch size")
-    ap.add_argument("--kv-gib", default="1", help="comma list of VLLM_CPU_KVCACHE_SPACE values to try")
+    ap.add_argument("--kv-gib", default="default", help="comma list of VLLM_CPU_KVCACHE_SPACE values to try "
+                    "('default': what dipnet's engine uses)")
+    ap.add_argument("--dtype", default="float32,bfloat16", help="comma list; transformers runs in the same dtype")
     ap.add_argument("--compiled", action="store_true")
     args = ap.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dipnet.eval.vllm_runner import vllm_environment
+    from dipnet.eval.vllm_runner import default_kv_cache_gib, vllm_environment
     from dipnet.pipeline.base_model import tiny_base
     from dipnet.pipeline.recipe import TinyBaseSettings
 
@@ -97,43 +100,45 @@ def main(argv=None):
         prompts = prompts_for(tok, args.prompts, gsm8k=key == "smollm2")
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         single = args.single if key != "smollm2" else min(args.single, 8)
-        model = AutoModelForCausalLM.from_pretrained(d).eval()
-        hf_batched(model, prompts[:2], 4, 2, pad)  # warm-up
-        t0 = time.perf_counter()
-        n = hf_batched(model, prompts, args.new, args.batch, pad)
-        hf_b = n / (time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        n = hf_batched(model, prompts[:single], args.new, 1, pad)
-        hf_1 = n / (time.perf_counter() - t0)
-        del model
+        print(f"\n{name}: vLLM {'compiled' if args.compiled else 'eager'}; prompts {min(map(len, prompts))}-"
+              f"{max(map(len, prompts))} tokens")
+        print(f"{'engine':40s} {'tokens/s':>10s} {'best vLLM ÷ this':>17s}")
+        for dtype in args.dtype.split(","):
+            model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype)).eval()
+            hf_batched(model, prompts[:2], 4, 2, pad)  # warm-up
+            t0 = time.perf_counter()
+            n = hf_batched(model, prompts, args.new, args.batch, pad)
+            hf_b = n / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            n = hf_batched(model, prompts[:single], args.new, 1, pad)
+            hf_1 = n / (time.perf_counter() - t0)
+            del model
 
-        rows = []
-        for kv in args.kv_gib.split(","):
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = kv
-            t0 = time.perf_counter()
-            kw = dict(model=str(d), dtype="float32", max_model_len=max(map(len, prompts)) + args.new, seed=0,
-                      max_num_seqs=256)
-            if not args.compiled:
-                kw["enforce_eager"] = True
-            llm = LLM(**kw)
-            start_s = time.perf_counter() - t0
-            params = SamplingParams(temperature=0.0, max_tokens=args.new, ignore_eos=True)
-            llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[:8]], params, use_tqdm=False)  # warm-up
-            t0 = time.perf_counter()
-            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-            rows.append((f"vllm, KV cache {kv} GiB", sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0), start_s))
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:
-                pass
-            del llm
-        vl = max(v for _, v, _ in rows)
-        print(f"\n{name}: vLLM {'compiled' if args.compiled else 'eager'}, engine start {rows[0][2]:.1f}s; "
-              f"prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens")
-        print(f"{'engine':28s} {'tokens/s':>10s} {'best vLLM ÷ this':>17s}")
-        for label, v in [(lbl, v) for lbl, v, _ in rows] + [(f"hf generate, batch {args.batch}", hf_b),
-                                                          (f"hf generate, one at a time ({single})", hf_1)]:
-            print(f"{label:28s} {v:10.0f} {vl / v:17.2f}", flush=True)
+            rows = []
+            for kv in args.kv_gib.split(","):
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(default_kv_cache_gib()) if kv == "default" else kv
+                t0 = time.perf_counter()
+                kw = dict(model=str(d), dtype=dtype, max_model_len=max(map(len, prompts)) + args.new, seed=0,
+                          max_num_seqs=256)
+                if not args.compiled:
+                    kw["enforce_eager"] = True
+                llm = LLM(**kw)
+                start_s = time.perf_counter() - t0
+                params = SamplingParams(temperature=0.0, max_tokens=args.new, ignore_eos=True)
+                llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[:8]], params, use_tqdm=False)  # warm-up
+                t0 = time.perf_counter()
+                outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+                rate = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
+                rows.append((f"vllm {dtype}, KV {os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB (start {start_s:.0f} s)", rate))
+                try:
+                    llm.llm_engine.engine_core.shutdown()
+                except Exception:
+                    pass
+                del llm
+            vl = max(v for _, v in rows)
+            for label, v in rows + [(f"hf generate {dtype}, batch {args.batch}", hf_b),
+                                    (f"hf generate {dtype}, one at a time ({single})", hf_1)]:
+                print(f"{label:40s} {v:10.0f} {vl / v:17.2f}", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -78,7 +78,8 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
                    chat: str | None = None, gsm8k_path: str | None = None, synthetic_settings=None,
                    dip_mode: str = "mean", noise_sigmas: list[float] | None = None, vllm_engine=None,
                    progress: bool = True, label: str | None = None, trust_remote_code: bool = False,
-                   harness_tasks: list[str] | None = None, answer_nll: bool = True) -> dict:
+                   harness_tasks: list[str] | None = None, answer_nll: bool = True,
+                   dtype: str = "auto") -> dict:
     """Evaluate `model_dir` into `out_dir` (results.json + samples_<task>.jsonl); returns the results.
 
     With engine vllm, generation and the teacher-forced answer NLL both run on the vLLM engine
@@ -87,6 +88,7 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
     it under a temporary name and swap it in when complete, so results and samples agree).
     """
     from dipnet.eval import hf_runner
+    from dipnet.eval.vllm_runner import resolve_dtype
     from dipnet.pipeline.models import check_model_dir, load_tokenizer
 
     out = Path(out_dir)
@@ -114,7 +116,7 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
     model = None
     if engine == "hf" or noise_sigmas:
         model, _ = hf_runner.load_hf(model_dir, dip_mode="sample" if k > 1 else "mean",
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, dtype=resolve_dtype(dtype, "hf"))
     encoded = {}
     for task in tasks:  # every prompt must fit: a silently cut few-shot prompt is another task
         texts = [task.prompt(i, tok) for i in range(len(task.problems))]
@@ -129,7 +131,7 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
     if engine == "vllm" and vllm_engine is None:
         from dipnet.eval.vllm_runner import VllmEngine
 
-        own_engine = vllm_engine = VllmEngine(model_dir, out / "vllm", L)
+        own_engine = vllm_engine = VllmEngine(model_dir, out / "vllm", L, dtype=dtype)
     if engine == "vllm":
         from dipnet.eval.vllm_runner import version
 
@@ -141,7 +143,8 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
 
     results = {"model_dir": str(model_dir), "model_fingerprint": model_fingerprint(model_dir), "engine": engine,
                "engine_version": engine_version, "dip_mode": dip_mode, "max_new_tokens": max_new_tokens,
-               "max_model_len": L, "tasks": {}}
+               "max_model_len": L, "dtype": vllm_engine.dtype if engine == "vllm" else resolve_dtype(dtype, "hf"),
+               "tasks": {}}
     try:
         for task in tasks:
             prompts_text, prompts = encoded[task.name]

@@ -159,10 +159,11 @@ def teacher_forced(model, tokenizer, prompts: list[list[int]], answers: list[lis
     return out
 
 
-def load_hf(model_dir, dip_mode: str = "mean", trust_remote_code: bool = False, attn_implementation: str | None = None):
+def load_hf(model_dir, dip_mode: str = "mean", trust_remote_code: bool = False, attn_implementation: str | None = None,
+            dtype: str = "float32"):
     from dipnet.pipeline.models import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code, with_dip=True,
-                           attn_implementation=attn_implementation)
+                           attn_implementation=attn_implementation, dtype=getattr(torch, dtype))
     dipmod.set_dip_mode(model, dip_mode)
     return model, load_tokenizer(model_dir, trust_remote_code)

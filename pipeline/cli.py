@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--harness-tasks", default="", help="lm-evaluation-harness tasks, comma-separated")
     s.add_argument("--no-answer-nll", action="store_true", help="skip the teacher-forced answer NLL (one prefill less)")
     s.add_argument("--dip-mode", default="mean"), s.add_argument("--noise-sigmas", default="")
+    s.add_argument("--dtype", default="auto", help="auto (vLLM bfloat16 on a GPU, float32 on CPU), float32 or bfloat16")
     s.add_argument("--predictions", help="JSONL with 'output' and 'target' to re-score (no model)")
     s.add_argument("--task", help="task of --predictions")
 
@@ -273,17 +274,18 @@ def cmd_eval(a) -> int:
         e = _settings(EvalSettings, {"engine": a.engine, "tasks": tasks, "shots": a.shots, "limit": a.limit,
                                      "max_new_tokens": a.max_new_tokens, "dip_mode": a.dip_mode,
                                      "noise_sigmas": _float_list(a.noise_sigmas, "--noise-sigmas"),
-                                     "gsm8k_path": a.gsm8k_path, "chat": a.chat,
+                                     "gsm8k_path": a.gsm8k_path, "chat": a.chat, "dtype": a.dtype,
                                      "harness_tasks": [t.strip() for t in a.harness_tasks.split(",") if t.strip()]},
                       {"chat": "--chat", "harness_tasks": "--harness-tasks", "engine": "--engine", "shots": "--shots", "limit": "--limit", "max_new_tokens": "--max-new-tokens",
-                       "dip_mode": "--dip-mode", "noise_sigmas": "--noise-sigmas", "gsm8k_path": "--gsm8k-path"})
+                       "dip_mode": "--dip-mode", "noise_sigmas": "--noise-sigmas", "gsm8k_path": "--gsm8k-path",
+                       "dtype": "--dtype"})
         if e.gsm8k_path and not Path(e.gsm8k_path).is_dir():
             raise UsageError(f"--gsm8k-path {e.gsm8k_path}: no such directory")
         with output_dir(a.out, "eval", inputs=[a.model_dir]) as tmp:
             res = evaluate_model(a.model_dir, list(e.tasks), tmp, engine=e.engine, shots=e.shots, limit=e.limit,
                                  max_new_tokens=e.max_new_tokens, chat=None if e.chat == "none" else e.chat,
                                  gsm8k_path=e.gsm8k_path, dip_mode=e.dip_mode, noise_sigmas=list(e.noise_sigmas),
-                                 harness_tasks=list(e.harness_tasks), answer_nll=not a.no_answer_nll)
+                                 harness_tasks=list(e.harness_tasks), answer_nll=not a.no_answer_nll, dtype=e.dtype)
     for t, r in res["tasks"].items():
         print(f"{t}: " + "  ".join(f"{k} {v['accuracy']:.4f}" for k, v in r["scores"].items()) + f"  (n={r['n']})")
     for t, m in res.get("harness", {}).items():

@@ -534,7 +534,7 @@ class Run:
                                    max_new_tokens=e.max_new_tokens, chat=None if e.chat == "none" else e.chat,
                                    gsm8k_path=self.eval_gsm8k_path(), synthetic_settings=self.recipe.data.synthetic,
                                    dip_mode=e.dip_mode, noise_sigmas=list(e.noise_sigmas), progress=self.progress,
-                                   harness_tasks=list(e.harness_tasks), answer_nll=e.answer_nll,
+                                   harness_tasks=list(e.harness_tasks), answer_nll=e.answer_nll, dtype=e.dtype,
                                    label=name, trust_remote_code=self.recipe.model.trust_remote_code)
                     write_json_atomic(tmp / "inputs.json", {"key": key})
             except DipnetError as exc:

@@ -145,6 +145,25 @@ def test_vllm_and_hf_agree_and_results_complete(exported, tmp_path):
 
 
 @pytest.mark.slow
+def test_bfloat16_eval_runs_in_bfloat16_on_both_engines(exported, tmp_path):
+    """eval.dtype bfloat16 reaches both engines: answer NLLs move by bfloat16 rounding (not 0,
+    not more than a few percent) from float32, and results.json records the dtype."""
+    from dipnet.eval.evaluate import evaluate_model
+
+    kw = dict(limit=16, max_new_tokens=16, progress=False)
+    nll = {}
+    for engine in ("vllm", "hf"):
+        for dtype in ("float32", "bfloat16"):
+            r = evaluate_model(exported, ["arith-id"], tmp_path / f"{engine}-{dtype}", engine=engine, dtype=dtype, **kw)
+            assert r["dtype"] == dtype
+            nll[engine, dtype] = r["tasks"]["arith-id"]["teacher_forced"]["answer_nll"]
+    for engine in ("vllm", "hf"):
+        a, b = nll[engine, "float32"], nll[engine, "bfloat16"]
+        assert a != b and abs(a - b) <= 0.05 * a, (engine, a, b)
+    assert abs(nll["vllm", "float32"] - nll["hf", "float32"]) <= 1e-3
+
+
+@pytest.mark.slow
 def test_average_k1_without_noise_equals_mean(exported):
     from dipnet.eval.hf_runner import greedy_generate, load_hf
     from dipnet.pipeline import dip
