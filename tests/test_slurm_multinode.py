@@ -120,7 +120,7 @@ def test_requeue_mid_training_resumes_to_the_same_weights(tmp_path, tiny_base_di
     from dipnet.pipeline.train import latest_checkpoint
 
     slow = {"launch": {"slurm": {**TWO_NODES["launch"]["slurm"],
-                                 "env": {"GLOO_SOCKET_IFNAME": "eth0", "DIPNET_FAULT_SLOW_STEP": "1.5"}}}}
+                                 "env": {"GLOO_SOCKET_IFNAME": "eth0", "DIPNET_FAULT_SLOW_STEP": "1.5:first-start"}}}}
     p = write_recipe(tmp_path, "requeue", TWO_NODES, slow)
     _launch(p, "--until", "train")
     run = tmp_path / "requeue"
@@ -148,14 +148,15 @@ def test_requeue_mid_training_resumes_to_the_same_weights(tmp_path, tiny_base_di
 def test_time_limit_signal_saves_and_requeues(tmp_path, tiny_base_dir, reference):
     """A 1-minute limit with USR1 20 s before it (Slurm delivers it 10-40 s into the job: its
     limit check runs every 30 s): the ranks save, the job requeues itself under the same id, and
-    the chain completes in later starts with the same final weights."""
+    the chain completes in later starts with the same final weights. Steps are slowed (8 s) in the
+    first start only, so the limit hits it and a restart can finish."""
     need_nodes(2)
     from dipnet.pipeline.export import consolidate_zero_checkpoint
     from dipnet.pipeline.train import latest_checkpoint
 
     slow = {"train": {**TWO_NODES["train"], "max_steps": 6},
             "launch": {"slurm": {**TWO_NODES["launch"]["slurm"], "time": "1", "signal_margin_s": 20,
-                                 "env": {"GLOO_SOCKET_IFNAME": "eth0", "DIPNET_FAULT_SLOW_STEP": "8"}}}}
+                                 "env": {"GLOO_SOCKET_IFNAME": "eth0", "DIPNET_FAULT_SLOW_STEP": "8:first-start"}}}}
     p = write_recipe(tmp_path, "limit", TWO_NODES, slow)
     _launch(p, "--until", "train")
     run = tmp_path / "limit"
