@@ -397,11 +397,14 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
     logits [N, T, V], labels [N, T] with -100 for ignored positions (HF convention, shifted here).
     """
-    logits = logits[:, :-1].float()
     target = labels[:, 1:]
     mask = target != -100
-    lp = torch.gather(F.log_softmax(logits, -1), -1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return lp * mask, mask
+    return target_logprobs(logits[:, :-1], target.clamp_min(0)) * mask, mask
+
+
+def target_logprobs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] along the last dimension, in float32."""
+    return torch.gather(F.log_softmax(logits.float(), -1), -1, target.unsqueeze(-1)).squeeze(-1)
 
 
 def dip_objective(logits: torch.Tensor, labels: torch.Tensor, trajectories: int, model: nn.Module,

@@ -192,8 +192,7 @@ def next_token_logprobs(forward, batch: dict, output_layer=None) -> tuple[torch.
                   output_hidden_states=True, logits_to_keep=1)
     target = batch["labels"][:, 1:]
     mask = target != -100
-    logits = output_layer(out.hidden_states[-1][:, :-1][mask]).float()
-    lp = torch.gather(torch.log_softmax(logits, -1), -1, target[mask].unsqueeze(-1)).squeeze(-1)
+    lp = dipmod.target_logprobs(output_layer(out.hidden_states[-1][:, :-1][mask]), target[mask])
     return torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp), mask
 
 
@@ -201,8 +200,8 @@ def counted_logits_are_exact(forward, module, batch: dict, world: int) -> bool:
     """Whether the model's logits are its output layer applied to its last hidden state, checked
     on one real batch in one forward (so DIP noise and dropout are the same for both), and agreed
     by every rank (ranks that ran different forwards would desynchronise ZeRO-3's gathers)."""
-    ok = not any(getattr(module.config, a, None) for a in LOGIT_TRANSFORMS)
-    layer = module.get_output_embeddings() if ok else None
+    layer = None if any(getattr(module.config, a, None) for a in LOGIT_TRANSFORMS) else module.get_output_embeddings()
+    ok = False
     if layer is not None:
         with torch.no_grad():
             try:  # logits_to_keep = every position: also checks the model accepts the argument
@@ -210,16 +209,11 @@ def counted_logits_are_exact(forward, module, batch: dict, world: int) -> bool:
                               output_hidden_states=True, logits_to_keep=batch["input_ids"].shape[1])
             except TypeError:
                 out = None
-            hidden = getattr(out, "hidden_states", None)
-            if hidden is None or out.logits.shape != batch["input_ids"].shape + (out.logits.shape[-1],):
-                ok = False
-            else:
+            if getattr(out, "hidden_states", None) is not None and out.logits.shape[:2] == batch["input_ids"].shape:
                 full = out.logits.float()
                 half = out.logits.dtype in (torch.bfloat16, torch.float16)  # rounding of a 16-bit matmul
                 tol = (2e-2 if half else 1e-4) * (1 + full.abs().max())
-                ok = bool((layer(hidden[-1]).float() - full).abs().max() <= tol)
-    else:
-        ok = False
+                ok = bool((layer(out.hidden_states[-1]).float() - full).abs().max() <= tol)
     flag = torch.tensor([float(ok)], device=next(module.parameters()).device)
     if world > 1:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
