@@ -24,7 +24,10 @@ def _cluster_up() -> str | None:
     if shutil.which("sbatch") is None:
         return "sbatch not installed (run tests/slurm_cluster.sh start)"
     env = {**os.environ, "SLURM_CONF": os.environ.get("SLURM_CONF", str(CONF))}
-    res = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env)
+    try:  # with no controller, sinfo retries for ~60 s; a live test cluster answers in under 1 s
+        res = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env, timeout=10)
+    except subprocess.TimeoutExpired:
+        return "no Slurm cluster answers (sinfo timed out after 10 s)"
     if res.returncode != 0 or not res.stdout.strip():
         return f"no Slurm cluster answers (sinfo: {(res.stderr or 'no nodes').strip()[:120]})"
     return None
