@@ -182,8 +182,16 @@ def signal_job_steps(sig: str = "TERM") -> None:
     they can finish their step and save. slurmstepd delivers this to every task on every node
     (torchrun forwards it to its ranks; `deepspeed --launcher slurm` ranks are the tasks)."""
     job = os.environ.get("SLURM_JOB_ID", "")
-    if JOB_ID.fullmatch(job):
-        subprocess.run(["scancel", f"--signal={sig}", job], capture_output=True, text=True)
+    if not JOB_ID.fullmatch(job):
+        return
+    try:
+        # When Slurm itself is taking the job down (scontrol requeue, scancel, the time limit's
+        # SIGTERM), it signals every step on its own and refuses this ("Job can not be altered
+        # now"), and scancel retries for up to a minute: this caller, the batch script, then held
+        # the job's teardown until KillWait ran out (30 s per requeue, measured on the test cluster).
+        subprocess.run(["scancel", f"--signal={sig}", job], capture_output=True, text=True, timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def requeue_this_job() -> bool:

@@ -125,7 +125,16 @@ SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
 # Time for ranks to finish their step and write a checkpoint after SIGTERM (requeue, time limit).
-KillWait=30
+KillWait=15
+# Slurm holds a requeued job cred_expire+1 s (default 120) before starting it again: each node
+# revokes the old start's credential only once it has finished cleaning that start up, and a
+# new start whose credential is not newer than the revocation is refused ("already killed, do
+# not launch batch job": the job fails with JobLaunchFailure). So the hold must outlast the old
+# start's end (at most KillWait, then SIGKILL): 20 s here, and the tests never cut it short.
+AuthInfo=cred_expire=20
+# A requeued job whose hold has ended waits for the next scheduling pass (the main loop runs every
+# 60 s by default: 74 s from requeue to start measured here); a small cluster can look every 2 s.
+SchedulerParameters=sched_interval=2,bf_interval=2
 MinJobAge=300
 JobRequeue=1
 ${nodelines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO

@@ -54,23 +54,15 @@ def _launch(p, *extra):
 
 
 def _wait(run, timeout=600):
-    """Wait for the chain. Slurm holds a requeued job ~2 minutes (PENDING, reason BeginTime) while
-    it cleans up the old start; after 10 s of that, release it (sooner, the new start can find its
-    credential revoked and fail), which changes nothing in what dipnet does."""
+    """Wait for the chain. A requeued job waits out Slurm's own hold (PENDING, reason BeginTime:
+    cred_expire + 1 s, 21 s on the test cluster) while the old start is cleaned up on its nodes.
+    Cutting the hold short (scontrol update StartTime=now) races that clean-up: on a slower
+    machine the new start met its node still revoking the old credential and failed with
+    JobLaunchFailure."""
     jobs = [j["job_id"] for j in json.loads((run / "slurm" / "jobs.json").read_text())["jobs"]]
     deadline = time.time() + timeout
-    held_since: dict[str, float] = {}
     while time.time() < deadline:
-        states = [slurm.settled_state(j) for j in jobs]
-        for j, (state, reason) in zip(jobs, states):
-            if state == "PENDING" and reason == "BeginTime":
-                held_since.setdefault(j, time.time())
-                if time.time() - held_since[j] > 10:
-                    subprocess.run(["scontrol", "update", f"JobId={j}", "StartTime=now"], capture_output=True)
-                    held_since.pop(j)
-            else:
-                held_since.pop(j, None)
-        if all(state in slurm.TERMINAL for state, _ in states):
+        if all(slurm.settled_state(j)[0] in slurm.TERMINAL for j in jobs):
             break
         time.sleep(0.5)
     st = run_cli("status", run, cwd=REPO)
