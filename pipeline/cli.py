@@ -172,7 +172,10 @@ def _sources():
 
 
 def cmd_base(a) -> int:
-    from dipnet.pipeline.base_model import build_tiny_base
+    import shutil
+
+    from dipnet.pipeline.base_model import tiny_base
+    from dipnet.pipeline.outputs import MARKER, check_output_target, output_dir
     from dipnet.pipeline.recipe import TinyBaseSettings, apply_overrides
 
     if a.base_kind == "import":
@@ -185,9 +188,16 @@ def cmd_base(a) -> int:
         return 0
     raw = apply_overrides({}, [o[len("model.tiny."):] if o.startswith("model.tiny.") else o for o in a.overrides])
     settings = _settings(TinyBaseSettings, raw, {k: f"model.tiny.{k}" for k in TinyBaseSettings.model_fields})
-    out = build_tiny_base(settings, a.out, seed=a.seed)
+    check_output_target(a.out)  # refused before a build that may take minutes
+    # Built once per content hash into the cache (as `dipnet run` does), then copied: a second
+    # `base tiny --out` is a copy, not another pretraining. A copy, not hard links: the user
+    # owns DIR and may edit its files without touching the cache.
+    cached = tiny_base(settings, seed=a.seed)
+    with output_dir(a.out, "model", inputs=[cached]) as tmp:
+        shutil.copytree(cached, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MARKER))
+    out = Path(a.out)
     print(json.dumps(json.loads((out / "pretrain.json").read_text()), indent=2))
-    print(f"tiny base: {out}")
+    print(f"tiny base: {out} (copied from the cache: {cached})")
     return 0
 
 

@@ -46,3 +46,24 @@ def test_pretrained_far_below_untrained(tiny_base_dir):
         lt = trained(input_ids=ids, labels=ids).loss.item()
         lu = untrained(input_ids=ids, labels=ids).loss.item()
     assert lu > 5.0 and lt < 0.4 * lu, (lt, lu)
+
+
+def test_base_tiny_out_copies_the_cached_build(tiny_base_dir, tmp_path, capsys, monkeypatch):
+    """`dipnet base tiny --out DIR` reuses the cached build (no second pretraining) and writes an
+    independent copy: DIR's files are not the cache's (editing them leaves the cache intact)."""
+    from dipnet.pipeline import base_model
+    from dipnet.pipeline.cli import main
+
+    def no_build(*a, **k):
+        raise AssertionError("the cached tiny base was built again")
+
+    monkeypatch.setattr(base_model, "_build", no_build)
+    assert main(["base", "tiny", "--out", str(tmp_path / "b")]) == 0
+    assert "copied from the cache" in capsys.readouterr().out
+    out = tmp_path / "b"
+    names = sorted(p.name for p in tiny_base_dir.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names
+    for name in names:
+        if name != ".dipnet.json":
+            assert (out / name).read_bytes() == (tiny_base_dir / name).read_bytes(), name
+            assert (out / name).stat().st_ino != (tiny_base_dir / name).stat().st_ino, name
