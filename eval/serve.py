@@ -19,7 +19,7 @@ from dipnet.pipeline.errors import UsageError
 
 
 def serve_command(model_dir: str | Path, host: str, port: int, max_model_len: int | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+    cmd = [sys.executable, "-m", "dipnet.eval.vllm_server", "--model", str(model_dir),
            "--host", host, "--port", str(port), "--served-model-name", Path(model_dir).name]
     if not _has_cuda():
         cmd += ["--dtype", "float32", "--enforce-eager"]

@@ -64,6 +64,31 @@ def run_cli(*args, cwd=None, env=None, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def cli_in_process(*args, cwd=None, env=None):
+    """Run `dipnet ARGS` in this process (same CompletedProcess-like result as run_cli). For tests
+    of what a command does, not of process behaviour (signals, exit codes of a killed child):
+    a new process pays ~5-10 s of imports (torch, transformers) that this one has already paid."""
+    import contextlib
+    import io
+    import subprocess
+
+    from dipnet.pipeline.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_cwd, saved_env = os.getcwd(), dict(os.environ)
+    try:
+        os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main([str(a) for a in args])
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["dipnet", *map(str, args)], rc, out.getvalue(), err.getvalue())
+
+
 def write_recipe(tmp_path, name: str, base: dict, extra: dict | None = None) -> Path:
     """A recipe file from `base` sections (+ `extra` section updates), run directory tmp_path/name."""
     import json

@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import SHARED_GSM8K, run_cli
+from conftest import SHARED_GSM8K, cli_in_process
 
 from dipnet.eval import extract
 from dipnet.eval.metrics import paired_bootstrap, wilson_interval
@@ -95,7 +95,7 @@ def test_arith_perturbed_keeps_answers():
 
 
 def test_unknown_task_cli(tmp_path):
-    res = run_cli("eval", "some_dir", "--tasks", "arith-idd", "--out", tmp_path / "o")
+    res = cli_in_process("eval", "some_dir", "--tasks", "arith-idd", "--out", tmp_path / "o")
     assert res.returncode == 2 and "unknown task 'arith-idd' (did you mean 'arith-id'?)" in res.stderr
 
 
@@ -113,12 +113,26 @@ def exported(tmp_path_factory):
     return root / "export"
 
 
+@pytest.fixture(scope="module")
+def vllm_fp32(exported, tmp_path_factory):
+    """One float32 vLLM engine on `exported`, shared by this module's tests (as a study shares one
+    engine per model): each engine start costs an import, a load and a KV-cache allocation."""
+    from dipnet.eval.evaluate import max_model_len
+    from dipnet.eval.vllm_runner import VllmEngine
+
+    cfg = json.loads((exported / "config.json").read_text())
+    engine = VllmEngine(exported, tmp_path_factory.mktemp("vllm_fp32"), max_model_len(cfg), dtype="float32")
+    yield engine
+    engine.close()
+
+
 @pytest.mark.slow
-def test_vllm_and_hf_agree_and_results_complete(exported, tmp_path):
+def test_vllm_and_hf_agree_and_results_complete(exported, vllm_fp32, tmp_path):
     from dipnet.eval.evaluate import evaluate_model
 
     tasks = ["arith-id", "arith-ood", "arith-perturbed"]
-    rv = evaluate_model(exported, tasks, tmp_path / "v", engine="vllm", limit=48, max_new_tokens=40, progress=False)
+    rv = evaluate_model(exported, tasks, tmp_path / "v", engine="vllm", vllm_engine=vllm_fp32, limit=48,
+                        max_new_tokens=40, progress=False)
     rh = evaluate_model(exported, tasks, tmp_path / "h", engine="hf", limit=48, max_new_tokens=40, progress=False)
     for t in tasks:
         sv = [json.loads(l) for l in (tmp_path / "v" / f"samples_{t}.jsonl").read_text().splitlines()]
@@ -141,11 +155,10 @@ def test_vllm_and_hf_agree_and_results_complete(exported, tmp_path):
     assert rv["engine"] == "vllm" and rv["engine_version"].startswith("vllm") and len(rv["model_fingerprint"]) == 16
     # It learned the format: the untrained-on-problems base sits at an answer NLL of ~5.6.
     assert rv["tasks"]["arith-id"]["teacher_forced"]["answer_nll"] < 1.5
-    assert not list((tmp_path / "v").glob("vllm/tmp/*.sock"))  # nothing left in /tmp or here
 
 
 @pytest.mark.slow
-def test_bfloat16_eval_runs_in_bfloat16_on_both_engines(exported, tmp_path):
+def test_bfloat16_eval_runs_in_bfloat16_on_both_engines(exported, vllm_fp32, tmp_path):
     """eval.dtype bfloat16 reaches both engines: answer NLLs move by bfloat16 rounding (not 0,
     not more than a few percent) from float32, and results.json records the dtype."""
     from dipnet.eval.evaluate import evaluate_model
@@ -154,9 +167,14 @@ def test_bfloat16_eval_runs_in_bfloat16_on_both_engines(exported, tmp_path):
     nll = {}
     for engine in ("vllm", "hf"):
         for dtype in ("float32", "bfloat16"):
-            r = evaluate_model(exported, ["arith-id"], tmp_path / f"{engine}-{dtype}", engine=engine, dtype=dtype, **kw)
+            shared = vllm_fp32 if (engine, dtype) == ("vllm", "float32") else None
+            r = evaluate_model(exported, ["arith-id"], tmp_path / f"{engine}-{dtype}", engine=engine, dtype=dtype,
+                               vllm_engine=shared, **kw)
             assert r["dtype"] == dtype
             nll[engine, dtype] = r["tasks"]["arith-id"]["teacher_forced"]["answer_nll"]
+    # The bfloat16 engine was this evaluation's own: closed, it left nothing in /tmp or its directory.
+    assert (tmp_path / "vllm-bfloat16" / "vllm" / "engine.log").is_file()
+    assert not list((tmp_path / "vllm-bfloat16").glob("vllm/tmp/*.sock"))
     for engine in ("vllm", "hf"):
         a, b = nll[engine, "float32"], nll[engine, "bfloat16"]
         assert a != b and abs(a - b) <= 0.05 * a, (engine, a, b)
@@ -205,10 +223,10 @@ def test_hf_noise_sweep_and_average_mode(exported, tmp_path):
 
 @pytest.mark.slow
 def test_cli_eval_and_rescore(exported, tmp_path):
-    res = run_cli("eval", exported, "--tasks", "arith-id", "--engine", "hf", "--limit", "8", "--max-new-tokens", "32",
+    res = cli_in_process("eval", exported, "--tasks", "arith-id", "--engine", "hf", "--limit", "8", "--max-new-tokens", "32",
                   "--out", tmp_path / "e")
     assert res.returncode == 0, res.stderr[-1500:]
-    res2 = run_cli("eval", "--predictions", tmp_path / "e" / "samples_arith-id.jsonl", "--task", "arith-id",
+    res2 = cli_in_process("eval", "--predictions", tmp_path / "e" / "samples_arith-id.jsonl", "--task", "arith-id",
                    "--out", tmp_path / "r")
     assert res2.returncode == 0, res2.stderr
     a = json.loads((tmp_path / "e" / "results.json").read_text())["tasks"]["arith-id"]["scores"]
@@ -262,12 +280,12 @@ def test_serve_answers_one_completion(exported, tmp_path):
 
 @pytest.mark.slow
 def test_smoothness_cli_task_and_data(exported, tmp_path):
-    res = run_cli("smoothness", exported, "--task", "arith-id", "--limit", "8", "--out", tmp_path / "s.json")
+    res = cli_in_process("smoothness", exported, "--task", "arith-id", "--limit", "8", "--out", tmp_path / "s.json")
     assert res.returncode == 0, res.stderr[-1500:]
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["n"] == 8 and s["grad_norm"] > 0 and s["adversarial_increase"] >= s["random_increase"] - 1e-6
     assert s["hessian_trace"] == s["hessian_trace"]  # a number
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"question": "Ann has 2 pens. How many pens does Ann have now?", "answer": "#### 2"}) + "\n")
-    res = run_cli("smoothness", exported, "--data", data)
+    res = cli_in_process("smoothness", exported, "--data", data)
     assert res.returncode == 0 and json.loads(res.stdout)["n"] == 1

@@ -167,11 +167,11 @@ def test_scoring_equals_lm_eval_filters_and_metric(task_manager, name):
 def test_harness_tasks_run_from_local_data_on_our_engine(tmp_path, tiny_base_dir):
     """`dipnet eval --harness-tasks` runs lm-eval's own gsm8k (local data) and dipnet's arith task
     as a harness task through dipnet's vLLM engine, writing lm-eval's result and sample files."""
-    from conftest import run_cli
+    from conftest import cli_in_process
 
     base = tiny_base_dir
     out = tmp_path / "h"
-    res = run_cli("eval", base, "--tasks", "arith-id", "--harness-tasks", "dipnet_arith_id,gsm8k", "--limit", "6",
+    res = cli_in_process("eval", base, "--tasks", "arith-id", "--harness-tasks", "dipnet_arith_id,gsm8k", "--limit", "6",
                   "--max-new-tokens", "32", "--gsm8k-path", SHARED_GSM8K, "--out", out)
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads((out / "results.json").read_text())
@@ -185,7 +185,7 @@ def test_harness_tasks_run_from_local_data_on_our_engine(tmp_path, tiny_base_dir
     assert sorted({r["doc_id"] for r in rows}) == list(range(6)) and {r["filter"] for r in rows} == {
         "strict-match", "flexible-extract"}
     # A task whose data needs the hub: one line naming it.
-    bad = run_cli("eval", base, "--harness-tasks", "arc_easy", "--limit", "2", "--out", tmp_path / "b")
+    bad = cli_in_process("eval", base, "--harness-tasks", "arc_easy", "--limit", "2", "--out", tmp_path / "b")
     errors = [x for x in bad.stderr.splitlines() if x.startswith("error:")]
     assert bad.returncode == 2 and len(errors) == 1 and "harness task arc_easy" in errors[0], bad.stderr
     assert not (tmp_path / "b").exists()

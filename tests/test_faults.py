@@ -163,8 +163,9 @@ def test_master_port_in_use(tmp_path, tiny_base_dir):
 
 
 def test_vllm_engine_failure_keeps_other_results(tmp_path, tiny_base_dir):
-    # Two training steps: the model only has to exist for vLLM to refuse it.
-    p = recipe(tmp_path, "engine", {"eval": {"engine": "vllm"}, "train": {**FAST["train"], "max_steps": 2, "save_every": 2}})
+    # Two training steps in one process: the model only has to exist for vLLM to refuse it.
+    p = recipe(tmp_path, "engine", {"eval": {"engine": "vllm"}, "train": {**FAST["train"], "max_steps": 2, "save_every": 2},
+                                    "launch": {"launcher": "single"}})
     run = tmp_path / "engine"
     res = run_cli("run", p, "--only", "base,convert,preprocess,train,export")
     assert res.returncode == 0, res.stderr[-2000:]

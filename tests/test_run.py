@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import run_cli, write_recipe
+from conftest import cli_in_process, run_cli, write_recipe
 
 from dipnet.pipeline.errors import UsageError
 from dipnet.pipeline.recipe import load_recipe
@@ -40,7 +40,7 @@ def stage_log(out: str) -> dict:
 @pytest.mark.slow
 def test_stages_run_skip_from_only_and_invalidate(tmp_path, tiny_base_dir):
     p = fast_recipe(tmp_path)
-    r1 = run_cli("run", p, cwd=tmp_path)
+    r1 = cli_in_process("run", p, cwd=tmp_path)
     assert r1.returncode == 0, r1.stderr[-2000:]
     assert stage_log(r1.stdout) == {s: "ran" for s in STAGES}
     assert re.search(r"^  main-s0: trained \d+ steps in \d+s, final loss \d", r1.stdout, re.M), r1.stdout
@@ -57,22 +57,22 @@ def test_stages_run_skip_from_only_and_invalidate(tmp_path, tiny_base_dir):
     assert (run_dir / "eval" / "main-s0" / "results.json").is_file()
     assert not list(run_dir.rglob("*.tmp-*"))
 
-    r2 = run_cli("run", p, cwd=tmp_path)
+    r2 = cli_in_process("run", p, cwd=tmp_path)
     assert r2.returncode == 0 and stage_log(r2.stdout) == {s: "skipped" for s in STAGES}
 
-    r3 = run_cli("run", p, "--from", "export", cwd=tmp_path)
+    r3 = cli_in_process("run", p, "--from", "export", cwd=tmp_path)
     assert r3.returncode == 0, r3.stderr[-2000:]
     log = stage_log(r3.stdout)
     assert [s for s in STAGES if log[s] == "ran"] == ["export", "eval", "report"]
 
-    r4 = run_cli("run", p, "--only", "report", cwd=tmp_path)
+    r4 = cli_in_process("run", p, "--only", "report", cwd=tmp_path)
     assert r4.returncode == 0 and stage_log(r4.stdout) == {"report": "ran"}
     (run_dir / "report.md").unlink()
-    r4b = run_cli("report", run_dir, "--no-smoothness", cwd=tmp_path)  # regenerated from stored results
+    r4b = cli_in_process("report", run_dir, "--no-smoothness", cwd=tmp_path)  # regenerated from stored results
     assert r4b.returncode == 0 and (run_dir / "report.md").is_file() and "| main |" in r4b.stdout
 
     # Changing what eval reads re-runs eval and report only; a harness task gets its report row.
-    r5 = run_cli("run", p, "eval.limit=4", "eval.harness_tasks=[dipnet_arith_id]", cwd=tmp_path)
+    r5 = cli_in_process("run", p, "eval.limit=4", "eval.harness_tasks=[dipnet_arith_id]", cwd=tmp_path)
     assert r5.returncode == 0, r5.stderr[-2000:]
     log = stage_log(r5.stdout)
     assert [s for s in STAGES if log[s] == "ran"] == ["eval", "report"]
@@ -250,13 +250,13 @@ def test_later_stages_read_only_the_run_directory(tmp_path, tiny_base_dir):
     (src / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
     p = fast_recipe(tmp_path, {"data": {"train": str(src / "train.jsonl")},
                                "eval": {"tasks": ["gsm8k"], "gsm8k_path": str(src), "limit": 4}}, name="offline")
-    r1 = run_cli("run", p, "--only", "base,convert,preprocess", cwd=tmp_path)
+    r1 = cli_in_process("run", p, "--only", "base,convert,preprocess", cwd=tmp_path)
     assert r1.returncode == 0, r1.stderr[-2000:]
     assert (tmp_path / "offline" / "data" / "gsm8k" / "test.jsonl").is_file()
     # The sources become unusable (a compute node that cannot reach them): later stages must not read them.
     (src / "train.jsonl").write_text("{not json\n")
     (src / "test.jsonl").unlink()
-    r2 = run_cli("run", p, "--only", "train,export,eval", cwd=tmp_path,
+    r2 = cli_in_process("run", p, "--only", "train,export,eval", cwd=tmp_path,
                  env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert r2.returncode == 0, r2.stderr[-2000:]
     res = json.loads((tmp_path / "offline" / "eval" / "main-s0" / "results.json").read_text())

@@ -12,6 +12,10 @@ BASE_TRAIN = {
     "data.synthetic.n_train": 96, "data.synthetic.n_test": 16, "data.max_length": 96,
     "train.micro_batch_size": 4, "train.log_every": 1, "train.warmup_steps": 2, "train.lr": 2e-3,
     "dip.init_variance": 0.01,  # the tests check λ against this value
+    # torchrun: one launcher process. The deepspeed launcher starts two more Python processes
+    # (runner, then launch.py, each importing torch and deepspeed) before any rank; it has tests
+    # of its own (test_faults, test_launch, test_slurm*). What these tests check is training.
+    "launch.launcher": "torchrun",
 }
 
 
