@@ -135,7 +135,9 @@ AuthInfo=cred_expire=20
 # A requeued job whose hold has ended waits for the next scheduling pass (the main loop runs every
 # 60 s by default: 74 s from requeue to start measured here); a small cluster can look every 2 s.
 SchedulerParameters=sched_interval=2,bf_interval=2
-MinJobAge=300
+# Finished jobs stay visible to `scontrol show job` for an hour: a chain slowed by requeues on a
+# loaded machine outlived 300 s, and its first job then read as unknown, never finished.
+MinJobAge=3600
 JobRequeue=1
 ${nodelines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
