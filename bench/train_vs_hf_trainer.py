@@ -42,7 +42,8 @@ MODELS = {
 }
 
 
-def recipe_for(kind: str, variant: str, steps: int):
+def recipe_for(kind: str, variant: str, steps: int, extra: dict | None = None):
+    """`extra`: further recipe overrides (bench/limits.py sets train.method and train.precision)."""
     from dipnet.pipeline.recipe import Recipe, apply_overrides
 
     over, warm, _ = MODELS[kind]
@@ -56,6 +57,7 @@ def recipe_for(kind: str, variant: str, steps: int):
         if d is None:
             raise SystemExit("smollm2 needs GSM8K train.jsonl in ../shared/data/gsm8k (or pass --models 25m)")
         o["data.train"] = str(d / "train.jsonl")
+    o.update(extra or {})
     return Recipe.model_validate(apply_overrides({}, o))
 
 

@@ -8,6 +8,7 @@ sockets and temporary files stay under `workdir`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -50,10 +51,30 @@ def default_kv_cache_gib() -> int:
     return max(1, min(4, avail_kib // (4 * 1024 * 1024)))
 
 
-def resolve_dtype(dtype: str, engine: str) -> str:
-    """eval.dtype `auto`: vLLM in bfloat16 on a GPU and float32 on CPU; transformers in float32."""
+def trained_precision(model_dir) -> str | None:
+    """The precision dipnet trained an exported model in (`train_precision` in its export.json),
+    or None for a model dipnet did not export. Only the two known values are believed."""
+    try:
+        v = json.loads((Path(model_dir) / "export.json").read_text()).get("train_precision")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return v if v in ("fp32", "bf16") else None
+
+
+def resolve_dtype(dtype: str, engine: str, model_dir=None) -> str:
+    """eval.dtype `auto`: the precision the model was trained in, where this machine runs it
+    natively (bf16 on a GPU, or on a CPU with AVX512-BF16/AMX; on an AVX2-only CPU bf16 matmuls
+    run at a ninth of the fp32 rate, so float32). A model dipnet did not train: vLLM in bfloat16
+    on a GPU and float32 on CPU; transformers in float32."""
     if dtype != "auto":
         return dtype
+    trained = trained_precision(model_dir) if model_dir is not None else None
+    if trained == "fp32":
+        return "float32"
+    if trained == "bf16":
+        from dipnet.pipeline.env import cpu_has_native_bf16
+
+        return "bfloat16" if _has_cuda() or cpu_has_native_bf16() else "float32"
     return "bfloat16" if engine == "vllm" and _has_cuda() else "float32"
 
 
@@ -125,7 +146,7 @@ class VllmEngine:
         os.environ.update(vllm_environment(workdir))
         tempfile.tempdir = None  # re-read TMPDIR
         self.log = Path(workdir) / "engine.log"
-        self.dtype = resolve_dtype(dtype, "vllm")
+        self.dtype = resolve_dtype(dtype, "vllm", model_dir)
         kwargs = dict(model=str(model_dir), seed=seed, max_model_len=max_model_len, trust_remote_code=False,
                       dtype=self.dtype)
         if not _has_cuda():

@@ -37,6 +37,21 @@ def _run(cmd: list[str]) -> str | None:
     return (out.stdout or out.stderr).strip().splitlines()[0] if out.returncode == 0 and (out.stdout or out.stderr) else None
 
 
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls at least as fast as fp32. Without them (AVX2 only) torch
+    runs a bf16 linear layer at about a ninth of the fp32 rate (16-20 against 129-164 GFLOP/s on a
+    2-core AMD EPYC, bench/limits.py --precision fp32,bf16), so bf16 is a slowdown, not a speed-up."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def collect_env(deepspeed_ops: bool = False) -> dict:
     """The environment as a dict. `deepspeed_ops` imports DeepSpeed's op builders (a few seconds)."""
     env: dict = {"python": sys.version.split()[0], "platform": platform.platform(), "executable": sys.executable,
@@ -50,6 +65,7 @@ def collect_env(deepspeed_ops: bool = False) -> dict:
                         if torch.cuda.is_available() else []}
     except Exception as exc:  # a broken torch is exactly what this command must show
         env["torch"] = {"error": f"{type(exc).__name__}: {exc}"}
+    env["cpu_bf16"] = cpu_has_native_bf16()
     env["nvidia_driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     env["slurm"] = _run(["sinfo", "--version"]) or ("sinfo on PATH, version unknown" if shutil.which("sinfo") else None)
     env["caches"] = {"dipnet": str(Path(os.environ.get("DIPNET_CACHE", Path.home() / ".cache" / "dipnet"))),
@@ -74,6 +90,7 @@ def format_env(env: dict) -> str:
         gpus = ", ".join(t["gpus"]) or "none"
         lines.append(f"torch         {t['version']}  CUDA build {t['cuda_build'] or 'none (CPU)'}, "
                      f"available {t['cuda_available']}, GPUs: {gpus}, threads {t['threads']}")
+    lines.append(f"cpu bf16      {'native (AVX512-BF16/AMX)' if env.get('cpu_bf16') else 'emulated (no AVX512-BF16/AMX): train and eval in fp32 here'}")
     lines.append(f"driver        {env['nvidia_driver'] or 'no nvidia-smi'}")
     for p, v in env["packages"].items():
         if p == "torch":

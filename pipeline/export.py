@@ -192,7 +192,8 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, *, dtype: str = "fl
         written = _write_weights(ckpt, state, model_dir, tmp, torch_dtype, max_shard_bytes, trust_remote_code)
         summary = {"checkpoint": str(ckpt.resolve()), "step": state["step"], "model_dir": str(model_dir),
                    "out": str(Path(out_dir)), "zero_stage": state["zero_stage"], "train_method": recipe.train.method,
-                   "dip_method": recipe.dip.method, "dtype": dtype, **written}
+                   "dip_method": recipe.dip.method, "train_precision": recipe.train.precision, "dtype": dtype,
+                   **written}
         if verify:
             summary.update(_verify(tmp, state, model_dir, ckpt, dtype, tolerance, trust_remote_code))
         (tmp / "export.json").write_text(json.dumps(summary, indent=2))

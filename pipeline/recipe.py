@@ -280,9 +280,10 @@ class EvalSettings(_Section):
     dip_mode: str = Field("mean", description="mean | average:k (hf engine only).")
     eval_base: bool = Field(True, description="Also evaluate the base model.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="Inference precision. auto: vLLM in bfloat16 on a GPU and float32 on CPU, transformers "
-                            "in float32. bfloat16 on a CPU with AVX512-BF16/AMX: vLLM ~1.7x faster (SmolLM2-135M, "
-                            "bench/eval_throughput.py), at bfloat16 rounding.")
+        "auto", description="Inference precision. auto: the precision dipnet trained the model in (export.json), "
+                            "bfloat16 only where it runs natively (a GPU, or a CPU with AVX512-BF16/AMX); a model "
+                            "dipnet did not train: vLLM in bfloat16 on a GPU, float32 otherwise. bfloat16 on a CPU "
+                            "with AVX512-BF16/AMX: vLLM ~1.7x faster (SmolLM2-135M, bench/eval_throughput.py).")
 
     @field_validator("dip_mode")
     @classmethod

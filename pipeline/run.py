@@ -447,6 +447,12 @@ class Run:
             port = launch.choose_master_port(r.launch.master_port)
             cmd = launch.train_command(r.launch, procs, port, args)
             how = f"{r.launch.launcher} x{procs} ranks"
+        if any(b[3].train.precision == "bf16" for b in batch) and r.launch.device != "cuda" and not launch.has_cuda():
+            from dipnet.pipeline.env import cpu_has_native_bf16
+
+            if not cpu_has_native_bf16():
+                self.say("  note: train.precision bf16 on a CPU without AVX512-BF16/AMX: bf16 matmuls run at about a "
+                         "ninth of the fp32 rate here (bench/limits.py); fp32 trains faster on this machine")
         log = self.dir / "train" / "train.log"
         names = ", ".join(b[0] for b in batch)
         self.say(f"  {names}: {how}, ZeRO-{r.train.zero_stage} (log: {log})")

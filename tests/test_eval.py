@@ -181,6 +181,29 @@ def test_bfloat16_eval_runs_in_bfloat16_on_both_engines(exported, vllm_fp32, tmp
     assert abs(nll["vllm", "float32"] - nll["hf", "float32"]) <= 1e-3
 
 
+def test_eval_dtype_auto_follows_the_training_precision(exported, tmp_path, monkeypatch):
+    """eval.dtype auto reads the precision dipnet trained the model in from its export.json; bf16
+    only where the machine runs it natively; anything else in that file is not believed."""
+    from dipnet.eval import vllm_runner
+    from dipnet.pipeline import env
+
+    assert json.loads((exported / "export.json").read_text())["train_precision"] == "fp32"
+    assert vllm_runner.resolve_dtype("auto", "vllm", exported) == "float32"
+    monkeypatch.setattr(vllm_runner, "_has_cuda", lambda: True)
+    assert vllm_runner.resolve_dtype("auto", "vllm", exported) == "float32"  # trained in fp32: evaluated so
+    assert vllm_runner.resolve_dtype("auto", "vllm", tmp_path) == "bfloat16"  # not ours: vLLM's GPU default
+    (tmp_path / "export.json").write_text(json.dumps({"train_precision": "bf16"}))
+    assert vllm_runner.resolve_dtype("auto", "hf", tmp_path) == "bfloat16"
+    monkeypatch.setattr(vllm_runner, "_has_cuda", lambda: False)
+    for native, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(env, "cpu_has_native_bf16", lambda: native)
+        assert vllm_runner.resolve_dtype("auto", "vllm", tmp_path) == want
+    assert vllm_runner.resolve_dtype("float32", "vllm", tmp_path) == "float32"  # an explicit choice wins
+    for hostile in ('{"train_precision": "../../x"}', "[1, 2]", "not json", '{"train_precision": 16}'):
+        (tmp_path / "export.json").write_text(hostile)
+        assert vllm_runner.resolve_dtype("auto", "hf", tmp_path) == "float32"
+
+
 @pytest.mark.slow
 def test_average_k1_without_noise_equals_mean(exported):
     from dipnet.eval.hf_runner import greedy_generate, load_hf

@@ -91,6 +91,8 @@ def test_env_command():
 
     assert env["torch"]["version"] == torch.__version__ and env["packages"]["transformers"]
     assert "cpu_adam" in env["deepspeed_ops"]
+    flags = open("/proc/cpuinfo").read()  # bf16 is native exactly where the CPU has the instructions
+    assert env["cpu_bf16"] == ("avx512_bf16" in flags or "amx_bf16" in flags)
     text = run_cli("env", "--no-ops")
     assert text.returncode == 0 and "vLLM build" in text.stdout and len(text.stdout.splitlines()) <= 40
 
