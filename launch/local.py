@@ -129,7 +129,7 @@ def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
     return hosts
 
 
-def run_ranks(cmd: list[str], env: dict, log_path: Path, timeout_s: float, single: bool = False, port: int = 0,
+def run_ranks(cmd: list[str], env: dict, log_path: Path, timeout_s: float | None, single: bool = False, port: int = 0,
               stop=None, grace_s: float = 30.0, on_poll=None, poll_s: float = 2.0) -> None:
     """Run the launcher; raise RunError with the log's last error line if it fails.
 
@@ -138,6 +138,7 @@ def run_ranks(cmd: list[str], env: dict, log_path: Path, timeout_s: float, singl
     the ranks save), else SIGTERM to the launcher's process group; whatever is still running
     after `grace_s` is killed. Ranks finish their step and write a checkpoint on SIGTERM.
     `on_poll()`, if given, is called every `poll_s` seconds while the ranks run (live progress).
+    `timeout_s` None: no time limit.
     """
     if single:
         env = {**env, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -148,7 +149,7 @@ def run_ranks(cmd: list[str], env: dict, log_path: Path, timeout_s: float, singl
         log.flush()
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + timeout_s
+            deadline = time.monotonic() + (timeout_s if timeout_s is not None else float("inf"))
             while True:
                 try:
                     rc = proc.wait(timeout=max(0.0, min(poll_s, deadline - time.monotonic())))

@@ -243,7 +243,9 @@ class LaunchSettings(_Section):
     master_port: Optional[int] = Field(None, gt=0, lt=65536, description="Default: a free port.")
     master_addr: Optional[str] = None
     hostfile: Optional[str] = Field(None, description="deepspeed hostfile ('host slots=N' lines) for multi-node.")
-    timeout_s: int = Field(3600, gt=0, description="Stage time-out.")
+    timeout_s: Optional[int] = Field(None, gt=0, description="Time-out of a local training launch in seconds; none "
+                                     "unless set (a paper recipe on one node trains for hours). A Slurm job is "
+                                     "bounded by its own time limit.")
     slurm: SlurmSettings = SlurmSettings()
 
     @field_validator("master_addr")

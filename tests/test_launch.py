@@ -75,6 +75,7 @@ def test_run_ranks_polls_while_the_ranks_run(tmp_path):
     cmd = [sys.executable, "-c", f"import time; open({str(flag)!r}, 'w').write('{{}}'); time.sleep(1.5)"]
     launch.run_ranks(cmd, {}, tmp_path / "log", 60, on_poll=lambda: seen.append(flag.is_file()), poll_s=0.1)
     assert True in seen  # a poll saw the finished run's file while the launcher still ran
+    launch.run_ranks([sys.executable, "-c", "pass"], {}, tmp_path / "log3", None, poll_s=0.1)  # no limit: waits to the end
     with pytest.raises(Exception, match="timed out"):
         launch.run_ranks([sys.executable, "-c", "import time; time.sleep(30)"], {}, tmp_path / "log2", 0.5,
                          on_poll=lambda: None, poll_s=0.1, grace_s=1)

@@ -19,6 +19,7 @@ def test_shipped_recipe_validates():
     assert [(v, s) for v, s, _ in runs] == [(v, s) for s in (0, 1, 2) for v in ("sft", "dip")]  # interleaved
     sft = next(rr for v, _, rr in runs if v == "sft")
     assert sft.dip.method == "none" and sft.train.lr == r.train.lr
+    assert r.launch.timeout_s is None  # no silent cap on a local run (a paper recipe trains for hours)
 
 
 def test_overrides_typed_and_nested():
@@ -47,6 +48,7 @@ BAD = [
     ({"variants": {"a": {"train.lrr": 1}}}, "(variant 'a'): unknown key 'train.lrr' (did you mean 'train.lr'?)"),
     ({"train": {"max_steps": None}}, "set train.max_steps or train.epochs"),
     ({"launch": {"master_port": 70000}}, "'launch.master_port': expected a value < 65536, got 70000"),
+    ({"launch": {"timeout_s": 0}}, "'launch.timeout_s': expected a value > 0, got 0"),
 ]
 
 
