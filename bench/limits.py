@@ -45,12 +45,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    wanted = [f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")]
+    from dipnet.pipeline.env import cpu_flags as all_flags
+
+    wanted = sorted(f for f in all_flags() if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
     return " ".join(wanted) or "unknown"
 
 

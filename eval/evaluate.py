@@ -114,9 +114,10 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
     tok = load_tokenizer(model_dir, trust_remote_code)
     k = int(dip_mode.split(":")[1]) if dip_mode.startswith("average:") else 1
     model = None
+    hf_dtype = resolve_dtype(dtype, "hf", model_dir)
     if engine == "hf" or noise_sigmas:
         model, _ = hf_runner.load_hf(model_dir, dip_mode="sample" if k > 1 else "mean",
-                                     trust_remote_code=trust_remote_code, dtype=resolve_dtype(dtype, "hf", model_dir))
+                                     trust_remote_code=trust_remote_code, dtype=hf_dtype)
     encoded = {}
     for task in tasks:  # every prompt must fit: a silently cut few-shot prompt is another task
         texts = [task.prompt(i, tok) for i in range(len(task.problems))]
@@ -143,7 +144,7 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
 
     results = {"model_dir": str(model_dir), "model_fingerprint": model_fingerprint(model_dir), "engine": engine,
                "engine_version": engine_version, "dip_mode": dip_mode, "max_new_tokens": max_new_tokens,
-               "max_model_len": L, "dtype": vllm_engine.dtype if engine == "vllm" else resolve_dtype(dtype, "hf", model_dir),
+               "max_model_len": L, "dtype": vllm_engine.dtype if engine == "vllm" else hf_dtype,
                "tasks": {}}
     try:
         for task in tasks:
