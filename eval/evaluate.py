@@ -73,6 +73,20 @@ def answer_ids(tok, answer: str) -> list[int]:
     return tok(" " + answer.strip(), add_special_tokens=False).input_ids
 
 
+def tokens_in_flight(tasks, encoded: dict, tok, max_new_tokens: int, max_len: int, answer_nll: bool) -> int:
+    """The most KV-cache tokens one of these tasks holds at once on the vLLM engine: its prompts
+    (as many as run together) at their longest, plus the generation or the scored answer."""
+    from dipnet.eval.vllm_runner import MAX_NUM_SEQS_CPU
+
+    most = 1
+    for task in tasks:
+        ids = encoded[task.name][1]
+        answer = max((len(answer_ids(tok, p["answer"])) for p in task.problems), default=0) if answer_nll else 0
+        longest = min(max_len, max(map(len, ids)) + max(max_new_tokens, answer))
+        most = max(most, min(len(ids), MAX_NUM_SEQS_CPU) * longest)
+    return most
+
+
 def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | Path, *, engine: str = "vllm",
                    shots: int = 0, limit: int | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                    chat: str | None = None, gsm8k_path: str | None = None, synthetic_settings=None,
@@ -132,7 +146,9 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
     if engine == "vllm" and vllm_engine is None:
         from dipnet.eval.vllm_runner import VllmEngine
 
-        own_engine = vllm_engine = VllmEngine(model_dir, out / "vllm", L, dtype=dtype)
+        # Harness tasks bring lm-eval's prompts: then the KV cache is sized for vLLM's whole batch.
+        in_flight = None if harness_tasks else tokens_in_flight(tasks, encoded, tok, max_new_tokens, L, answer_nll)
+        own_engine = vllm_engine = VllmEngine(model_dir, out / "vllm", L, dtype=dtype, kv_tokens=in_flight)
     if engine == "vllm":
         from dipnet.eval.vllm_runner import version
 

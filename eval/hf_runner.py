@@ -126,7 +126,9 @@ def teacher_forced(model, tokenizer, prompts: list[list[int]], answers: list[lis
 
     Rows are left-padded so every answer ends at the last position, and only the answer
     positions' logits are computed (`logits_to_keep`): a 900-token prompt costs its forward pass,
-    not a [900, vocab] float32 matrix.
+    not a [900, vocab] float32 matrix. Rows are batched in order of length (results in the
+    callers' order): padding a 160-token GSM8K prompt to a 440-token batchmate costs as much as
+    the prompt itself.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -136,9 +138,11 @@ def teacher_forced(model, tokenizer, prompts: list[list[int]], answers: list[lis
         ids = (p + a_ids)[-max_len:]
         n_a = min(len(a_ids), len(ids) - 1)
         rows.append((ids, n_a))
-    out = []
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    out: list[dict | None] = [None] * len(rows)
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        where = order[start:start + batch_size]
+        chunk = [rows[i] for i in where]
         width = max(len(r[0]) for r in chunk)
         keep = max(n for _, n in chunk) + 1
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
@@ -155,8 +159,49 @@ def teacher_forced(model, tokenizer, prompts: list[list[int]], answers: list[lis
             lp = logp[i, keep - n_a - 1:keep - 1]  # position t predicts token t+1
             nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
             acc = (lp.argmax(-1) == tgt).float()
-            out.append({"nll": nll.mean().item(), "token_acc": acc.mean().item(), "answer_tokens": n_a})
+            out[where[i]] = {"nll": nll.mean().item(), "token_acc": acc.mean().item(), "answer_tokens": n_a}
     return out
+
+
+GQA_SDPA = "dipnet_sdpa_gqa"
+
+
+def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+                       **kwargs):
+    """transformers' SDPA attention, with grouped KV heads handed to SDPA as they are (`enable_gqa`).
+
+    With a padding mask, transformers' SDPA path copies every KV head to each query head it serves
+    before attending (its fused kernels on CUDA refuse masked GQA); on the CPU that copy costs about
+    a quarter of a batched greedy generation of SmolLM2 (3 KV heads for 9 query heads), and SDPA's
+    own GQA gives the same numbers (bench/eval_throughput.py). Anything unusual goes to transformers."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = q_len > 1 and attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    plain = (query.shape[1] == key.shape[1] or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None
+             or kwargs.get("output_attentions") or (causal and kv_len != q_len))
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+                                         is_causal=causal, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_gqa_sdpa(model) -> bool:
+    """Switch a model that attends with SDPA and shares KV heads to `sdpa_gqa_attention` (on the
+    CPU only: CUDA's fused kernels need transformers' own path). Returns whether it switched."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if next(model.parameters()).device.type != "cpu" or model.config._attn_implementation != "sdpa":
+        return False
+    if not any(getattr(m, "num_key_value_groups", 1) > 1 for m in model.modules()):
+        return False
+    AttentionInterface.register(GQA_SDPA, sdpa_gqa_attention)
+    AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
+    model.set_attn_implementation(GQA_SDPA)
+    return True
 
 
 def load_hf(model_dir, dip_mode: str = "mean", trust_remote_code: bool = False, attn_implementation: str | None = None,
@@ -165,5 +210,7 @@ def load_hf(model_dir, dip_mode: str = "mean", trust_remote_code: bool = False, 
 
     model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code, with_dip=True,
                            attn_implementation=attn_implementation, dtype=getattr(torch, dtype))
+    if attn_implementation is None:
+        use_gqa_sdpa(model)
     dipmod.set_dip_mode(model, dip_mode)
     return model, load_tokenizer(model_dir, trust_remote_code)

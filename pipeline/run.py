@@ -447,6 +447,10 @@ class Run:
             port = launch.choose_master_port(r.launch.master_port)
             cmd = launch.train_command(r.launch, procs, port, args)
             how = f"{r.launch.launcher} x{procs} ranks"
+        from dipnet.pipeline.models import check_attn_implementation
+
+        for b in batch:  # before any rank starts: a kernel this machine lacks is one line, not 8 tracebacks
+            check_attn_implementation(b[3].model.attn_implementation, launch.has_cuda())
         if any(b[3].train.precision == "bf16" for b in batch) and r.launch.device != "cuda" and not launch.has_cuda():
             from dipnet.pipeline.env import cpu_has_native_bf16
 

@@ -131,9 +131,18 @@ def setup_model(recipe: Recipe, model_dir: str, *, trust_remote_code: bool, dtyp
     """Base weights + the recipe's noise method (+ LoRA). λ come from model_dir/dip when the
     converted directory was made with the same DIP settings, else from dip.init_variance.
     `trust_remote_code` is the caller's decision (the user's recipe or flag), never a file's."""
-    from dipnet.pipeline.models import load_causal_lm
+    from dipnet.pipeline.models import check_attn_implementation, load_causal_lm
 
-    model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code, with_dip=False, dtype=dtype)
+    attn = recipe.model.attn_implementation
+    check_attn_implementation(attn)
+    model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code, with_dip=False, dtype=dtype,
+                           attn_implementation=None if attn == "auto" else attn)
+    if recipe.train.gradient_checkpointing:
+        # Each block keeps only its input and runs again in backward. torch's checkpoint restores
+        # the RNG state before the rerun, so DIP's noise (drawn in the block's pre-hook, inside the
+        # checkpointed call) is the same sample; the prior is computed outside the model, once.
+        # Non-reentrant: LoRA's frozen inputs need no requires_grad trick, ZeRO-3 re-gathers weights.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = dipmod.DipConfig.from_settings(recipe.dip)
     saved = dipmod.read_dip_config(model_dir)
     if saved is not None and dipmod.same_noise(saved, config):
@@ -676,6 +685,8 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
         summary = {"steps": steps, "resumed_from": start_step, "tokens_seen": tokens_seen, "world_size": world,
                    "wall_s": time.time() - t_loop, "last": last, "step_time": step_time_stats(timed),
                    "logits": "counted positions" if counted_only else "every position",
+                   "attn_implementation": engine.module.config._attn_implementation,
+                   "gradient_checkpointing": t.gradient_checkpointing,
                    "checkpoint": str(latest_checkpoint(ckpt_root))}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         from dipnet.pipeline.plots import plot_training

@@ -55,6 +55,21 @@ def tiny_base_dir():
     return tiny_base(TinyBaseSettings(), seed=0, progress=False)
 
 
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, tiny_base_dir):
+    """A briefly fine-tuned (60 steps, 2 ranks, ZeRO-2, DIP), exported tiny model, shared by the
+    evaluation tests and the EOS test: read it, never write into it."""
+    from trainhelp import train
+
+    from dipnet.pipeline.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("evalmodel")
+    train(root / "run", {"train.max_steps": 60, "train.save_every": 60, "train.zero_stage": 2, "dip.method": "dip",
+                         "train.micro_batch_size": 8})
+    export_checkpoint(root / "run", root / "export")
+    return root / "export"
+
+
 def run_cli(*args, cwd=None, env=None, timeout=600):
     """Run the real `dipnet` CLI in a subprocess; returns CompletedProcess."""
     import subprocess

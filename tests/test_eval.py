@@ -100,20 +100,6 @@ def test_unknown_task_cli(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A briefly fine-tuned, exported tiny model (2 ranks, ZeRO-2)."""
-    from trainhelp import train
-
-    from dipnet.pipeline.export import export_checkpoint
-
-    root = tmp_path_factory.mktemp("evalmodel")
-    train(root / "run", {"train.max_steps": 60, "train.save_every": 60, "train.zero_stage": 2, "dip.method": "dip",
-                         "train.micro_batch_size": 8})
-    export_checkpoint(root / "run", root / "export")
-    return root / "export"
-
-
-@pytest.fixture(scope="module")
 def vllm_fp32(exported, tmp_path_factory):
     """One float32 vLLM engine on `exported`, shared by this module's tests (as a study shares one
     engine per model): each engine start costs an import, a load and a KV-cache allocation."""
@@ -130,6 +116,10 @@ def vllm_fp32(exported, tmp_path_factory):
 def test_vllm_and_hf_agree_and_results_complete(exported, vllm_fp32, tmp_path):
     from dipnet.eval.evaluate import evaluate_model
 
+    from dipnet.eval.vllm_runner import USER_KV_CACHE_GIB
+
+    # The engine was given the KV cache the tiny model can use (1 GiB), not the 4 GiB default.
+    assert USER_KV_CACHE_GIB is not None or os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
     tasks = ["arith-id", "arith-ood", "arith-perturbed"]
     rv = evaluate_model(exported, tasks, tmp_path / "v", engine="vllm", vllm_engine=vllm_fp32, limit=48,
                         max_new_tokens=40, progress=False)
@@ -312,3 +302,63 @@ def test_smoothness_cli_task_and_data(exported, tmp_path):
     data.write_text(json.dumps({"question": "Ann has 2 pens. How many pens does Ann have now?", "answer": "#### 2"}) + "\n")
     res = cli_in_process("smoothness", exported, "--data", data)
     assert res.returncode == 0 and json.loads(res.stdout)["n"] == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma3_text", "phi3"])
+def test_gqa_attention_equals_transformers_sdpa(family):
+    """The hf engine's SDPA with grouped KV heads gives transformers' SDPA's logits and greedy tokens
+    on left-padded batches (prefill and cached decode), and is used only where KV heads are shared."""
+    import torch
+    from conftest import family_configs
+    from transformers import AutoModelForCausalLM
+
+    from dipnet.eval.hf_runner import GQA_SDPA, greedy_generate, use_gqa_sdpa
+
+    torch.manual_seed(0)
+    cfg = family_configs()[family]
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    switched = use_gqa_sdpa(model)
+    assert switched == (cfg.num_key_value_heads < cfg.num_attention_heads), family
+    if not switched:
+        return
+
+    class Tok:  # the two ids greedy_generate needs, and a decode it can call
+        eos_token_id, pad_token_id = 2, 0
+
+        def decode(self, ids, **_):
+            return " ".join(map(str, ids))
+
+    prompts = [[1, 5, 9, 14, 3, 7, 8], [1, 30, 4], [1, 11, 12, 13, 60]]
+    ids = torch.tensor([[0] * (7 - len(p)) + p for p in prompts])
+    mask = (torch.arange(7) >= torch.tensor([7 - len(p) for p in prompts])[:, None]).long()
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask).logits
+        gen_ours = greedy_generate(model, Tok(), prompts, 6, stops=[])
+        model.set_attn_implementation("sdpa")
+        theirs = model(input_ids=ids, attention_mask=mask).logits
+        gen_theirs = greedy_generate(model, Tok(), prompts, 6, stops=[])
+    assert model.config._attn_implementation == "sdpa" and GQA_SDPA != "sdpa"
+    keep = mask.bool()
+    assert (ours - theirs)[keep].abs().max().item() <= 1e-5
+    assert gen_ours == gen_theirs
+
+
+def test_cpu_kv_cache_is_what_the_model_can_use(monkeypatch):
+    """The CPU engine's KV cache (touched page by page at start-up, ~2 s per GiB) is capped by what
+    256 sequences at full length can fill: 1 GiB for the tiny base, 4 for SmolLM2; a config that
+    does not say keeps the default, a hostile one too."""
+    from dipnet.eval import vllm_runner
+
+    tiny = {"num_hidden_layers": 4, "num_attention_heads": 4, "hidden_size": 128}
+    assert vllm_runner.kv_cache_bytes(tiny, 256 * 256, "float32") == 2 * 4 * 4 * 32 * 4 * 256 * 256  # 256 MiB
+    assert vllm_runner.kv_cache_bytes(tiny, 256 * 256, "bfloat16") == 2 * 4 * 4 * 32 * 2 * 256 * 256
+    smol = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+    gemma3 = {"text_config": {"num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}}
+    assert vllm_runner.kv_cache_bytes(gemma3, 100, "float32") == 2 * 2 * 1 * 32 * 4 * 100
+    monkeypatch.setattr("builtins.open", lambda *a, **k: __import__("io").StringIO("MemAvailable: 100000000 kB\n"))
+    assert vllm_runner.default_kv_cache_gib(vllm_runner.kv_cache_bytes(tiny, 256 * 256, "float32")) == 1
+    assert vllm_runner.default_kv_cache_gib(vllm_runner.kv_cache_bytes(smol, 256 * 4096, "float32")) == 4
+    assert vllm_runner.default_kv_cache_gib(3 * 2**30 + 1) == 4 and vllm_runner.default_kv_cache_gib(None) == 4
+    for hostile in ([1], {"text_config": "x"}, {}, {"num_hidden_layers": "many"}, {"num_hidden_layers": 2,
+                                                                                    "num_attention_heads": 0}):
+        assert vllm_runner.kv_cache_bytes(hostile, 256, "float32") is None

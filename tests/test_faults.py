@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cli, write_recipe
+from conftest import REPO, cli_in_process, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,7 @@ def one_error_line(res):
 def test_kill9_one_rank_then_rerun_resumes(tmp_path, tiny_base_dir):
     p = recipe(tmp_path, "kill")
     run = tmp_path / "kill"
-    res = run_cli("run", p, env={"DIPNET_FAULT_KILL": "1:7"})  # rank 1 dies by SIGKILL inside step 7
+    res = cli_in_process("run", p, env={"DIPNET_FAULT_KILL": "1:7"})  # rank 1 dies by SIGKILL inside step 7
     assert res.returncode == 1
     line = one_error_line(res)
     assert "training failed" in line
@@ -71,15 +71,20 @@ def test_kill9_one_rank_then_rerun_resumes(tmp_path, tiny_base_dir):
     assert m["train"]["status"] == "failed" and "training failed" in m["train"]["error"]
     assert train_procs(run) == []  # no rank left running
     assert (run / "train" / "main-s0" / "checkpoints" / "latest").read_text() == "step-000004"
-    res = run_cli("run", p, "--only", "train")  # the resume is under test; later stages are tested elsewhere
+    res = cli_in_process("run", p, "--only", "train")  # the resume is under test; later stages are tested elsewhere
     assert res.returncode == 0, res.stderr[-2000:]
     log = (run / "train" / "train.log").read_text()
     assert "resumed from" in log and "step-000004 at step 4" in log
     assert manifest(run)["train"]["status"] == "completed"
 
 
+# The checkpoint-write tests check the write, not the launcher (kill -9 of a rank and SIGINT keep
+# the deepspeed launcher's process tree under test): torchrun starts ~4 s faster.
+TORCHRUN = {"launch": {"launcher": "torchrun", "procs_per_node": 2}}
+
+
 def test_kill9_during_checkpoint_write_never_uses_it(tmp_path, tiny_base_dir):
-    p = recipe(tmp_path, "ckpt")
+    p = recipe(tmp_path, "ckpt", TORCHRUN)
     run = tmp_path / "ckpt"
     ck = run / "train" / "main-s0" / "checkpoints"
     proc = subprocess.Popen([sys.executable, "-m", "dipnet.pipeline.cli", "run", str(p)], cwd=tmp_path,
@@ -94,7 +99,7 @@ def test_kill9_during_checkpoint_write_never_uses_it(tmp_path, tiny_base_dir):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (ck / "latest").read_text() == "step-000004" and (ck / ".tmp-step-000008").is_dir()
-    res = run_cli("run", p, "--only", "train")
+    res = cli_in_process("run", p, "--only", "train")
     assert res.returncode == 0, res.stderr[-2000:]
     log = (run / "train" / "train.log").read_text()
     assert "step-000004 at step 4" in log  # resumed from the previous complete one
@@ -130,16 +135,16 @@ def test_sigint_stops_every_child_and_rerun_resumes(tmp_path, tiny_base_dir):
     step = int(latest.read_text().split("-")[1])
     # The ranks stopped on SIGTERM at the end of a step and saved it (not only the every-5 ones).
     assert f"stopped by a signal after step {step}; checkpoint saved" in (run / "train" / "train.log").read_text()
-    res = run_cli("run", p, "train.max_steps=400", env={"DIPNET_FAULT_KILL": f"0:{step + 2}"})
+    res = cli_in_process("run", p, "train.max_steps=400", env={"DIPNET_FAULT_KILL": f"0:{step + 2}"})
     # (killed again two steps after resuming: enough to see that it resumed, without 400 steps)
     assert res.returncode == 1 and manifest(run)["train"]["status"] == "failed"
     assert f"step-{step:06d} at step {step}" in (run / "train" / "train.log").read_text()
 
 
 def test_disk_full_while_saving_names_path_and_keeps_previous(tmp_path, tiny_base_dir):
-    p = recipe(tmp_path, "full")
+    p = recipe(tmp_path, "full", TORCHRUN)
     run = tmp_path / "full"
-    res = run_cli("run", p, env={"DIPNET_FAULT_SAVE_ERROR": "8"})
+    res = cli_in_process("run", p, env={"DIPNET_FAULT_SAVE_ERROR": "8"})
     assert res.returncode == 1
     line = one_error_line(res)
     ck = run / "train" / "main-s0" / "checkpoints"
@@ -155,7 +160,7 @@ def test_master_port_in_use(tmp_path, tiny_base_dir):
         s.listen(1)
         port = s.getsockname()[1]
         p = recipe(tmp_path, "port", {"launch": {"master_port": port}})
-        res = run_cli("run", p)
+        res = cli_in_process("run", p)
         line = one_error_line(res)
         assert res.returncode == 2
         assert f"launch.master_port {port} is already in use" in line and "launch.master_port=PORT" in line
@@ -167,14 +172,14 @@ def test_vllm_engine_failure_keeps_other_results(tmp_path, tiny_base_dir):
     p = recipe(tmp_path, "engine", {"eval": {"engine": "vllm"}, "train": {**FAST["train"], "max_steps": 2, "save_every": 2},
                                     "launch": {"launcher": "single"}})
     run = tmp_path / "engine"
-    res = run_cli("run", p, "--only", "base,convert,preprocess,train,export")
+    res = cli_in_process("run", p, "--only", "base,convert,preprocess,train,export")
     assert res.returncode == 0, res.stderr[-2000:]
     cfg_path = run / "export" / "main-s0" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     # transformers picks the class by model_type; vLLM by `architectures`: only vLLM fails.
     cfg["architectures"] = ["DipnetUnknownForCausalLM"]
     cfg_path.write_text(json.dumps(cfg))
-    res = run_cli("run", p, "--only", "eval")
+    res = cli_in_process("run", p, "--only", "eval")
     assert res.returncode == 1
     line = one_error_line(res)
     assert "eval failed for 1 model(s): main-s0: vLLM engine failed to start for" in line
@@ -259,6 +264,9 @@ BAD_INPUT = [
     ("recipe", {"train": {"offload": True, "zero_stage": 1}}, 2, "train.offload needs train.zero_stage 2 or 3"),
     ("recipe", {"train": {"method": "lora", "lora": {"target_modules": ["qkv_proj"]}}, "launch": {"launcher": "single"}},
      1, "train.lora.target_modules: 'qkv_proj' matches no module of the model"),
+    ("recipe", {"model": {"attn_implementation": "flash_attention_2"}}, 2,
+     "model.attn_implementation flash_attention_2 needs a CUDA GPU"),
+    ("recipe", {"model": {"attn_implementation": "flash"}}, 2, "'model.attn_implementation': expected one of"),
     ("recipe_text", "run:\n  name: [unclosed\n", 2, "invalid YAML"),
     # data
     ("recipe", {"data": {"train": "/nonexistent/train.jsonl"}}, 2, "'data.train': no such file: /nonexistent/train.jsonl"),
@@ -318,7 +326,7 @@ def test_bad_input_one_line_exit_code_nothing_half_written(tmp_path, tiny_base_d
         pred.write_text(json.dumps({"output": "#### 3"}) + "\n")
         subs = {"RECIPE": str(rp), "OUT": str(tmp_path / "out"), "MODEL": str(tiny_base_dir), "PRED": str(pred)}
         args = [subs.get(a, a) for a in arg]
-    res = run_cli(*args, cwd=tmp_path)
+    res = cli_in_process(*args, cwd=tmp_path)
     assert res.returncode == code, (res.returncode, res.stderr[-1500:])
     line = one_error_line(res)
     assert needle in line, line

@@ -15,7 +15,8 @@ from dipnet.pipeline.train import grad_accum, total_steps, warmup_steps
 @pytest.mark.slow
 def test_three_runs_in_one_launch_release_their_engines(tmp_path):
     outs = [tmp_path / f"run{i}" for i in range(3)]
-    train_many(outs, {"train.max_steps": 6, "train.save_every": 6, "train.zero_stage": 2, "dip.method": "dip"})
+    train_many({o: {"train.max_steps": 6, "train.save_every": 6, "train.zero_stage": 2, "dip.method": "dip",
+                    "run.seed": i} for i, o in enumerate(outs)})
     summaries = [json.loads((o / "train_summary.json").read_text()) for o in outs]
     assert [s["live_engines"] for s in summaries] == [0, 0, 0]  # before: 1, 2, 3
     rss = [s["rss_mb"] for s in summaries]
@@ -24,11 +25,11 @@ def test_three_runs_in_one_launch_release_their_engines(tmp_path):
 
 @pytest.mark.slow
 def test_lambda_moves_under_bf16_as_in_fp32(tmp_path):
+    outs = {prec: tmp_path / prec for prec in ("fp32", "bf16")}
+    train_many({out: {"train.max_steps": 10, "train.save_every": 10, "train.zero_stage": 2, "dip.method": "dip",
+                      "dip.lr_scale": 50.0, "train.precision": prec} for prec, out in outs.items()})
     drift = {}
-    for prec in ("fp32", "bf16"):
-        out = tmp_path / prec
-        train(out, {"train.max_steps": 10, "train.save_every": 10, "train.zero_stage": 2, "dip.method": "dip",
-                    "dip.lr_scale": 50.0, "train.precision": prec})
+    for prec, out in outs.items():
         lam = metrics(out)[-1]["lambda"]
         drift[prec] = {k: v["mean"] / 0.01 - 1 for k, v in lam.items()}
     scale = max(abs(d) for d in drift["fp32"].values())

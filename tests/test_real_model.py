@@ -125,6 +125,10 @@ def test_vllm_and_hf_on_20_gsm8k_problems(smol, tmp_path, capsys):
 
     kw = dict(shots=1, limit=20, max_new_tokens=64, gsm8k_path=str(SHARED_GSM8K), progress=False)
     rv = evaluate_model(smol, ["gsm8k"], tmp_path / "v", engine="vllm", **kw)
+    from dipnet.eval.vllm_runner import USER_KV_CACHE_GIB
+
+    # 20 prompts of at most ~450 + 64 tokens fill ~0.5 GB of KV cache: 1 GiB is given, not the 4 GiB default.
+    assert USER_KV_CACHE_GIB is not None or os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
     rh = evaluate_model(smol, ["gsm8k"], tmp_path / "h", engine="hf", **kw)
     sv = [json.loads(line) for line in (tmp_path / "v" / "samples_gsm8k.jsonl").read_text().splitlines()]
     sh = [json.loads(line) for line in (tmp_path / "h" / "samples_gsm8k.jsonl").read_text().splitlines()]

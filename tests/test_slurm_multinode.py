@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import REPO, run_cli, write_recipe
+from conftest import REPO, cli_in_process, run_cli, write_recipe
 
 from dipnet.launch import slurm
 
@@ -79,7 +79,7 @@ def reference(tmp_path_factory):
     """The same recipe trained on one node with 2 local ranks (no Slurm)."""
     root = tmp_path_factory.mktemp("ref")
     p = write_recipe(root, "ref", TWO_NODES, {"launch": {"launcher": "deepspeed", "procs_per_node": 2}})
-    res = run_cli("run", p, "--only", "base,convert,preprocess,train", cwd=REPO)
+    res = cli_in_process("run", p, "--only", "base,convert,preprocess,train", cwd=REPO)
     assert res.returncode == 0, res.stderr[-2000:]
     return root / "ref"
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from trainhelp import metrics, train
+from trainhelp import metrics, train, train_many
 
 from dipnet.pipeline.errors import RunError
 from dipnet.pipeline.export import consolidate_zero_checkpoint, export_checkpoint
@@ -19,12 +19,11 @@ STEPS = {"train.max_steps": 8, "train.save_every": 4, "train.keep_last": 2}
 
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory):
+    """ZeRO-1, 2 and 3 one after another in one launch (as a study's runs are trained)."""
     root = tmp_path_factory.mktemp("zero")
-    runs = {}
-    for stage in (1, 2, 3):
-        out = root / f"z{stage}"
-        train(out, {**STEPS, "train.zero_stage": stage, "dip.method": "dip", "dip.lr_scale": 50.0})
-        runs[stage] = out
+    runs = {stage: root / f"z{stage}" for stage in (1, 2, 3)}
+    train_many({out: {**STEPS, "train.zero_stage": stage, "dip.method": "dip", "dip.lr_scale": 50.0}
+                for stage, out in runs.items()})
     return runs
 
 
@@ -169,15 +168,12 @@ def test_lora_target_that_matches_nothing(tmp_path):
                                   "launch.launcher": "single"}, procs=1)
 
 
-def test_finetuned_model_emits_eos(tmp_path):
+def test_finetuned_model_emits_eos(exported):
+    """Fine-tuning teaches the model to end its answer (the shared 60-step run's export)."""
     from dipnet.eval.hf_runner import greedy_generate, load_hf
     from dipnet.eval.tasks import build_task
 
-    run = tmp_path / "eos"
-    train(run, {"train.max_steps": 60, "train.save_every": 60, "train.zero_stage": 1, "dip.method": "none",
-                "train.micro_batch_size": 8})
-    export_checkpoint(run, tmp_path / "eos_export")
-    model, tok = load_hf(tmp_path / "eos_export")
+    model, tok = load_hf(exported)
     task = build_task("arith-id", limit=32)
     prompts = [tok(task.prompt(i)).input_ids for i in range(len(task.problems))]
     gens = greedy_generate(model, tok, prompts, 64, stops=[])
@@ -185,13 +181,24 @@ def test_finetuned_model_emits_eos(tmp_path):
     assert stopped == len(gens), f"{len(gens) - stopped} generations ran to the limit without EOS"
 
 
-@pytest.mark.parametrize("method", ["none", "input_noise", "neftune", "dip_fixed", "dip"])
-def test_every_method_trains_a_few_steps(tmp_path, method):
-    run = tmp_path / method
-    extra = {"dip.trajectories": 2, "dip.gamma": 0.01} if method == "dip" else {}
-    train(run, {"train.max_steps": 3, "train.save_every": 3, "train.zero_stage": 1, "dip.method": method,
-                "launch.launcher": "single", **extra}, procs=1)
-    rows = metrics(run)
+METHODS = ["none", "input_noise", "neftune", "dip_fixed", "dip"]
+
+
+@pytest.fixture(scope="module")
+def method_runs(tmp_path_factory):
+    """Three steps of every noise method, in one single-process launch."""
+    root = tmp_path_factory.mktemp("methods")
+    runs = {m: root / m for m in METHODS}
+    train_many({out: {"train.max_steps": 3, "train.save_every": 3, "train.zero_stage": 1, "dip.method": m,
+                      "launch.launcher": "single",
+                      **({"dip.trajectories": 2, "dip.gamma": 0.01} if m == "dip" else {})}
+                for m, out in runs.items()}, procs=1)
+    return runs
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_a_few_steps(method_runs, method):
+    rows = metrics(method_runs[method])
     assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)  # finite, logged every step
     lam = rows[-1]["lambda"]
     if method in ("none", "neftune"):
@@ -292,3 +299,49 @@ def test_sam_refuses_zero3():
 
     with pytest.raises(Exception, match="train.optimizer sam needs train.zero_stage 0, 1 or 2"):
         Recipe.model_validate(apply_overrides({}, {"train.optimizer": "sam", "train.zero_stage": 3}))
+
+
+CKPT_CASES = [(stage, method) for stage in (2, 3) for method in ("full", "lora")]
+
+
+@pytest.fixture(scope="module")
+def checkpointing_runs(tmp_path_factory):
+    """ZeRO-2/3 x full/LoRA, DIP with 2 trajectories, each with and without gradient checkpointing,
+    plus eager attention: one launch of 2 ranks."""
+    root = tmp_path_factory.mktemp("gradckpt")
+    base = {"train.max_steps": 3, "train.save_every": 3, "dip.method": "dip", "dip.trajectories": 2,
+            "dip.lr_scale": 50.0, "train.lora.r": 4}
+    runs = {}
+    for stage, method in CKPT_CASES:
+        for ckpt in (False, True):
+            runs[(stage, method, ckpt)] = root / f"z{stage}-{method}-{'ckpt' if ckpt else 'plain'}"
+    runs["eager"] = root / "eager"
+    overrides = {out: {**base, "train.zero_stage": key[0], "train.method": key[1], "train.gradient_checkpointing": key[2]}
+                 for key, out in runs.items() if key != "eager"}
+    overrides[runs["eager"]] = {**base, "train.zero_stage": 2, "model.attn_implementation": "eager"}
+    train_many(overrides)
+    return runs
+
+
+@pytest.mark.parametrize("stage,method", CKPT_CASES)
+def test_gradient_checkpointing_gives_the_same_training(checkpointing_runs, stage, method):
+    """Recomputed blocks replay DIP's noise exactly and count the prior once: the same losses and
+    the same weights (λ and LoRA adapters or every weight) as without checkpointing."""
+    plain, ckpt = checkpointing_runs[(stage, method, False)], checkpointing_runs[(stage, method, True)]
+    a, b = metrics(plain), metrics(ckpt)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-6 and abs(x["prior"] - y["prior"]) <= 1e-9, (x, y)
+    wa = consolidate_zero_checkpoint(latest_checkpoint(plain / "checkpoints"))
+    wb = consolidate_zero_checkpoint(latest_checkpoint(ckpt / "checkpoints"))
+    assert set(wa) == set(wb) and sum("log_variance" in k for k in wa) == 4
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    assert json.loads((ckpt / "train_summary.json").read_text())["gradient_checkpointing"] is True
+
+
+def test_attention_implementation_is_chosen_and_recorded(checkpointing_runs):
+    eager, sdpa = checkpointing_runs["eager"], checkpointing_runs[(2, "full", False)]
+    assert json.loads((eager / "train_summary.json").read_text())["attn_implementation"] == "eager"
+    assert json.loads((sdpa / "train_summary.json").read_text())["attn_implementation"] == "sdpa"
+    a, b = metrics(eager), metrics(sdpa)
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) <= 1e-4  # two kernels, one attention

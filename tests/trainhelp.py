@@ -43,19 +43,23 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
 
 
-def train_many(outs: list[Path], overrides: dict, procs: int = 2, timeout: int = 900):
-    """Several runs in one launch (`--runs`), as a study's train stage starts them."""
-    r = make_recipe(overrides)
-    base = tiny_base(r.model.tiny, progress=False)
-    meta = preprocess(r.data, base, outs[0].parent / "_preprocessed")
+def train_many(runs: dict[Path, dict], procs: int = 2, timeout: int = 900) -> None:
+    """Several runs in one launch (`--runs`), as a study's train stage starts them: {out: overrides}.
+    One start-up (imports, process group) for all of them; every run shares the first one's data."""
+    recipes = {out: make_recipe(over) for out, over in runs.items()}
+    first = next(iter(recipes.values()))
+    base = tiny_base(first.model.tiny, progress=False)
+    outs = list(recipes)
+    meta = preprocess(first.data, base, outs[0].parent / "_preprocessed")
     spec = []
-    for i, out in enumerate(outs):
+    for out, r in recipes.items():
         out.mkdir(parents=True, exist_ok=True)
-        ri = make_recipe({**overrides, "run.seed": i})
-        (out / "recipe.json").write_text(json.dumps(ri.to_dict()))
+        (out / "recipe.json").write_text(json.dumps(r.to_dict()))
         spec.append({"recipe": str(out / "recipe.json"), "out": str(out)})
-    runs = outs[0].parent / "runs.json"
-    runs.write_text(json.dumps(spec))
+    runs_file = outs[0].parent / f"runs-{outs[0].name}.json"
+    runs_file.write_text(json.dumps(spec))
     port = launch.choose_master_port(None)
-    cmd = launch.train_command(r.launch, procs, port, ["--runs", str(runs), "--model", str(base), "--data", meta["path"]])
-    launch.run_ranks(cmd, launch.rank_env(procs, port), outs[0].parent / "train.log", timeout, port=port)
+    cmd = launch.train_command(first.launch, procs, port, ["--runs", str(runs_file), "--model", str(base),
+                                                           "--data", meta["path"]])
+    launch.run_ranks(cmd, launch.rank_env(procs, port), outs[0].parent / f"train-{outs[0].name}.log", timeout,
+                     single=first.launch.launcher == "single", port=port)
