@@ -110,7 +110,7 @@ def training(kinds: list[str], precisions: list[str], peaks: dict, smollm2_metho
     import train_vs_hf_trainer as tvh
 
     from dipnet.pipeline.data import preprocess
-    from dipnet.pipeline.train import setup_model
+    from dipnet.pipeline.model_setup import setup_model
 
     rows = []
     for kind in kinds:

@@ -131,7 +131,7 @@ def hf_worker(recipe_path: str, base: str, data: str, out: str) -> None:
     from dipnet.pipeline.data import TokenizedExamples, collate
     from dipnet.pipeline.models import load_tokenizer
     from dipnet.pipeline.recipe import Recipe
-    from dipnet.pipeline.train import setup_model
+    from dipnet.pipeline.model_setup import setup_model
 
     import deepspeed
 

@@ -143,21 +143,30 @@ def tokenize_rows(rows: Iterable[dict], fmt: str, tokenizer, max_length: int, ov
     return out, truncated
 
 
-def pack(examples: list[dict], max_length: int) -> list[dict]:
+def pack(examples: list[dict], max_length: int, cross_document: bool = False) -> list[dict]:
     """Concatenate examples into sequences of at most max_length tokens (greedy, in order).
 
-    Attention crosses example boundaries inside a packed sequence (as in axolotl's default
-    without flash-attention varlen); labels stay masked per example.
+    Each packed sequence carries `position_ids` that restart at 0 for every example: training
+    then calls the model without an attention mask, and transformers builds a block-diagonal
+    causal mask from them (SDPA/eager), or FlashAttention-2 runs varlen over the same boundaries,
+    as `DataCollatorWithFlattening` does. So an example never attends to its neighbours and keeps
+    its own positions: a packed micro-batch has the loss of its examples run one by one.
+    `cross_document` (explicit opt-in, `data.packing_cross_document`) keeps the old packing:
+    attention and positions run on across examples (labels still masked per example).
     """
-    packed, cur_ids, cur_lab = [], [], []
+    packed, cur = [], {"input_ids": [], "labels": [], "position_ids": []}
     for ex in examples:
-        if cur_ids and len(cur_ids) + len(ex["input_ids"]) > max_length:
-            packed.append({"input_ids": cur_ids, "labels": cur_lab})
-            cur_ids, cur_lab = [], []
-        cur_ids = cur_ids + ex["input_ids"]
-        cur_lab = cur_lab + ex["labels"]
-    if cur_ids:
-        packed.append({"input_ids": cur_ids, "labels": cur_lab})
+        if cur["input_ids"] and len(cur["input_ids"]) + len(ex["input_ids"]) > max_length:
+            packed.append(cur)
+            cur = {"input_ids": [], "labels": [], "position_ids": []}
+        cur["input_ids"] = cur["input_ids"] + list(ex["input_ids"])
+        cur["labels"] = cur["labels"] + list(ex["labels"])
+        cur["position_ids"] = cur["position_ids"] + list(range(len(ex["input_ids"])))
+    if cur["input_ids"]:
+        packed.append(cur)
+    if cross_document:
+        for p in packed:
+            del p["position_ids"]
     return packed
 
 
@@ -181,8 +190,13 @@ def preprocess(data_settings, model_dir: str | Path, out_root: str | Path, *, tr
     rows, data_hash = load_rows(data_settings.train, synthetic=data_settings.synthetic)
     if data_settings.limit:
         rows = rows[: data_settings.limit]
+    val_rows, val_hash = split_validation(rows, data_settings)
+    if val_rows is not None and data_settings.validation_fraction is not None:
+        held = {id(r) for r in val_rows}
+        rows = [r for r in rows if id(r) not in held]
     key_src = json.dumps({"tok": tokenizer_hash(model_dir), "data": data_hash, "format": data_settings.format,
                           "max_length": data_settings.max_length, "packing": data_settings.packing,
+                          "cross": data_settings.packing_cross_document, "validation": val_hash,
                           "overlength": data_settings.overlength, "limit": data_settings.limit, "v": 2}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     out = Path(out_root) / key
@@ -194,18 +208,47 @@ def preprocess(data_settings, model_dir: str | Path, out_root: str | Path, *, tr
     examples, truncated = tokenize_rows(rows, data_settings.format, tok, data_settings.max_length,
                                         data_settings.overlength, where)
     if data_settings.packing:
-        examples = pack(examples, data_settings.max_length)
+        examples = pack(examples, data_settings.max_length, cross_document=data_settings.packing_cross_document)
     if not examples:
         raise UsageError(f"{where}: no usable training examples")
     meta = {"path": str(out / EXAMPLES), "key": key, "examples": len(examples), "truncated": truncated,
             "tokens": sum(len(e["input_ids"]) for e in examples), "source": where, "format": data_settings.format}
+    val_examples = None
+    if val_rows is not None:  # one example per sequence, never packed: each is scored on its own
+        val_where = data_settings.validation or f"{where} (validation_fraction {data_settings.validation_fraction})"
+        val_examples, _ = tokenize_rows(val_rows, data_settings.format, tok, data_settings.max_length, "truncate",
+                                        val_where)
+        if not val_examples:
+            raise UsageError(f"{val_where}: no usable validation examples")
+        meta.update(validation_path=str(out / VALIDATION), validation_examples=len(val_examples))
     with output_dir(out, "preprocess", flag="preprocess directory") as tmp:
         write_examples(examples, tmp / EXAMPLES)
+        if val_examples is not None:
+            write_examples(val_examples, tmp / VALIDATION)
         (tmp / "preprocess.json").write_text(json.dumps(meta, indent=2))
     return meta
 
 
+def split_validation(rows: list[dict], data_settings) -> tuple[list[dict] | None, str | None]:
+    """The validation rows (data.validation's file, or data.validation_fraction of the training rows
+    by a fixed permutation) and a hash of what they are; (None, None) without validation."""
+    import torch
+
+    if data_settings.validation is not None:
+        val, val_hash = load_rows(data_settings.validation, synthetic=data_settings.synthetic)
+        return val, val_hash
+    if data_settings.validation_fraction is None:
+        return None, None
+    n = max(1, round(len(rows) * data_settings.validation_fraction))
+    if n >= len(rows):
+        raise UsageError(f"data.validation_fraction {data_settings.validation_fraction} of {len(rows)} rows leaves "
+                         "none to train on")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    return [rows[i] for i in sorted(order[:n])], f"fraction:{data_settings.validation_fraction}"
+
+
 EXAMPLES = "examples.safetensors"
+VALIDATION = "validation.safetensors"  # beside EXAMPLES when the recipe has validation data
 
 
 def write_examples(examples: list[dict], path: Path) -> None:
@@ -214,9 +257,12 @@ def write_examples(examples: list[dict], path: Path) -> None:
 
     lengths = torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.int64)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-    save_file({"input_ids": torch.tensor([t for e in examples for t in e["input_ids"]], dtype=torch.int32),
+    tensors = {"input_ids": torch.tensor([t for e in examples for t in e["input_ids"]], dtype=torch.int32),
                "labels": torch.tensor([t for e in examples for t in e["labels"]], dtype=torch.int32),
-               "offsets": offsets}, str(path), metadata={"format": "dipnet-examples-v1"})
+               "offsets": offsets}
+    if "position_ids" in examples[0]:  # isolated packing: positions restart per packed example
+        tensors["position_ids"] = torch.tensor([t for e in examples for t in e["position_ids"]], dtype=torch.int32)
+    save_file(tensors, str(path), metadata={"format": "dipnet-examples-v1"})
 
 
 class TokenizedExamples:
@@ -231,8 +277,10 @@ class TokenizedExamples:
         check_safetensors(path)
         with safe_open(str(path), framework="pt") as f:
             self.ids, self.labels, self.offsets = f.get_tensor("input_ids"), f.get_tensor("labels"), f.get_tensor("offsets")
+            self.positions = f.get_tensor("position_ids") if "position_ids" in f.keys() else None
         n = self.offsets.numel() - 1
-        if n < 1 or int(self.offsets[-1]) != self.ids.numel() or self.labels.numel() != self.ids.numel():
+        if (n < 1 or int(self.offsets[-1]) != self.ids.numel() or self.labels.numel() != self.ids.numel()
+                or (self.positions is not None and self.positions.numel() != self.ids.numel())):
             raise UsageError(f"{path}: inconsistent preprocessed examples (offsets do not match the token arrays)")
 
     def __len__(self) -> int:
@@ -240,7 +288,10 @@ class TokenizedExamples:
 
     def __getitem__(self, i: int) -> dict:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return {"input_ids": self.ids[a:b].long(), "labels": self.labels[a:b].long()}
+        ex = {"input_ids": self.ids[a:b].long(), "labels": self.labels[a:b].long()}
+        if self.positions is not None:
+            ex["position_ids"] = self.positions[a:b].long()
+        return ex
 
 
 # ----------------------------------------------------------------------------- batches
@@ -274,7 +325,9 @@ def batch_indices(n: int, seed: int, step: int, micro: int, accum: int, rank: in
 
 
 def collate(examples: list[dict], pad_id: int):
-    """Right-padded tensors: input_ids, attention_mask, labels (-100 on padding)."""
+    """Right-padded tensors: input_ids, attention_mask, labels (-100 on padding); and position_ids
+    for isolated packed examples (the padding gets positions of its own, 0, 1, ...: a block of its
+    own that no counted token attends to)."""
     import torch
 
     width = max(len(e["input_ids"]) for e in examples)
@@ -286,4 +339,21 @@ def collate(examples: list[dict], pad_id: int):
         ids[i, :n] = torch.as_tensor(e["input_ids"])
         labels[i, :n] = torch.as_tensor(e["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if "position_ids" in examples[0]:
+        pos = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            pos[i, :n] = torch.as_tensor(e["position_ids"])
+            pos[i, n:] = torch.arange(width - n)
+        batch["position_ids"] = pos
+    return batch
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model is called with: ids and the padding mask, or, for isolated packed
+    examples, ids and restarting position ids and no mask (transformers then keeps each example
+    to itself; a padding mask, or a KV cache, would switch that off)."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

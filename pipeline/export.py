@@ -33,84 +33,12 @@ from pathlib import Path
 import torch
 
 from dipnet.pipeline import dip as dipmod
+from dipnet.pipeline.checkpoint import read_trainer_state, resolve_checkpoint, weights_only_torch_load
 from dipnet.pipeline.errors import RunError, UsageError
 
 PROBE_TEXTS = ["Question: Ann has 3 apples. She buys 4 more. How many apples does Ann have now?\nAnswer:",
                "Question: What is 12 + 7?\nAnswer: 12 + 7 = 19\n#### 19"]
 MAX_SHARD_BYTES = 2 * 2**30
-STATE_KEYS = {"step": int, "tokens_seen": int, "world_size": int, "zero_stage": int, "recipe": dict,
-              "model_dir": str, "trainable": list}
-
-
-@contextlib.contextmanager
-def weights_only_torch_load():
-    """Force `torch.load(weights_only=True)` inside DeepSpeed's checkpoint utilities.
-
-    They call torch.load(weights_only=False); our checkpoints hold only tensors, plain Python
-    data and a few DeepSpeed plain-data classes, which are allow-listed here.
-    """
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-    original = torch.load
-
-    def safe_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(allowed):
-            return original(*args, **kwargs)
-
-    torch.load = safe_load
-    try:
-        yield
-    finally:
-        torch.load = original
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory (step-N) from itself, its `checkpoints/` parent or the train dir."""
-    from dipnet.pipeline.train import latest_checkpoint
-
-    p = Path(path)
-    if (p / "trainer_state.json").is_file():
-        return p
-    for root in (p, p / "checkpoints"):
-        if root.is_dir():
-            ck = latest_checkpoint(root)
-            if ck is not None:
-                return ck
-    raise UsageError(f"{p}: no complete checkpoint (expected a step-N directory with trainer_state.json)")
-
-
-def read_trainer_state(ckpt: Path) -> dict:
-    """trainer_state.json, checked key by key (one line naming the key on any problem)."""
-    from pydantic import ValidationError
-
-    from dipnet.pipeline.readers import read_json_object
-    from dipnet.pipeline.recipe import Recipe, format_validation_error
-
-    path = ckpt / "trainer_state.json"
-    state = read_json_object(path)
-    for key, typ in STATE_KEYS.items():
-        if key not in state:
-            hint = " (written by an older dipnet: retrain)" if key == "trainable" else ""
-            raise UsageError(f"{path}: no '{key}'{hint}")
-        if not isinstance(state[key], typ) or isinstance(state[key], bool):
-            raise UsageError(f"{path}: '{key}' must be {typ.__name__}, got {type(state[key]).__name__}")
-    if state["step"] < 0 or state["world_size"] < 1 or state["zero_stage"] not in (0, 1, 2, 3):
-        raise UsageError(f"{path}: 'step', 'world_size' or 'zero_stage' out of range")
-    if not all(isinstance(n, str) for n in state["trainable"]):
-        raise UsageError(f"{path}: 'trainable' must list parameter names")
-    try:
-        state["recipe_obj"] = Recipe.model_validate(state["recipe"])
-    except ValidationError as exc:
-        raise UsageError(format_validation_error(exc, f"{path} (recipe)")) from None
-    if not (ckpt / ckpt.name).is_dir():
-        raise UsageError(f"{ckpt}: no DeepSpeed checkpoint directory '{ckpt.name}' inside")
-    return state
-
-
 def trained_tensors(ckpt: Path, zero_stage: int) -> dict:
     """name -> tensor (or DeepSpeed lazy tensor: `.contiguous()` materialises it) of what trained."""
     tag = ckpt.name
@@ -336,7 +264,7 @@ def _verify(out: Path, state: dict, model_dir: Path, ckpt: Path, dtype: str, tol
     from transformers import AutoModelForCausalLM
 
     from dipnet.pipeline.models import load_tokenizer, quiet_transformers
-    from dipnet.pipeline.train import setup_model
+    from dipnet.pipeline.model_setup import setup_model
 
     quiet_transformers()
     # Compare in the export's dtype: bf16 against bf16 keeps each side to one model in memory.

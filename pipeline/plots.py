@@ -23,7 +23,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_training(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
-    """loss.png (loss and its DIP terms) and lambda_heatmap.png (mean λ per layer over steps)."""
+    """loss.png (loss, validation NLL where measured, and the DIP terms) and lambda_heatmap.png
+    (mean λ per layer over steps)."""
     rows = read_metrics(metrics_path)
     if not rows:
         return []
@@ -35,6 +36,9 @@ def plot_training(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     ax[0].plot(steps, [r["loss"] for r in rows], label="loss")
     ax[0].plot(steps, [r["nll"] for r in rows], label="NLL", linestyle="--")
+    val = [r for r in rows if "val_nll" in r]
+    if val:  # train.eval_every: held-out answer NLL, DIP on its mean path
+        ax[0].plot([r["step"] for r in val], [r["val_nll"] for r in val], label="validation NLL", marker="o")
     ax[0].set_xlabel("step"), ax[0].set_ylabel("nats/token"), ax[0].legend(), ax[0].set_title("training loss")
     ax[1].plot(steps, [r["prior"] for r in rows], label="prior α·mean λ − β·mean ln λ")
     ax[1].plot(steps, [r["var_penalty"] for r in rows], label="trajectory variance")

@@ -136,9 +136,26 @@ class DataSettings(_Section):
     format: DataFormat = Field("gsm8k", description="gsm8k (question/answer) | alpaca | chat (messages) | prompt_completion.")
     max_length: int = Field(192, gt=0, description="Tokens per training sequence.")
     overlength: Literal["truncate", "refuse"] = Field("truncate", description="What to do with longer examples.")
-    packing: bool = Field(False, description="Pack several examples into each sequence.")
+    packing: bool = Field(False, description="Pack several examples into each sequence; each keeps its own "
+                                             "attention and positions (block-diagonal, as FlashAttention varlen).")
+    packing_cross_document: bool = Field(
+        False, description="Opt-in to the old packing where attention and positions run on across the packed "
+                           "examples (cheaper masks; leaks context between examples).")
     limit: Optional[int] = Field(None, gt=0, description="Use only the first N training examples.")
+    validation: Optional[str] = Field(None, description="Validation data for train.eval_every: a local JSONL/Parquet "
+                                                        "path or a datasets hub name, in data.format (never a test split).")
+    validation_fraction: Optional[float] = Field(
+        None, gt=0, lt=1, description="Carve this fraction of the training rows out as validation data (a fixed "
+                                      "permutation, seed 0); the rest trains.")
     synthetic: SyntheticSettings = SyntheticSettings()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.packing_cross_document and not self.packing:
+            raise ValueError("data.packing_cross_document needs data.packing: true")
+        if self.validation is not None and self.validation_fraction is not None:
+            raise ValueError("set data.validation or data.validation_fraction, not both")
+        return self
 
 
 class LoraSettings(_Section):
@@ -172,6 +189,12 @@ class TrainSettings(_Section):
         "adamw", description="adamw, or sam: sharpness-aware minimisation (Foret et al. 2021) around AdamW, two "
                              "forward/backward passes per micro-batch.")
     sam_rho: float = Field(0.05, gt=0, le=10, description="SAM's neighbourhood radius ρ (its paper's default 0.05).")
+    eval_every: Optional[int] = Field(None, gt=0, description="Every N optimizer steps (and at the end): answer NLL "
+                                                            "and token accuracy on the validation data (DIP on its mean path).")
+    keep_best: bool = Field(False, description="Keep the checkpoint with the lowest validation NLL and export it "
+                                               "(needs train.eval_every).")
+    early_stopping_patience: Optional[int] = Field(
+        None, gt=0, description="Stop after this many validations without a new lowest NLL (needs train.eval_every).")
     gradient_checkpointing: bool = Field(
         False, description="Keep only each block's input for backward and recompute the block (less activation "
                            "memory, one more forward per block); DIP noise replays identically.")
@@ -185,6 +208,8 @@ class TrainSettings(_Section):
                              "SAM must perturb as a whole)")
         if self.offload and self.zero_stage < 2:
             raise ValueError("train.offload needs train.zero_stage 2 or 3")
+        if (self.keep_best or self.early_stopping_patience) and self.eval_every is None:
+            raise ValueError("train.keep_best and train.early_stopping_patience need train.eval_every")
         return self
 
 
@@ -342,6 +367,12 @@ class Recipe(_Section):
     study: StudySettings = StudySettings()
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="name -> overrides ('dip.method': none, ...).")
     seeds: list[int] = Field(default_factory=list, description="Seeds per variant (default: [run.seed]).")
+
+    @model_validator(mode="after")
+    def _validation_data(self):
+        if self.train.eval_every is not None and self.data.validation is None and self.data.validation_fraction is None:
+            raise ValueError("train.eval_every needs validation data: data.validation or data.validation_fraction")
+        return self
 
     @field_validator("variants")
     @classmethod
@@ -520,10 +551,15 @@ def _check_paths(recipe: Recipe, source: str) -> None:
     elif base != "tiny" and base not in SOURCES and (base.startswith((".", "/", "~")) or Path(base).exists()):
         if not Path(base).expanduser().is_dir():
             raise UsageError(f"{source}: 'model.base': no such model directory: {base}")
-    train = recipe.data.train
-    if train != "synthetic" and (train.endswith((".jsonl", ".json", ".parquet")) or train.startswith((".", "/", "~"))):
-        if not Path(train).expanduser().is_file():
-            raise UsageError(f"{source}: 'data.train': no such file: {train}")
+    for key, path in (("data.train", recipe.data.train), ("data.validation", recipe.data.validation)):
+        if path is None or path == "synthetic":
+            continue
+        if path.endswith((".jsonl", ".json", ".parquet")) or path.startswith((".", "/", "~")):
+            if not Path(path).expanduser().is_file():
+                raise UsageError(f"{source}: '{key}': no such file: {path}")
+    if recipe.data.validation == "synthetic":
+        raise UsageError(f"{source}: 'data.validation': synthetic data has no validation split; "
+                         "use data.validation_fraction")
     if recipe.launch.hostfile and not Path(recipe.launch.hostfile).expanduser().is_file():
         raise UsageError(f"{source}: 'launch.hostfile': no such file: {recipe.launch.hostfile}")
     if recipe.eval.gsm8k_path and not Path(recipe.eval.gsm8k_path).expanduser().is_dir():

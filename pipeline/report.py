@@ -375,6 +375,21 @@ def make_plots(run_dir: Path, report: dict, data: dict) -> list[Path]:
         paths.append(out / "training.png")
         fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+    val = {(v, seed): [r for r in e["metrics"] if "val_nll" in r] for v, entries in data.items()
+           for seed, e in entries.items()}
+    if any(val.values()):  # train.eval_every: every variant's validation curve, side by side
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        colours = {v: f"C{i}" for i, v in enumerate(data)}
+        for (v, seed), rows in val.items():
+            if rows:
+                ax.plot([r["step"] for r in rows], [r["val_nll"] for r in rows], marker="o", alpha=0.75,
+                        color=colours[v], label=f"{v} s{seed}")
+        ax.set_xlabel("step"), ax.set_ylabel("validation answer NLL (mean path)"), ax.legend(fontsize=6)
+        ax.set_title("validation during training")
+        fig.tight_layout()
+        paths.append(out / "validation.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
     if report["noise_sweep"]:
         fig, ax = plt.subplots(figsize=(6, 3.8))
         for v, per in report["noise_sweep"].items():

@@ -10,8 +10,9 @@ Reads top to bottom: recipe -> distributed set-up -> tokenizer -> model (+ DIP, 
 data -> DeepSpeed engine -> resume -> loop -> save -> clean exit.
 
 Outputs under --out: `checkpoints/step-NNNNNN/` (DeepSpeed checkpoint + trainer_state.json,
-written under a temporary name and renamed when complete), `checkpoints/latest`,
-`metrics.jsonl`, `tb/` (TensorBoard), `plots/*.png`, `train_summary.json`.
+written under a temporary name and renamed when complete), `checkpoints/latest` (and
+`checkpoints/best` with train.keep_best), `metrics.jsonl` (with `val_nll` where train.eval_every
+validates), `tb/` (TensorBoard), `plots/*.png`, `train_summary.json`.
 """
 
 from __future__ import annotations
@@ -55,12 +56,14 @@ from pathlib import Path
 import torch
 
 from dipnet.pipeline import dip as dipmod
-from dipnet.pipeline.data import TokenizedExamples, batch_indices, collate
+from dipnet.pipeline.checkpoint import (CKPT_PREFIX, best_checkpoint, latest_checkpoint, read_trainer_state,
+                                        save_checkpoint, to_universal, weights_only_torch_load)
+from dipnet.pipeline.data import TokenizedExamples, batch_indices, collate, model_inputs
 from dipnet.launch.ds_config import build_ds_config
 from dipnet.pipeline.errors import DipnetError, RunError
+from dipnet.pipeline.model_setup import build_optimizer, setup_model
 from dipnet.pipeline.recipe import Recipe
 
-CKPT_PREFIX = "step-"
 STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; a rerun resumes
 
 
@@ -120,66 +123,6 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, bool]:
     return rank, world, local_rank, rank == 0
 
 
-def unfreeze_lambda(model, method: str) -> None:
-    """peft freezes every non-adapter parameter; DIP's λ train alongside the adapters."""
-    learn = method == "dip"
-    for _, p in dipmod.projections(model):
-        p.log_variance_offset.requires_grad_(learn)
-
-
-def setup_model(recipe: Recipe, model_dir: str, *, trust_remote_code: bool, dtype=None):
-    """Base weights + the recipe's noise method (+ LoRA). λ come from model_dir/dip when the
-    converted directory was made with the same DIP settings, else from dip.init_variance.
-    `trust_remote_code` is the caller's decision (the user's recipe or flag), never a file's."""
-    from dipnet.pipeline.models import check_attn_implementation, load_causal_lm
-
-    attn = recipe.model.attn_implementation
-    check_attn_implementation(attn)
-    model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code, with_dip=False, dtype=dtype,
-                           attn_implementation=None if attn == "auto" else attn)
-    if recipe.train.gradient_checkpointing:
-        # Each block keeps only its input and runs again in backward. torch's checkpoint restores
-        # the RNG state before the rerun, so DIP's noise (drawn in the block's pre-hook, inside the
-        # checkpointed call) is the same sample; the prior is computed outside the model, once.
-        # Non-reentrant: LoRA's frozen inputs need no requires_grad trick, ZeRO-3 re-gathers weights.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = dipmod.DipConfig.from_settings(recipe.dip)
-    saved = dipmod.read_dip_config(model_dir)
-    if saved is not None and dipmod.same_noise(saved, config):
-        dipmod.load_dip(model, model_dir)
-    else:
-        dipmod.attach_dip(model, config)
-    if recipe.train.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lc = recipe.train.lora
-        present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        missing = [t for t in lc.target_modules if t not in present]
-        if missing:
-            raise RunError(f"train.lora.target_modules: '{missing[0]}' matches no module of the model")
-        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                 target_modules=list(lc.target_modules), task_type="CAUSAL_LM"))
-        unfreeze_lambda(model, recipe.dip.method)
-    model.config.use_cache = False
-    return model, config
-
-
-def build_optimizer(model, recipe: Recipe):
-    """AdamW with two groups: the model's weights at train.lr, λ at train.lr × dip.lr_scale."""
-    lam = [p for n, p in model.named_parameters() if p.requires_grad and "log_variance" in n]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and "log_variance" not in n]
-    t = recipe.train
-    groups = [{"params": rest, "lr": t.lr, "weight_decay": t.weight_decay, "base_lr": t.lr}]
-    if lam:
-        lr = t.lr * recipe.dip.lr_scale
-        groups.append({"params": lam, "lr": lr, "weight_decay": 0.0, "base_lr": lr})
-    if t.offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(0.9, 0.95), adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95))
-
-
 # Post-processing some families apply after the vocabulary projection (Gemma 2's soft-capping,
 # Cohere's and Granite's logit scales): with any of them set, logits come from the model itself.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -195,10 +138,9 @@ def next_token_logprobs(forward, batch: dict, output_layer=None) -> tuple[torch.
     projection is a fifth of its compute (measured: 9% less time per micro-batch).
     `counted_logits_are_exact` decides whether a model allows it."""
     if output_layer is None:
-        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = forward(**model_inputs(batch)).logits
         return dipmod.token_logprobs(logits, batch["labels"])
-    out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  output_hidden_states=True, logits_to_keep=1)
+    out = forward(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
     target = batch["labels"][:, 1:]
     mask = target != -100
     lp = dipmod.target_logprobs(output_layer(out.hidden_states[-1][:, :-1][mask]), target[mask])
@@ -214,8 +156,8 @@ def counted_logits_are_exact(forward, module, batch: dict, world: int) -> bool:
     if layer is not None:
         with torch.no_grad():
             try:  # logits_to_keep = every position: also checks the model accepts the argument
-                out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              output_hidden_states=True, logits_to_keep=batch["input_ids"].shape[1])
+                out = forward(**model_inputs(batch), output_hidden_states=True,
+                              logits_to_keep=batch["input_ids"].shape[1])
             except TypeError:
                 out = None
             if getattr(out, "hidden_states", None) is not None and out.logits.shape[:2] == batch["input_ids"].shape:
@@ -227,6 +169,39 @@ def counted_logits_are_exact(forward, module, batch: dict, world: int) -> bool:
     if world > 1:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item() > 0)
+
+
+def validation_stats(engine, examples, micro: int, rank: int, world: int, pad: int, device,
+                     output_layer=None) -> dict:
+    """Answer NLL and greedy token accuracy on the validation examples, DIP (and any noise) on
+    its mean path, dropout off. Each rank scores its share; every rank runs the same number of
+    forwards (a rank out of examples runs one it does not count), as ZeRO-3's gathers need."""
+    module = engine.module
+    dipmod.set_dip_mode(module, "mean")
+    engine.eval()
+    share = math.ceil(len(examples) / world)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, correct
+    with torch.no_grad():
+        for start in range(0, share, micro):
+            idx = [rank * share + i for i in range(start, min(start + micro, share))]
+            real = [i for i in idx if i < len(examples)]
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in (real or [0])], pad).items()}
+            target = batch["labels"][:, 1:]
+            mask = target != -100
+            if output_layer is not None:
+                out = engine(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
+                logits = output_layer(out.hidden_states[-1][:, :-1][mask]).float()
+            else:
+                logits = engine(**model_inputs(batch)).logits[:, :-1][mask].float()
+            if real:
+                tgt = target[mask]
+                sums += torch.stack([torch.nn.functional.cross_entropy(logits, tgt, reduction="sum"),
+                                     mask.sum(), (logits.argmax(-1) == tgt).sum()]).to(torch.float64)
+    torch.distributed.all_reduce(sums)
+    engine.train()
+    dipmod.set_dip_mode(module, "sample")
+    n = max(sums[1].item(), 1.0)
+    return {"val_nll": sums[0].item() / n, "val_token_acc": sums[2].item() / n}
 
 
 def sam_perturb(module, loss_fn, rho: float, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -291,81 +266,6 @@ def warmup_steps(train, steps: int) -> int:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The checkpoint `latest` names, if it is complete; else the newest complete one."""
-    pointer = ckpt_root / "latest"
-    if pointer.is_file():
-        cand = ckpt_root / pointer.read_text().strip()
-        if (cand / "trainer_state.json").is_file():
-            return cand
-    done = sorted(p for p in ckpt_root.glob(f"{CKPT_PREFIX}*") if (p / "trainer_state.json").is_file())
-    return done[-1] if done else None
-
-
-def save_checkpoint(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, is_main: bool) -> Path:
-    """All ranks write into a temporary directory; rank 0 renames it when complete, then moves
-    the `latest` pointer. A checkpoint interrupted mid-write keeps its `.tmp-` name and is never
-    chosen by `latest_checkpoint`."""
-    name = f"{CKPT_PREFIX}{step:06d}"
-    tmp, final = ckpt_root / f".tmp-{name}", ckpt_root / name
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    torch.distributed.barrier()
-    try:
-        if os.environ.get("DIPNET_FAULT_SAVE_ERROR") == str(step):  # fault injection (tests): a full disk
-            import errno
-
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
-        engine.save_checkpoint(str(tmp), tag=name, exclude_frozen_parameters=True)
-    except OSError as exc:
-        raise RunError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}; "
-                       f"the latest complete checkpoint is still {latest_checkpoint(ckpt_root)}") from None
-    torch.distributed.barrier()
-    if is_main:
-        try:
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            slow = os.environ.get("DIPNET_FAULT_SLOW_SAVE", "")  # fault injection (tests): "STEP:SECONDS"
-            if slow.split(":")[0] == str(step):
-                time.sleep(float(slow.split(":")[1]))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            ptr = ckpt_root / "latest.tmp"
-            ptr.write_text(name)
-            os.replace(ptr, ckpt_root / "latest")
-        except OSError as exc:
-            raise RunError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}") from None
-        done = sorted(p for p in ckpt_root.glob(f"{CKPT_PREFIX}*") if (p / "trainer_state.json").is_file())
-        for old in done[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    torch.distributed.barrier()
-    return final
-
-
-def to_universal(ckpt: Path, is_main: bool) -> Path:
-    """DeepSpeed's universal form of `ckpt` (written once by rank 0 into ckpt/universal/)."""
-    uni = ckpt / "universal"
-    if is_main and not (uni / ".complete").is_file():
-        from argparse import Namespace
-
-        from deepspeed.checkpoint import ds_to_universal
-
-        from dipnet.pipeline.export import weights_only_torch_load
-
-        shutil.rmtree(uni, ignore_errors=True)
-        args = Namespace(input_folder=str(ckpt / ckpt.name), output_folder=str(uni / ckpt.name), num_extract_workers=1,
-                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-        try:
-            with weights_only_torch_load():  # the converter unpickles freely otherwise
-                ds_to_universal.main(args)
-        except Exception as exc:
-            raise RunError(f"cannot convert {ckpt} to a universal checkpoint for another world size "
-                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
-        (uni / ".complete").write_text("ok")
-    torch.distributed.barrier()
-    return uni
-
 
 def gather_lambda_stats(model, zero_stage: int) -> dict:
     """Per-projection λ statistics from the optimizer's float32 master values (the forward pass
@@ -479,6 +379,15 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
 
     tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
     examples = TokenizedExamples(data_path)
+    val_examples = None
+    if t.eval_every:
+        from dipnet.pipeline.data import VALIDATION
+
+        val_path = Path(data_path).with_name(VALIDATION)
+        if not val_path.is_file():
+            raise RunError(f"train.eval_every: {val_path} is missing (the preprocess stage writes it from "
+                           "data.validation or data.validation_fraction)")
+        val_examples = TokenizedExamples(val_path)
     steps = total_steps(recipe, len(examples), world)
     accum = grad_accum(t, world)
     warmup = warmup_steps(t, steps)
@@ -486,8 +395,6 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     resume = latest_checkpoint(ckpt_root)
     universal = None
     if resume is not None:
-        from dipnet.pipeline.export import read_trainer_state
-
         written_by = read_trainer_state(resume)["world_size"]
         if written_by != world:
             # Another number of ranks: DeepSpeed's universal checkpoint (ZeRO-1/2/3) re-partitions
@@ -522,14 +429,13 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
 
     # Resume from the latest complete checkpoint, if any.
     start_step, tokens_seen = 0, 0
+    tracking = {}  # validation: the best step and NLL so far, validations since (early stopping)
     if is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         for stale in ckpt_root.glob(".tmp-*"):  # interrupted writes: never used, removed
             shutil.rmtree(stale, ignore_errors=True)
     torch.distributed.barrier()
     if resume is not None:
-        from dipnet.pipeline.export import read_trainer_state, weights_only_torch_load
-
         state = read_trainer_state(resume)
         with weights_only_torch_load():  # DeepSpeed's loader would unpickle freely; ours holds tensors and plain data
             # Not strict: the checkpoint holds only trainable parameters; the frozen ones were
@@ -537,6 +443,10 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
             engine.load_checkpoint(str(universal or resume), tag=resume.name, load_optimizer_states=True,
                                    load_lr_scheduler_states=False, load_module_strict=False)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
+        saved = state.get("validation") if isinstance(state.get("validation"), dict) else {}
+        tracking = {k: v for k, v in saved.items()  # numbers only: the file may have been edited
+                    if k in ("best_step", "best_val_nll", "since_best", "stopped_early_at")
+                    and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if is_main:
             print(f"resumed from {resume} at step {start_step}", flush=True)
 
@@ -561,7 +471,8 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
                  "data_position": done * t.micro_batch_size * accum * world, "grad_accum": accum,
                  "recipe": recipe.to_dict(), "dip_config": asdict(dip_config),
                  "model_dir": str(model_dir), "zero_stage": t.zero_stage, "train_method": t.method,
-                 "trainable": trainable, "rng_note": "noise and batches are functions of (seed, step, rank)"}
+                 "trainable": trainable, "rng_note": "noise and batches are functions of (seed, step, rank)",
+                 "validation": dict(tracking)}
         save_checkpoint(engine, ckpt_root, done, state, t.keep_last, is_main)
 
     m = d.trajectories
@@ -646,7 +557,18 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
         timed.append((step_time, tokens_step))
         done = step + 1
 
-        if done % t.log_every == 0 or done == steps or done == 1:
+        val, improved = None, False
+        if t.eval_every and (done % t.eval_every == 0 or done == steps):
+            val = validation_stats(engine, val_examples, t.micro_batch_size, rank, world, pad, device, output_layer)
+            improved = "best_val_nll" not in tracking or val["val_nll"] < tracking["best_val_nll"]
+            if improved:
+                tracking.update(best_step=done, best_val_nll=val["val_nll"], since_best=0)
+            else:
+                tracking["since_best"] = tracking.get("since_best", 0) + 1
+            if t.early_stopping_patience and tracking["since_best"] >= t.early_stopping_patience and done < steps:
+                tracking["stopped_early_at"] = done
+                steps = done  # every rank saw the same all-reduced NLL: all stop here
+        if done % t.log_every == 0 or done == steps or done == 1 or val is not None:
             lam = gather_lambda_stats(engine.module, t.zero_stage)
             if is_main:
                 na = len(micro_batches)
@@ -655,22 +577,29 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
                        "lr": optimizer.param_groups[0]["lr"], "grad_norm": _grad_norm(engine),
                        "tokens": tokens_step, "tokens_seen": tokens_seen, "tokens_per_s": tokens_step / step_time,
                        "step_time_s": step_time, "peak_mem_mb": peak_memory_mb(), "lambda": lam,
-                       "wall_s": time.time() - t_loop}
+                       "wall_s": time.time() - t_loop, **(val or {})}
                 metrics_f.write(json.dumps(rec) + "\n")
                 metrics_f.flush()
                 for k in ("loss", "nll", "prior", "var_penalty", "lr", "tokens_per_s", "step_time_s"):
                     writer.add_scalar(f"train/{k}", rec[k], done)
                 for layer, s in lam.items():
                     writer.add_scalar(f"lambda/{layer}", s["mean"], done)
+                for k in (val or {}):
+                    writer.add_scalar(f"val/{k[4:]}", val[k], done)
                 last = rec
         if is_main:
             bar.update(1)
             bar.set_postfix(loss=f"{stats[0].item() / len(micro_batches):.4f}",
                             tok_s=f"{tokens_step / step_time:.0f}", refresh=False)
 
-        if done % t.save_every == 0 or done == steps or stop_n > 0 or due_n > 0:
+        best_now = t.keep_best and improved
+        if done % t.save_every == 0 or done == steps or stop_n > 0 or due_n > 0 or best_now:
             save(done, tokens_seen)
             last_save = time.time()
+            if best_now and is_main:  # after the save: a crash in between keeps the previous best
+                ptr = ckpt_root / "best.tmp"
+                ptr.write_text(f"{CKPT_PREFIX}{done:06d}")
+                os.replace(ptr, ckpt_root / "best")
         if stop_n > 0 and done < steps:  # a signal in the last step: just finish the run
             if is_main:
                 print(f"stopped by a signal after step {done}; checkpoint saved", flush=True)
@@ -687,7 +616,8 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
                    "logits": "counted positions" if counted_only else "every position",
                    "attn_implementation": engine.module.config._attn_implementation,
                    "gradient_checkpointing": t.gradient_checkpointing,
-                   "checkpoint": str(latest_checkpoint(ckpt_root))}
+                   "checkpoint": str((t.keep_best and best_checkpoint(ckpt_root)) or latest_checkpoint(ckpt_root)),
+                   "validation": tracking or None}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         from dipnet.pipeline.plots import plot_training
 

@@ -89,12 +89,65 @@ def test_formats_and_missing_fields(tiny_base_dir):
                       "chat", tok, 96, "truncate", "f.jsonl")
 
 
-def test_packing_keeps_labels():
+def test_packing_keeps_labels(tmp_path):
     exs = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [-100, 5]},
            {"input_ids": [6, 7, 8, 9], "labels": [-100, -100, 8, 9]}]
     packed = pack(exs, 5)
     assert [p["input_ids"] for p in packed] == [[1, 2, 3, 4, 5], [6, 7, 8, 9]]
     assert packed[0]["labels"] == [-100, 2, 3, -100, 5]
+    assert packed[0]["position_ids"] == [0, 1, 2, 0, 1] and packed[1]["position_ids"] == [0, 1, 2, 3]
+    assert "position_ids" not in pack(exs, 5, cross_document=True)[0]
+    from dipnet.pipeline.data import TokenizedExamples, write_examples
+
+    write_examples(packed, tmp_path / "e.safetensors")  # what training reads back
+    back = TokenizedExamples(tmp_path / "e.safetensors")
+    assert back[0]["position_ids"].tolist() == [0, 1, 2, 0, 1] and back[1]["input_ids"].tolist() == [6, 7, 8, 9]
+    batch = collate([back[0], back[1]], 0)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]  # padding: a block of its own
+    with pytest.raises(ValueError, match="data.packing_cross_document needs data.packing: true"):
+        DataSettings(packing_cross_document=True)
+
+
+PACK_FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gemma3_text", "phi3", "gpt_neox", "gpt2"]
+
+
+@pytest.mark.parametrize("family", PACK_FAMILIES)
+def test_packed_batch_equals_its_examples_one_by_one(family):
+    """A packed micro-batch (two rows, padded) has the loss and gradients of its examples run one
+    by one: attention stays inside each example and positions restart. Packing that crosses
+    examples does not."""
+    from conftest import family_configs
+    from transformers import AutoModelForCausalLM
+
+    from dipnet.pipeline.data import model_inputs
+    from dipnet.pipeline.train import next_token_logprobs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_configs()[family], attn_implementation="sdpa").eval()
+    gen = torch.Generator().manual_seed(1)
+    exs = []
+    for n in (6, 9, 5, 7, 4):
+        ids = torch.randint(3, 120, (n,), generator=gen).tolist()
+        exs.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
+
+    def loss_and_grads(batches):
+        model.zero_grad(set_to_none=True)
+        total, count = 0.0, 0
+        for b in batches:
+            lp, mask = next_token_logprobs(model, b)
+            total = total - lp.sum()
+            count += int(mask.sum())
+        (total / count).backward()
+        return (total / count).item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    one_by_one = loss_and_grads([collate([e], 0) for e in exs])
+    packed = pack(exs, 16)
+    assert len(packed) == 2 and "position_ids" in model_inputs(collate(packed, 0))
+    isolated = loss_and_grads([collate(packed, 0)])
+    crossing = loss_and_grads([collate(pack(exs, 16, cross_document=True), 0)])
+    assert abs(isolated[0] - one_by_one[0]) <= 1e-5, (isolated[0], one_by_one[0])
+    assert max((isolated[1][k] - one_by_one[1][k]).abs().max().item() for k in one_by_one[1]) <= 1e-5
+    assert abs(crossing[0] - one_by_one[0]) > 1e-4  # the check can tell
 
 
 def test_batch_order_pure_in_seed_and_step():

@@ -237,7 +237,7 @@ def test_lora_trains_lambda_with_adapters():
     dip.attach_dip(m, dip.DipConfig(method="dip"))
     pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     # peft freezes everything but the adapters; DIP re-enables λ (see train.setup_model).
-    from dipnet.pipeline.train import unfreeze_lambda
+    from dipnet.pipeline.model_setup import unfreeze_lambda
 
     unfreeze_lambda(pm, "dip")
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]

@@ -44,6 +44,17 @@ def test_libraries_never_import_a_stage(package):
     assert not bad, "\n".join(bad)
 
 
+def test_train_and_export_depend_on_the_checkpoint_module_not_on_each_other():
+    """One home for the checkpoint format (pipeline/checkpoint.py) and one for model set-up
+    (pipeline/model_setup.py): the two stages that read checkpoints never import each other."""
+    for a, b in (("train", "export"), ("export", "train")):
+        mods = [m for m, _ in _imports(REPO / "pipeline" / f"{a}.py")]
+        assert f"dipnet.pipeline.{b}" not in mods, f"pipeline/{a}.py imports pipeline/{b}.py"
+    for lib in ("checkpoint", "model_setup"):
+        mods = {m.split(".")[2] for m, _ in _imports(REPO / "pipeline" / f"{lib}.py") if m.startswith("dipnet.pipeline.")}
+        assert not mods & STAGES, (lib, mods & STAGES)
+
+
 def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     """Build a wheel, install it non-editable into a fresh venv (the pinned packages come from the
     project venv through a path entry, so nothing is downloaded), and use it from /tmp."""

@@ -49,6 +49,14 @@ BAD = [
     ({"train": {"max_steps": None}}, "set train.max_steps or train.epochs"),
     ({"launch": {"master_port": 70000}}, "'launch.master_port': expected a value < 65536, got 70000"),
     ({"launch": {"timeout_s": 0}}, "'launch.timeout_s': expected a value > 0, got 0"),
+    ({"train": {"eval_every": 5}}, "train.eval_every needs validation data: data.validation or data.validation_fraction"),
+    ({"train": {"keep_best": True}}, "train.keep_best and train.early_stopping_patience need train.eval_every"),
+    ({"data": {"validation_fraction": 1.5}}, "'data.validation_fraction': expected a value < 1.0, got 1.5"),
+    ({"data": {"validation": "/nonexistent/val.jsonl"}}, "'data.validation': no such file: /nonexistent/val.jsonl"),
+    ({"data": {"validation": "synthetic"}}, "'data.validation': synthetic data has no validation split"),
+    ({"data": {"packing_cross_document": True}}, "data.packing_cross_document needs data.packing: true"),
+    ({"train": {"gradient_checkpointing": "yes please"}}, "'train.gradient_checkpointing': expected true or false"),
+    ({"model": {"attn_implementation": "flash"}}, "'model.attn_implementation': expected one of 'auto', 'sdpa'"),
 ]
 
 

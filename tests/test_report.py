@@ -92,3 +92,18 @@ def test_lambda_drift_of_a_deep_model_is_summarised(tmp_path):
     md = render_markdown(r, [])
     assert "| dip | 29.dip_input |" in md and "| dip | 5.dip_input |" not in md
     assert "| dip | … (24 more) | | | +0% … +29% over all 30 | | |" in md
+
+
+def test_validation_curves_of_every_variant_side_by_side(tmp_path):
+    from dipnet.pipeline.report import make_plots
+
+    data = {"sft": {0: _entry(0.5, 0, None)}, "dip": {0: _entry(0.9, 1, 6e-3)}}
+    for v in data:
+        for row in data[v][0]["metrics"]:
+            row["nll"] = 2.0
+    r = build_report(tmp_path, data=data, resamples=100)
+    assert not any(p.name == "validation.png" for p in make_plots(tmp_path, r, data))  # nothing measured: no plot
+    for v, nll in (("sft", 1.2), ("dip", 1.1)):
+        data[v][0]["metrics"][1]["val_nll"] = nll
+    paths = make_plots(tmp_path, r, data)
+    assert (tmp_path / "report" / "validation.png") in paths and (tmp_path / "report" / "validation.png").stat().st_size > 0

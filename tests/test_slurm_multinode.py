@@ -112,7 +112,7 @@ def test_requeue_mid_training_resumes_to_the_same_weights(tmp_path, tiny_base_di
     uninterrupted run's."""
     need_nodes(2)
     from dipnet.pipeline.export import consolidate_zero_checkpoint
-    from dipnet.pipeline.train import latest_checkpoint
+    from dipnet.pipeline.checkpoint import latest_checkpoint
 
     slow = {"launch": {"slurm": {**TWO_NODES["launch"]["slurm"],
                                  "env": {"GLOO_SOCKET_IFNAME": "eth0", "DIPNET_FAULT_SLOW_STEP": "1.5:first-start"}}}}
@@ -147,7 +147,7 @@ def test_time_limit_signal_saves_and_requeues(tmp_path, tiny_base_dir, reference
     first start only, so the limit hits it and a restart can finish."""
     need_nodes(2)
     from dipnet.pipeline.export import consolidate_zero_checkpoint
-    from dipnet.pipeline.train import latest_checkpoint
+    from dipnet.pipeline.checkpoint import latest_checkpoint
 
     slow = {"train": {**TWO_NODES["train"], "max_steps": 6},
             "launch": {"slurm": {**TWO_NODES["launch"]["slurm"], "time": "1", "signal_margin_s": 20,

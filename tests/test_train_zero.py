@@ -10,7 +10,7 @@ from trainhelp import metrics, train, train_many
 
 from dipnet.pipeline.errors import RunError
 from dipnet.pipeline.export import consolidate_zero_checkpoint, export_checkpoint
-from dipnet.pipeline.train import latest_checkpoint
+from dipnet.pipeline.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -345,3 +345,37 @@ def test_attention_implementation_is_chosen_and_recorded(checkpointing_runs):
     assert json.loads((sdpa / "train_summary.json").read_text())["attn_implementation"] == "sdpa"
     a, b = metrics(eager), metrics(sdpa)
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) <= 1e-4  # two kernels, one attention
+
+
+def test_validation_during_training_keeps_the_best_and_stops_early(tmp_path):
+    """train.eval_every on a validation_fraction carved from train (2 ranks, ZeRO-3, uneven shares):
+    val_nll logged at every validation, equal to the exported best checkpoint's own answer NLL
+    on the validation examples (DIP on its mean path); keep_best exports the lowest; patience 2
+    stops a run whose validation NLL has turned upward (a learning rate far too high)."""
+    from dipnet.pipeline.base_model import tiny_base
+    from dipnet.pipeline.data import TokenizedExamples, collate, preprocess
+    from dipnet.pipeline.models import load_causal_lm, load_tokenizer
+    from dipnet.pipeline.train import next_token_logprobs
+
+    run = tmp_path / "val"
+    r = train(run, {"train.max_steps": 30, "train.save_every": 100, "train.keep_last": 1, "train.zero_stage": 3,
+                    "dip.method": "dip", "data.validation_fraction": 0.1, "train.eval_every": 2, "train.keep_best": True,
+                    "train.early_stopping_patience": 2, "train.lr": 0.02, "train.warmup_steps": 0})
+    base = tiny_base(r.model.tiny, progress=False)
+    meta = preprocess(r.data, base, run.parent / "_preprocessed")
+    assert meta["validation_examples"] == 10 and meta["examples"] == 86  # 96 rows: 10% held out, never trained on
+    summary = json.loads((run / "train_summary.json").read_text())
+    v = summary["validation"]
+    val = [row for row in metrics(run) if "val_nll" in row]
+    assert [row["step"] for row in val] == list(range(2, summary["steps"] + 1, 2))
+    best = min(val, key=lambda row: row["val_nll"])
+    assert v["best_step"] == best["step"] and v["best_val_nll"] == best["val_nll"]
+    assert v.get("stopped_early_at") == summary["steps"] < 30 and v["since_best"] == 2, (v, [x["val_nll"] for x in val])
+    assert summary["checkpoint"].endswith(f"step-{best['step']:06d}")  # kept through keep_last 1, and exported
+    export_checkpoint(run, tmp_path / "best")
+    model = load_causal_lm(tmp_path / "best", with_dip=False).eval()  # the mean path is the base architecture
+    pad = load_tokenizer(base).pad_token_id
+    examples = TokenizedExamples(meta["validation_path"])
+    with torch.no_grad():
+        lp, mask = next_token_logprobs(model, collate([examples[i] for i in range(len(examples))], pad))
+    assert abs(-lp.sum().item() / mask.sum().item() - best["val_nll"]) <= 1e-4

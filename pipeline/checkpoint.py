@@ -1,0 +1,178 @@
+"""The checkpoint format, in one place: save (atomic), find (latest, best), read (checked), load (safe).
+
+A checkpoint is `checkpoints/step-NNNNNN/`: DeepSpeed's own files (only the parameters that train)
+and `trainer_state.json` (step, world size, recipe, model directory, what trained). All ranks
+write into `.tmp-step-NNNNNN/`; rank 0 renames it when complete and moves the `latest` pointer
+(and `best`, with train.keep_best). Both stages that read checkpoints use this module: `train`
+to resume, `export` to consolidate; neither imports the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from dipnet.pipeline.errors import RunError, UsageError
+
+CKPT_PREFIX = "step-"
+STATE_KEYS = {"step": int, "tokens_seen": int, "world_size": int, "zero_stage": int, "recipe": dict,
+              "model_dir": str, "trainable": list}
+
+
+@contextlib.contextmanager
+def weights_only_torch_load():
+    """Force `torch.load(weights_only=True)` inside DeepSpeed's checkpoint utilities.
+
+    They call torch.load(weights_only=False); our checkpoints hold only tensors, plain Python
+    data and a few DeepSpeed plain-data classes, which are allow-listed here.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    original = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return original(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint `latest` names, if it is complete; else the newest complete one."""
+    pointer = ckpt_root / "latest"
+    if pointer.is_file():
+        cand = ckpt_root / pointer.read_text().strip()
+        if (cand / "trainer_state.json").is_file():
+            return cand
+    done = sorted(p for p in ckpt_root.glob(f"{CKPT_PREFIX}*") if (p / "trainer_state.json").is_file())
+    return done[-1] if done else None
+
+
+def best_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint `best` names (train.keep_best: the lowest validation NLL), if complete."""
+    pointer = ckpt_root / "best"
+    if pointer.is_file():
+        cand = ckpt_root / pointer.read_text().strip()
+        if cand.parent == ckpt_root and (cand / "trainer_state.json").is_file():
+            return cand
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (step-N) from itself, its `checkpoints/` parent or the train dir: the
+    best one where train.keep_best marked one, else the latest."""
+    p = Path(path)
+    if (p / "trainer_state.json").is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        if root.is_dir():
+            ck = best_checkpoint(root) or latest_checkpoint(root)
+            if ck is not None:
+                return ck
+    raise UsageError(f"{p}: no complete checkpoint (expected a step-N directory with trainer_state.json)")
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    """trainer_state.json, checked key by key (one line naming the key on any problem)."""
+    from pydantic import ValidationError
+
+    from dipnet.pipeline.readers import read_json_object
+    from dipnet.pipeline.recipe import Recipe, format_validation_error
+
+    path = ckpt / "trainer_state.json"
+    state = read_json_object(path)
+    for key, typ in STATE_KEYS.items():
+        if key not in state:
+            hint = " (written by an older dipnet: retrain)" if key == "trainable" else ""
+            raise UsageError(f"{path}: no '{key}'{hint}")
+        if not isinstance(state[key], typ) or isinstance(state[key], bool):
+            raise UsageError(f"{path}: '{key}' must be {typ.__name__}, got {type(state[key]).__name__}")
+    if state["step"] < 0 or state["world_size"] < 1 or state["zero_stage"] not in (0, 1, 2, 3):
+        raise UsageError(f"{path}: 'step', 'world_size' or 'zero_stage' out of range")
+    if not all(isinstance(n, str) for n in state["trainable"]):
+        raise UsageError(f"{path}: 'trainable' must list parameter names")
+    try:
+        state["recipe_obj"] = Recipe.model_validate(state["recipe"])
+    except ValidationError as exc:
+        raise UsageError(format_validation_error(exc, f"{path} (recipe)")) from None
+    if not (ckpt / ckpt.name).is_dir():
+        raise UsageError(f"{ckpt}: no DeepSpeed checkpoint directory '{ckpt.name}' inside")
+    return state
+
+
+def save_checkpoint(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, is_main: bool) -> Path:
+    """All ranks write into a temporary directory; rank 0 renames it when complete, then moves
+    the `latest` pointer. A checkpoint interrupted mid-write keeps its `.tmp-` name and is never
+    chosen by `latest_checkpoint`."""
+    name = f"{CKPT_PREFIX}{step:06d}"
+    tmp, final = ckpt_root / f".tmp-{name}", ckpt_root / name
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()
+    try:
+        if os.environ.get("DIPNET_FAULT_SAVE_ERROR") == str(step):  # fault injection (tests): a full disk
+            import errno
+
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+        engine.save_checkpoint(str(tmp), tag=name, exclude_frozen_parameters=True)
+    except OSError as exc:
+        raise RunError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}; "
+                       f"the latest complete checkpoint is still {latest_checkpoint(ckpt_root)}") from None
+    torch.distributed.barrier()
+    if is_main:
+        try:
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            slow = os.environ.get("DIPNET_FAULT_SLOW_SAVE", "")  # fault injection (tests): "STEP:SECONDS"
+            if slow.split(":")[0] == str(step):
+                time.sleep(float(slow.split(":")[1]))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            ptr = ckpt_root / "latest.tmp"
+            ptr.write_text(name)
+            os.replace(ptr, ckpt_root / "latest")
+        except OSError as exc:
+            raise RunError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}") from None
+        done = sorted(p for p in ckpt_root.glob(f"{CKPT_PREFIX}*") if (p / "trainer_state.json").is_file())
+        best = (ckpt_root / "best").read_text().strip() if (ckpt_root / "best").is_file() else None
+        for old in done[:-keep_last]:
+            if old.name != best:  # train.keep_best: the lowest validation NLL stays
+                shutil.rmtree(old, ignore_errors=True)
+    torch.distributed.barrier()
+    return final
+
+
+def to_universal(ckpt: Path, is_main: bool) -> Path:
+    """DeepSpeed's universal form of `ckpt` (written once by rank 0 into ckpt/universal/)."""
+    uni = ckpt / "universal"
+    if is_main and not (uni / ".complete").is_file():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        shutil.rmtree(uni, ignore_errors=True)
+        args = Namespace(input_folder=str(ckpt / ckpt.name), output_folder=str(uni / ckpt.name), num_extract_workers=1,
+                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        try:
+            with weights_only_torch_load():  # the converter unpickles freely otherwise
+                ds_to_universal.main(args)
+        except Exception as exc:
+            raise RunError(f"cannot convert {ckpt} to a universal checkpoint for another world size "
+                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+        (uni / ".complete").write_text("ok")
+    torch.distributed.barrier()
+    return uni
