@@ -332,6 +332,14 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(fig, path: Path) -> Path:
+    plt = _plt()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def make_plots(run_dir: Path, report: dict, data: dict) -> list[Path]:
     plt = _plt()
     out = run_dir / "report"
@@ -348,10 +356,7 @@ def make_plots(run_dir: Path, report: dict, data: dict) -> list[Path]:
             ax.bar([j + i * w for j in range(len(tasks))], m, w, yerr=s, capsize=3, label=v)
         ax.set_xticks([j + 0.4 - w / 2 for j in range(len(tasks))], tasks)
         ax.set_ylabel("flexible-extract accuracy (%)"), ax.legend(fontsize=8), ax.set_title("accuracy (mean ± std over seeds)")
-        fig.tight_layout()
-        paths.append(out / "accuracy.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, out / "accuracy.png"))
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
     any_curve = False
     for v, entries in data.items():
@@ -371,10 +376,9 @@ def make_plots(run_dir: Path, report: dict, data: dict) -> list[Path]:
         ax[1].set_yscale("log")
         if ax[1].get_legend_handles_labels()[0]:
             ax[1].legend(fontsize=5, ncol=2)
-        fig.tight_layout()
-        paths.append(out / "training.png")
-        fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        paths.append(_save(fig, out / "training.png"))
+    else:
+        plt.close(fig)
     val = {(v, seed): [r for r in e["metrics"] if "val_nll" in r] for v, entries in data.items()
            for seed, e in entries.items()}
     if any(val.values()):  # train.eval_every: every variant's validation curve, side by side
@@ -386,10 +390,7 @@ def make_plots(run_dir: Path, report: dict, data: dict) -> list[Path]:
                         color=colours[v], label=f"{v} s{seed}")
         ax.set_xlabel("step"), ax.set_ylabel("validation answer NLL (mean path)"), ax.legend(fontsize=6)
         ax.set_title("validation during training")
-        fig.tight_layout()
-        paths.append(out / "validation.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, out / "validation.png"))
     if report["noise_sweep"]:
         fig, ax = plt.subplots(figsize=(6, 3.8))
         for v, per in report["noise_sweep"].items():
@@ -397,10 +398,7 @@ def make_plots(run_dir: Path, report: dict, data: dict) -> list[Path]:
                 ax.plot([float(s) for s in row], [a * 100 for a in row.values()], marker="o", label=f"{v} / {t}")
         ax.set_xlabel("σ (× embedding RMS)"), ax.set_ylabel("accuracy (%)"), ax.legend(fontsize=7)
         ax.set_title("embedding-noise robustness")
-        fig.tight_layout()
-        paths.append(out / "noise_sweep.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, out / "noise_sweep.png"))
     if report["smoothness"]:
         keys = ("grad_norm", "adversarial_increase", "hessian_trace")
         fig, ax = plt.subplots(1, 3, figsize=(11, 3.3))
@@ -408,10 +406,7 @@ def make_plots(run_dir: Path, report: dict, data: dict) -> list[Path]:
         for a, k in zip(ax, keys):
             a.bar(vs, [report["smoothness"][v][k] for v in vs])
             a.set_title(k), a.tick_params(axis="x", rotation=30)
-        fig.tight_layout()
-        paths.append(out / "smoothness.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, out / "smoothness.png"))
     return paths
 
 
