@@ -156,6 +156,23 @@ def _pid_alive(pid: int) -> bool:
     return alive(pid)
 
 
+def refuse_unusable_gpus(device: str, cuda: bool) -> None:
+    """launch.device auto on a machine whose GPUs torch cannot use (a driver older than the CUDA
+    build needs, a CPU build of torch): one line, never a silent training run on the CPU."""
+    from dipnet.pipeline.env import gpus_listed
+
+    if device != "auto" or cuda:
+        return
+    n = gpus_listed()
+    if n:
+        import torch
+
+        raise UsageError(f"nvidia-smi lists {n} GPU(s) that torch {torch.__version__} (CUDA build "
+                         f"{torch.version.cuda or 'none'}) cannot use: fix the driver or the install "
+                         "(make install EXTRA=gpu; `dipnet env` shows both), or set launch.device: cpu to train on "
+                         "the CPU on purpose")
+
+
 class Manifest:
     def __init__(self, run_dir: Path):
         from dipnet.pipeline.readers import read_json_object
@@ -443,6 +460,7 @@ class Run:
             timeout = slurm.job_seconds_left() or timeout
             stop = slurm.signal_job_steps
         else:
+            refuse_unusable_gpus(r.launch.device, launch.has_cuda())
             procs = 1 if single else (r.launch.procs_per_node or launch.default_procs_per_node())
             port = launch.choose_master_port(r.launch.master_port)
             cmd = launch.train_command(r.launch, procs, port, args)

@@ -3,6 +3,7 @@
 refuses to fall back to the CPU, and GPU DeepSpeed settings."""
 
 import json
+import os
 
 import pytest
 from trainhelp import make_recipe, metrics, train, train_many
@@ -70,6 +71,26 @@ def test_gpu_deepspeed_settings():
 def test_a_gpu_job_refuses_to_train_on_the_cpu(tmp_path):
     with pytest.raises(RunError, match=r"launch.device is cuda but CUDA is unusable here: this torch .* is a CPU build"):
         train(tmp_path / "gpu", {"train.max_steps": 1, "launch.device": "cuda", "launch.launcher": "single"}, procs=1)
+
+
+def test_auto_device_refuses_gpus_torch_cannot_use(tmp_path, tiny_base_dir):
+    """A machine whose nvidia-smi lists GPUs that this torch cannot use (here: a CPU build, and an
+    nvidia-smi on PATH that lists one) stops at the train stage in one line, before any rank."""
+    from conftest import cli_in_process, write_recipe
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-00000000-0000-0000-0000-000000000000)'\n")
+    smi.chmod(0o755)
+    p = write_recipe(tmp_path, "gpus", {"data": {"synthetic": {"n_train": 32, "n_test": 8}},
+                                        "train": {"max_steps": 1}, "launch": {"launcher": "single"}})
+    res = cli_in_process("run", p, "--only", "base,convert,preprocess,train",
+                         env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-1500:]
+    assert "nvidia-smi lists 1 GPU(s) that torch" in errors[0] and "launch.device: cpu" in errors[0]
+    assert not (tmp_path / "gpus" / "train" / "main-s0" / "checkpoints").exists()  # no rank started
 
 
 def test_paper_recipe_eval_job_gets_a_gpu():

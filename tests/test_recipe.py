@@ -109,6 +109,7 @@ def test_paper_recipes_validate_and_render(path):
     assert r.train.method == "lora" and r.train.zero_stage == 2 and r.train.precision == "bf16"
     assert r.eval.tasks == ["gsm8k"] and r.eval.shots == 5 and r.seeds == [0, 1, 2]
     assert set(r.variants) == {"sft", "dip", "dip_fixed"} and r.train.epochs == 1
+    assert r.launch.device == "cuda"  # `dipnet run` on one 8-GPU machine too: never 8 CPU ranks for a 7B model
     res = run_cli("launch", path, "--slurm", "--dry-run", cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert "#SBATCH --gpus-per-node=8" in res.stdout and "#SBATCH --nodes=1" in res.stdout
