@@ -52,11 +52,12 @@ def weights_only_torch_load():
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The checkpoint `latest` names, if it is complete; else the newest complete one."""
+    """The checkpoint `latest` names, if it is complete and inside `ckpt_root`; else the newest
+    complete one."""
     pointer = ckpt_root / "latest"
     if pointer.is_file():
-        cand = ckpt_root / pointer.read_text().strip()
-        if (cand / "trainer_state.json").is_file():
+        cand = ckpt_root / pointer.read_text(errors="replace").strip()
+        if cand.parent == ckpt_root and (cand / "trainer_state.json").is_file():
             return cand
     done = sorted(p for p in ckpt_root.glob(f"{CKPT_PREFIX}*") if (p / "trainer_state.json").is_file())
     return done[-1] if done else None
@@ -66,7 +67,7 @@ def best_checkpoint(ckpt_root: Path) -> Path | None:
     """The checkpoint `best` names (train.keep_best: the lowest validation NLL), if complete."""
     pointer = ckpt_root / "best"
     if pointer.is_file():
-        cand = ckpt_root / pointer.read_text().strip()
+        cand = ckpt_root / pointer.read_text(errors="replace").strip()
         if cand.parent == ckpt_root and (cand / "trainer_state.json").is_file():
             return cand
     return None

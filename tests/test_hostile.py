@@ -750,3 +750,18 @@ def test_garbled_train_summary_gives_a_plain_run_line(tmp_path, capsys):
         (tmp_path / "train_summary.json").write_text(json.dumps(body))
         r._say_trained(f"r{i}", tmp_path)
     assert capsys.readouterr().out.splitlines() == [f"  r{i}: trained ? steps" for i in range(3)]
+
+
+def test_checkpoint_pointers_cannot_leave_the_checkpoints_directory(tmp_path, trained, sentinel):
+    """`latest` and `best` name a checkpoint of this run; one naming a directory elsewhere (even a
+    complete-looking one) is ignored and the run's own newest checkpoint is used."""
+    from dipnet.pipeline.checkpoint import best_checkpoint, latest_checkpoint, resolve_checkpoint
+
+    ckpt = _ckpt_copy(trained, tmp_path)
+    root = ckpt.parent
+    (sentinel / "trainer_state.json").write_text("{}")
+    for name in ("latest", "best"):
+        (root / name).write_text("../../precious")
+    assert latest_checkpoint(root) == ckpt and best_checkpoint(root) is None
+    assert resolve_checkpoint(root.parent) == ckpt
+    (sentinel / "trainer_state.json").unlink()
