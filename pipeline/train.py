@@ -204,6 +204,14 @@ def validation_stats(engine, examples, micro: int, rank: int, world: int, pad: i
     return {"val_nll": sums[0].item() / n, "val_token_acc": sums[2].item() / n}
 
 
+def validation_tracking(state: dict) -> dict:
+    """The validation bookkeeping a checkpoint carries (best step and NLL, validations since):
+    known keys with finite numbers only, since trainer_state.json may have been edited."""
+    saved = state.get("validation") if isinstance(state.get("validation"), dict) else {}
+    return {k: v for k, v in saved.items() if k in ("best_step", "best_val_nll", "since_best", "stopped_early_at")
+            and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 def sam_perturb(module, loss_fn, rho: float, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """SAM's ascent (Foret et al. 2021): w ← w + ρ·g/‖g‖ with g the gradient of this micro-batch's
     loss (`loss_fn()`: a forward of this micro-batch), averaged over ranks so every replica moves the same way. Returns (param, saved value)
@@ -443,10 +451,7 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
             engine.load_checkpoint(str(universal or resume), tag=resume.name, load_optimizer_states=True,
                                    load_lr_scheduler_states=False, load_module_strict=False)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
-        saved = state.get("validation") if isinstance(state.get("validation"), dict) else {}
-        tracking = {k: v for k, v in saved.items()  # numbers only: the file may have been edited
-                    if k in ("best_step", "best_val_nll", "since_best", "stopped_early_at")
-                    and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        tracking = validation_tracking(state)
         if is_main:
             print(f"resumed from {resume} at step {start_step}", flush=True)
 

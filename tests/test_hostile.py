@@ -765,3 +765,16 @@ def test_checkpoint_pointers_cannot_leave_the_checkpoints_directory(tmp_path, tr
     assert latest_checkpoint(root) == ckpt and best_checkpoint(root) is None
     assert resolve_checkpoint(root.parent) == ckpt
     (sentinel / "trainer_state.json").unlink()
+
+
+def test_edited_validation_bookkeeping_is_not_believed():
+    """A resumed run reads its best validation NLL from trainer_state.json: only known keys holding
+    finite numbers survive (a string there would crash the comparison, a NaN would never improve)."""
+    from dipnet.pipeline.train import validation_tracking
+
+    good = {"best_step": 10, "best_val_nll": 3.3, "since_best": 1}
+    assert validation_tracking({"validation": good}) == good
+    for bad in ({"best_val_nll": "low"}, {"best_val_nll": float("nan")}, {"since_best": True}, {"__class__": 1},
+                {"best_step": [1]}):
+        assert validation_tracking({"validation": bad}) == {}
+    assert validation_tracking({"validation": "x"}) == {} and validation_tracking({}) == {}
