@@ -154,19 +154,18 @@ def pack(examples: list[dict], max_length: int, cross_document: bool = False) ->
     `cross_document` (explicit opt-in, `data.packing_cross_document`) keeps the old packing:
     attention and positions run on across examples (labels still masked per example).
     """
-    packed, cur = [], {"input_ids": [], "labels": [], "position_ids": []}
+    keys = ("input_ids", "labels") if cross_document else ("input_ids", "labels", "position_ids")
+    packed, cur = [], {k: [] for k in keys}
     for ex in examples:
         if cur["input_ids"] and len(cur["input_ids"]) + len(ex["input_ids"]) > max_length:
             packed.append(cur)
-            cur = {"input_ids": [], "labels": [], "position_ids": []}
-        cur["input_ids"] = cur["input_ids"] + list(ex["input_ids"])
-        cur["labels"] = cur["labels"] + list(ex["labels"])
-        cur["position_ids"] = cur["position_ids"] + list(range(len(ex["input_ids"])))
+            cur = {k: [] for k in keys}
+        cur["input_ids"].extend(ex["input_ids"])
+        cur["labels"].extend(ex["labels"])
+        if not cross_document:
+            cur["position_ids"].extend(range(len(ex["input_ids"])))
     if cur["input_ids"]:
         packed.append(cur)
-    if cross_document:
-        for p in packed:
-            del p["position_ids"]
     return packed
 
 
@@ -190,10 +189,7 @@ def preprocess(data_settings, model_dir: str | Path, out_root: str | Path, *, tr
     rows, data_hash = load_rows(data_settings.train, synthetic=data_settings.synthetic)
     if data_settings.limit:
         rows = rows[: data_settings.limit]
-    val_rows, val_hash = split_validation(rows, data_settings)
-    if val_rows is not None and data_settings.validation_fraction is not None:
-        held = {id(r) for r in val_rows}
-        rows = [r for r in rows if id(r) not in held]
+    rows, val_rows, val_hash = split_validation(rows, data_settings)
     key_src = json.dumps({"tok": tokenizer_hash(model_dir), "data": data_hash, "format": data_settings.format,
                           "max_length": data_settings.max_length, "packing": data_settings.packing,
                           "cross": data_settings.packing_cross_document, "validation": val_hash,
@@ -229,22 +225,24 @@ def preprocess(data_settings, model_dir: str | Path, out_root: str | Path, *, tr
     return meta
 
 
-def split_validation(rows: list[dict], data_settings) -> tuple[list[dict] | None, str | None]:
-    """The validation rows (data.validation's file, or data.validation_fraction of the training rows
-    by a fixed permutation) and a hash of what they are; (None, None) without validation."""
+def split_validation(rows: list[dict], data_settings) -> tuple[list[dict], list[dict] | None, str | None]:
+    """(training rows, validation rows, a hash of what the validation rows are): data.validation's
+    file, or data.validation_fraction of the training rows by a fixed permutation (the rest train);
+    no validation rows (None) without either."""
     import torch
 
     if data_settings.validation is not None:
         val, val_hash = load_rows(data_settings.validation, synthetic=data_settings.synthetic)
-        return val, val_hash
+        return rows, val, val_hash
     if data_settings.validation_fraction is None:
-        return None, None
+        return rows, None, None
     n = max(1, round(len(rows) * data_settings.validation_fraction))
     if n >= len(rows):
         raise UsageError(f"data.validation_fraction {data_settings.validation_fraction} of {len(rows)} rows leaves "
                          "none to train on")
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
-    return [rows[i] for i in sorted(order[:n])], f"fraction:{data_settings.validation_fraction}"
+    held = set(torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:n].tolist())
+    return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held],
+            f"fraction:{data_settings.validation_fraction}")
 
 
 EXAMPLES = "examples.safetensors"
