@@ -420,11 +420,22 @@ def dip_objective(logits: torch.Tensor, labels: torch.Tensor, trajectories: int,
 
 
 def objective_terms(lp: torch.Tensor, mask: torch.Tensor, trajectories: int, model: nn.Module,
-                    alpha: float, beta: float, gamma: float, prior_reduction: str = "sum") -> dict[str, torch.Tensor]:
+                    alpha: float, beta: float, gamma: float, prior_reduction: str = "sum",
+                    step_tokens: torch.Tensor | None = None, micro_batches: int = 1) -> dict[str, torch.Tensor]:
     """`dip_objective` from the next-token log-probabilities [N, T-1] (0 where not counted) and
-    their mask, however they were computed (full logits, or only the counted positions' logits)."""
+    their mask, however they were computed (full logits, or only the counted positions' logits).
+
+    `step_tokens`: the counted tokens of the whole optimizer step (every micro-batch on every
+    rank, m trajectories each). The NLL and the variance penalty are then this micro-batch's
+    share of the step's token means (`nll`, `var_penalty`: summed over the step's micro-batches
+    they are those means), and the loss scales them by `micro_batches` (accumulation × ranks)
+    because DeepSpeed averages the micro-batches' gradients. The step's gradient is then that of
+    the mean NLL over every counted token of the global batch, however the batch is split: a
+    micro-batch weighs what its tokens weigh (the HF Trainer's `num_items_in_batch`). The prior
+    is the same in every micro-batch of a step, so the average adds it once per step."""
     m = trajectories
-    n_tok = mask.sum().clamp_min(1)
+    n_tok = mask.sum().clamp_min(1) if step_tokens is None else step_tokens
+    scale = 1 if step_tokens is None else micro_batches
     nll = -lp.sum() / n_tok
     if gamma > 0:
         if m < 2:
@@ -432,11 +443,11 @@ def objective_terms(lp: torch.Tensor, mask: torch.Tensor, trajectories: int, mod
         lp_m = lp.view(m, -1, lp.shape[-1])
         var = lp_m.var(dim=0, unbiased=False)  # [B, T]
         mask1 = mask.view(m, -1, mask.shape[-1])[0]
-        var_penalty = (var * mask1).sum() / mask1.sum().clamp_min(1)
+        var_penalty = (var * mask1).sum() / (mask1.sum().clamp_min(1) if step_tokens is None else step_tokens / m)
     else:
         var_penalty = torch.zeros((), device=lp.device)
     prior = dip_prior(model, alpha, beta, prior_reduction).to(lp.device)
-    loss = nll + prior + gamma * var_penalty
+    loss = scale * (nll + gamma * var_penalty) + prior
     return {"loss": loss, "nll": nll.detach(), "prior": prior.detach(), "var_penalty": var_penalty.detach()}
 
 

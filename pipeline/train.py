@@ -373,45 +373,173 @@ def main(argv=None) -> None:
 
 
 def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, world, local_rank, is_main) -> None:
-    """One training run: model, data, engine, resume, loop, save."""
-    import deepspeed
-
+    """One training run, top to bottom: set-up (data, model, engine, resume), then for every
+    optimizer step: train on its micro-batches, agree across ranks, validate, log, save."""
     recipe = Recipe.model_validate(json.loads(Path(recipe_path).read_text()))
     t, d = recipe.train, recipe.dip
     ckpt_root = out / "checkpoints"
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(recipe.run.seed)
 
-    # Tokenizer, model (+ DIP, + LoRA), data.
-    from dipnet.pipeline.models import check_vocab, load_tokenizer
+    # Set-up: tokenizer, data, schedule, model (+ DIP, + LoRA) in a DeepSpeed engine, resume.
+    from dipnet.pipeline.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, recipe.model.trust_remote_code)
+    pad = tokenizer.pad_token_id
     examples = TokenizedExamples(data_path)
-    val_examples = None
-    if t.eval_every:
-        from dipnet.pipeline.data import VALIDATION
-
-        val_path = Path(data_path).with_name(VALIDATION)
-        if not val_path.is_file():
-            raise RunError(f"train.eval_every: {val_path} is missing (the preprocess stage writes it from "
-                           "data.validation or data.validation_fraction)")
-        val_examples = TokenizedExamples(val_path)
+    val_examples = load_validation(data_path) if t.eval_every else None
     steps = total_steps(recipe, len(examples), world)
     accum = grad_accum(t, world)
     warmup = warmup_steps(t, steps)
     ds_config = build_ds_config(t, world, device.type, accum=accum)
-    resume = latest_checkpoint(ckpt_root)
-    universal = None
-    if resume is not None:
-        written_by = read_trainer_state(resume)["world_size"]
-        if written_by != world:
-            # Another number of ranks: DeepSpeed's universal checkpoint (ZeRO-1/2/3) re-partitions
-            # parameters and optimizer state for this world size.
-            universal = to_universal(resume, is_main)
-            ds_config["checkpoint"] = {"load_universal": True}
+    resume, universal = plan_resume(ckpt_root, world, ds_config, is_main)
+    engine, optimizer, dip_config, trainable, zero3_init = build_engine(recipe, model_dir, tokenizer, ds_config,
+                                                                        out.name, world, is_main)
+    start_step, tokens_seen, tracking = restore(engine, ckpt_root, resume, universal, is_main)
+    log = StepLog(out, steps, start_step) if is_main else None
+    faults = Faults.from_env()
+    engine.train()
+    first = collate([examples[i] for i in batch_indices(len(examples), recipe.run.seed, start_step,
+                                                         t.micro_batch_size, accum, rank, world)[0]], pad)
+    output_layer = choose_output_layer(engine, {k: v.to(device) for k, v in first.items()}, world)
+    if is_main:
+        print(f"{out.name}: logits computed at {'counted positions only' if output_layer is not None else 'every position'}",
+              flush=True)
+
+    def save(done: int, engine=engine) -> None:
+        state = {"step": done, "tokens_seen": tokens_seen, "world_size": world, "seed": recipe.run.seed,
+                 "data_position": done * t.micro_batch_size * accum * world, "grad_accum": accum,
+                 "recipe": recipe.to_dict(), "dip_config": asdict(dip_config),
+                 "model_dir": str(model_dir), "zero_stage": t.zero_stage, "train_method": t.method,
+                 "trainable": trainable, "rng_note": "noise and batches are functions of (seed, step, rank)",
+                 "validation": dict(tracking)}
+        save_checkpoint(engine, ckpt_root, done, state, t.keep_last, is_main)
+
+    t_loop = last_save = time.time()
+    timed = []  # (seconds, tokens) of every step this process ran: the summary's step-time median
+    for step in range(start_step, steps):
+        t0 = time.time()
+        f = lr_factor(step, warmup, steps)
+        for g in optimizer.param_groups:
+            g["lr"] = g.get("base_lr", t.lr) * f
+        # Noise and data order depend only on (seed, step, rank): a resumed run repeats them exactly.
+        torch.manual_seed(recipe.run.seed * 1_000_003 + step * 1009 + rank)
+        batches = [collate([examples[i] for i in idx], pad)
+                   for idx in batch_indices(len(examples), recipe.run.seed, step, t.micro_batch_size, accum, rank, world)]
+        sums = train_step(engine, batches, recipe, output_layer, device, world, faults, rank, step)
+        # Every rank agrees on the step's statistics and on whether to stop: a time budget spent
+        # (study.match=time), a stop signal (SIGTERM/SIGINT/SIGUSR1: finish this step, save, exit),
+        # a save due by the clock, a non-finite loss anywhere.
+        stats = agree(sums, device, world, len(batches), d.gamma,
+                      over=max_seconds is not None and time.time() - t_loop >= max_seconds,
+                      stop=STOP.requested,
+                      save_due=t.save_every_minutes is not None and time.time() - last_save >= 60 * t.save_every_minutes)
+        if stats["nonfinite"]:
+            good = latest_checkpoint(ckpt_root)
+            raise RunError(f"non-finite loss at step {step + 1}; stopped without saving "
+                           f"(last good checkpoint: {good.name if good else 'none'})")
+        if stats["over"]:
+            steps = step + 1  # time budget spent: this step is the last one
+        tokens_seen += stats["tokens"]
+        step_time = time.time() - t0
+        timed.append((step_time, stats["tokens"]))
+        done = step + 1
+
+        val, improved = None, False
+        if t.eval_every and (done % t.eval_every == 0 or done == steps):
+            val = validation_stats(engine, val_examples, t.micro_batch_size, rank, world, pad, device, output_layer)
+            improved = track_validation(tracking, val["val_nll"], done)
+            if t.early_stopping_patience and tracking["since_best"] >= t.early_stopping_patience and done < steps:
+                tracking["stopped_early_at"] = done
+                steps = done  # every rank saw the same all-reduced NLL: all stop here
+
+        if done % t.log_every == 0 or done == steps or done == 1 or val is not None:
+            lam = gather_lambda_stats(engine.module, t.zero_stage)  # every rank: ZeRO-3 gathers
+            if log:
+                log.record({"step": done, "loss": stats["loss"], "nll": stats["nll"], "prior": stats["prior"],
+                            "var_penalty": stats["var_penalty"], "lr": optimizer.param_groups[0]["lr"],
+                            "grad_norm": _grad_norm(engine), "tokens": stats["tokens"],
+                            "counted_tokens": stats["counted_tokens"], "tokens_seen": tokens_seen,
+                            "tokens_per_s": stats["tokens"] / step_time, "step_time_s": step_time,
+                            "peak_mem_mb": peak_memory_mb(), "lambda": lam, "wall_s": time.time() - t_loop,
+                            **(val or {})})
+        if log:
+            log.progress(stats["loss"], stats["tokens"] / step_time)
+
+        best_now = t.keep_best and improved
+        if done % t.save_every == 0 or done == steps or stats["stop"] or stats["save_due"] or best_now:
+            save(done)
+            last_save = time.time()
+            if best_now and is_main:  # after the save: a crash in between keeps the previous best
+                ptr = ckpt_root / "best.tmp"
+                ptr.write_text(f"{CKPT_PREFIX}{done:06d}")
+                os.replace(ptr, ckpt_root / "best")
+        if stats["stop"] and done < steps:  # a signal in the last step: just finish the run
             if is_main:
-                print(f"resuming {written_by}-rank checkpoint {resume.name} on {world} ranks (universal checkpoint)",
-                      flush=True)
+                print(f"stopped by a signal after step {done}; checkpoint saved", flush=True)
+            raise Stopped(f"stopped by a signal after step {done} (checkpoint saved; a rerun resumes)")
+        if done >= steps:
+            break
+
+    if log:
+        log.close()
+        summary = {"steps": steps, "resumed_from": start_step, "tokens_seen": tokens_seen, "world_size": world,
+                   "wall_s": time.time() - t_loop, "last": log.last, "step_time": step_time_stats(timed),
+                   "logits": "counted positions" if output_layer is not None else "every position",
+                   "attn_implementation": engine.module.config._attn_implementation,
+                   "gradient_checkpointing": t.gradient_checkpointing,
+                   "checkpoint": str((t.keep_best and best_checkpoint(ckpt_root)) or latest_checkpoint(ckpt_root)),
+                   "validation": tracking or None}
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        from dipnet.pipeline.plots import plot_training
+
+        plot_training(out / "metrics.jsonl", out / "plots")
+    # Release the engine explicitly: a study trains many runs in one process, and an engine
+    # that is only deleted keeps its optimizer state and buffers alive (measured: one more live
+    # engine per run; at 7B ~15 GB of GPU memory each).
+    engine.destroy()
+    del engine, optimizer, zero3_init, save
+    torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------- the loop's parts
+
+def load_validation(data_path) -> TokenizedExamples:
+    """The validation examples the preprocess stage wrote beside the training ones."""
+    from dipnet.pipeline.data import VALIDATION
+
+    val_path = Path(data_path).with_name(VALIDATION)
+    if not val_path.is_file():
+        raise RunError(f"train.eval_every: {val_path} is missing (the preprocess stage writes it from "
+                       "data.validation or data.validation_fraction)")
+    return TokenizedExamples(val_path)
+
+
+def plan_resume(ckpt_root: Path, world: int, ds_config: dict, is_main: bool) -> tuple[Path | None, Path | None]:
+    """The latest complete checkpoint, if any, and its universal form when another number of
+    ranks wrote it: DeepSpeed's universal checkpoint (ZeRO-1/2/3) re-partitions parameters and
+    optimizer state for this world size (and `ds_config` is told to load it)."""
+    resume = latest_checkpoint(ckpt_root)
+    if resume is None:
+        return None, None
+    written_by = read_trainer_state(resume)["world_size"]
+    if written_by == world:
+        return resume, None
+    universal = to_universal(resume, is_main)
+    ds_config["checkpoint"] = {"load_universal": True}
+    if is_main:
+        print(f"resuming {written_by}-rank checkpoint {resume.name} on {world} ranks (universal checkpoint)", flush=True)
+    return resume, universal
+
+
+def build_engine(recipe: Recipe, model_dir, tokenizer, ds_config: dict, name: str, world: int, is_main: bool):
+    """The model (+ DIP, + LoRA) wrapped in a DeepSpeed engine. Returns (engine, optimizer,
+    dip_config, trainable parameter names, the ZeRO-3 loading context to keep alive)."""
+    import deepspeed
+
+    from dipnet.pipeline.models import check_vocab
+
+    t = recipe.train
     # ZeRO-3: transformers loads the weights straight into partitions (deepspeed.zero.Init) while
     # this object is alive, so no rank ever holds the whole model; λ and LoRA adapters created
     # after loading are partitioned by deepspeed.initialize. Weights load in the training dtype.
@@ -426,213 +554,174 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     # What trains, by name: checkpoints hold only these (frozen weights come from model_dir),
     # and export checks that every one of them is in the checkpoint.
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-
-    # DeepSpeed engine (ZeRO partitions every parameter, λ included, at initialize: λ exist and
-    # hold their initial values before partitioning, so ZeRO-3 never sees an uninitialised one).
+    # ZeRO partitions every parameter, λ included, at initialize: λ exist and hold their initial
+    # values before partitioning, so ZeRO-3 never sees an uninitialised one.
     optimizer = build_optimizer(model, recipe)
     if is_main:
-        print(f"{out.name}: optimizer {type(optimizer).__name__}, ZeRO-{t.zero_stage}"
+        print(f"{name}: optimizer {type(optimizer).__name__}, ZeRO-{t.zero_stage}"
               f"{' + offload' if t.offload else ''}, {world} ranks", flush=True)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, optimizer, dip_config, trainable, zero3_init
 
-    # Resume from the latest complete checkpoint, if any.
-    start_step, tokens_seen = 0, 0
-    tracking = {}  # validation: the best step and NLL so far, validations since (early stopping)
+
+def restore(engine, ckpt_root: Path, resume: Path | None, universal: Path | None, is_main: bool) -> tuple[int, int, dict]:
+    """Load `resume` (if any) into the engine; returns (step, tokens seen, validation tracking).
+    Interrupted checkpoint writes (.tmp-*) are removed first: they are never used."""
     if is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_root.glob(".tmp-*"):  # interrupted writes: never used, removed
+        for stale in ckpt_root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
     torch.distributed.barrier()
-    if resume is not None:
-        state = read_trainer_state(resume)
-        with weights_only_torch_load():  # DeepSpeed's loader would unpickle freely; ours holds tensors and plain data
-            # Not strict: the checkpoint holds only trainable parameters; the frozen ones were
-            # just loaded from model_dir (read_trainer_state checked the checkpoint is whole).
-            engine.load_checkpoint(str(universal or resume), tag=resume.name, load_optimizer_states=True,
-                                   load_lr_scheduler_states=False, load_module_strict=False)
-        start_step, tokens_seen = state["step"], state["tokens_seen"]
-        tracking = validation_tracking(state)
-        if is_main:
-            print(f"resumed from {resume} at step {start_step}", flush=True)
-
-    # Logging (main rank only).
-    writer, metrics_f, bar = None, None, None
+    if resume is None:
+        return 0, 0, {}
+    state = read_trainer_state(resume)
+    with weights_only_torch_load():  # DeepSpeed's loader would unpickle freely; ours holds tensors and plain data
+        # Not strict: the checkpoint holds only trainable parameters; the frozen ones were
+        # just loaded from model_dir (read_trainer_state checked the checkpoint is whole).
+        engine.load_checkpoint(str(universal or resume), tag=resume.name, load_optimizer_states=True,
+                               load_lr_scheduler_states=False, load_module_strict=False)
     if is_main:
+        print(f"resumed from {resume} at step {state['step']}", flush=True)
+    return state["step"], state["tokens_seen"], validation_tracking(state)
+
+
+def choose_output_layer(engine, batch: dict, world: int):
+    """The output layer when logits may be computed at counted positions only (where the model's
+    logits are exactly its output layer on its last hidden state, checked on a real batch), else None."""
+    return engine.module.get_output_embeddings() if counted_logits_are_exact(engine, engine.module, batch, world) else None
+
+
+def step_token_count(batches: list[dict], device, world: int) -> torch.Tensor:
+    """Counted (label) tokens in the whole optimizer step: every micro-batch on every rank."""
+    n = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum().item() for b in batches))],
+                     dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(n)
+    return n[0]
+
+
+def train_step(engine, batches: list[dict], recipe: Recipe, output_layer, device, world: int, faults, rank: int,
+               step: int) -> torch.Tensor:
+    """Forward, backward and DeepSpeed step for each micro-batch of one optimizer step on this
+    rank (DeepSpeed updates the weights after the last). Returns this rank's sums, kept on the
+    device (one host sync per step): loss, NLL share, prior, variance share, tokens, counted tokens."""
+    t, d = recipe.train, recipe.dip
+    m = d.trajectories
+    alpha, beta = (d.alpha, d.beta) if d.method == "dip" else (0.0, 0.0)  # only learned λ has a prior
+    # The NLL is the mean over every counted token of the global batch (m trajectories each).
+    step_tokens = (step_token_count(batches, device, world) * m).clamp_min(1).to(torch.float32)
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    for batch in batches:
+        tokens = torch.stack([batch["attention_mask"].sum(), (batch["labels"][:, 1:] != -100).sum()])
+        batch = {k: v.to(device) for k, v in dipmod.repeat_for_trajectories(batch, m).items()}
+
+        def objective(forward, batch=batch, module=engine.module):
+            lp, mask = next_token_logprobs(forward, batch, output_layer)
+            return dipmod.objective_terms(lp, mask, m, module, alpha, beta, d.gamma, d.prior_reduction,
+                                          step_tokens=step_tokens.to(lp.device), micro_batches=len(batches) * world)
+
+        sam_saved = (sam_perturb(engine.module, lambda module=engine.module: objective(module)["loss"], t.sam_rho, world)
+                     if t.optimizer == "sam" else None)
+        terms = objective(engine)
+        faults.mid_step(rank, step + 1, terms)
+        engine.backward(terms["loss"])
+        if sam_saved is not None:  # SAM: the update uses the perturbed point's gradient, from w
+            sam_restore(sam_saved)
+        engine.step()
+        faults.after_micro_step()
+        sums += torch.cat([torch.stack([terms["loss"].detach(), terms["nll"], terms["prior"], terms["var_penalty"]]),
+                           tokens.to(device)]).to(torch.float64)
+    return sums
+
+
+def agree(sums: torch.Tensor, device, world: int, micro_batches: int, gamma: float, *, over: bool, stop: bool,
+          save_due: bool) -> dict:
+    """One all-reduce carries the step's statistics and the flags every rank must agree on."""
+    flags = torch.tensor([0.0, float(over), float(stop), float(save_due)], dtype=torch.float64, device=device)
+    packed = torch.cat([sums, flags])
+    packed[6] = (~torch.isfinite(sums[0])).to(torch.float64)
+    torch.distributed.all_reduce(packed)
+    loss_sum, nll, prior_sum, var, tokens, counted, nonfinite, over_n, stop_n, due_n = packed.cpu().tolist()
+    prior = prior_sum / (micro_batches * world)  # the same value in every micro-batch
+    return {"loss": nll + prior + gamma * var, "nll": nll, "prior": prior, "var_penalty": var,
+            "tokens": int(round(tokens)), "counted_tokens": int(round(counted)), "nonfinite": nonfinite > 0,
+            "over": over_n > 0, "stop": stop_n > 0, "save_due": due_n > 0}
+
+
+def track_validation(tracking: dict, val_nll: float, done: int) -> bool:
+    """Update the best step/NLL and the validations since; returns whether this one is the best."""
+    improved = "best_val_nll" not in tracking or val_nll < tracking["best_val_nll"]
+    if improved:
+        tracking.update(best_step=done, best_val_nll=val_nll, since_best=0)
+    else:
+        tracking["since_best"] = tracking.get("since_best", 0) + 1
+    return improved
+
+
+class StepLog:
+    """The main rank's record of a run: metrics.jsonl, TensorBoard and a progress bar."""
+
+    def __init__(self, out: Path, steps: int, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        writer = SummaryWriter(str(out / "tb"))
-        metrics_f = open(out / "metrics.jsonl", "a")
-        bar = tqdm(total=steps, initial=start_step, desc=f"train {out.name}", dynamic_ncols=True,
-                   mininterval=1.0, file=sys.stderr)
+        self.writer = SummaryWriter(str(out / "tb"))
+        self.metrics = open(out / "metrics.jsonl", "a")
+        self.bar = tqdm(total=steps, initial=start_step, desc=f"train {out.name}", dynamic_ncols=True,
+                        mininterval=1.0, file=sys.stderr)
+        self.last = None
 
-    # Fault injection for the tests: DIPNET_FAULT_KILL="RANK:STEP", DIPNET_FAULT_NAN="STEP".
-    fk = os.environ.get("DIPNET_FAULT_KILL")
-    fault_kill = tuple(int(x) for x in fk.split(":")) if fk else None
-    fault_nan = int(os.environ["DIPNET_FAULT_NAN"]) if os.environ.get("DIPNET_FAULT_NAN") else None
+    def record(self, rec: dict) -> None:
+        self.metrics.write(json.dumps(rec) + "\n")
+        self.metrics.flush()
+        done = rec["step"]
+        for k in ("loss", "nll", "prior", "var_penalty", "lr", "tokens_per_s", "step_time_s"):
+            self.writer.add_scalar(f"train/{k}", rec[k], done)
+        for layer, s in rec["lambda"].items():
+            self.writer.add_scalar(f"lambda/{layer}", s["mean"], done)
+        for k in ("val_nll", "val_token_acc"):
+            if k in rec:
+                self.writer.add_scalar(f"val/{k[4:]}", rec[k], done)
+        self.last = rec
 
-    def save(done: int, tokens_seen: int, engine=engine) -> None:
-        state = {"step": done, "tokens_seen": tokens_seen, "world_size": world, "seed": recipe.run.seed,
-                 "data_position": done * t.micro_batch_size * accum * world, "grad_accum": accum,
-                 "recipe": recipe.to_dict(), "dip_config": asdict(dip_config),
-                 "model_dir": str(model_dir), "zero_stage": t.zero_stage, "train_method": t.method,
-                 "trainable": trainable, "rng_note": "noise and batches are functions of (seed, step, rank)",
-                 "validation": dict(tracking)}
-        save_checkpoint(engine, ckpt_root, done, state, t.keep_last, is_main)
+    def progress(self, loss: float, tokens_per_s: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
 
-    m = d.trajectories
-    learn_lambda = d.method == "dip"
-    alpha, beta = (d.alpha, d.beta) if learn_lambda else (0.0, 0.0)
-    gamma = d.gamma
-    pad = tokenizer.pad_token_id
-    engine.train()
-    # Logits only at counted positions, where the model's logits are exactly its output layer on
-    # its last hidden state (checked on this run's first micro-batch).
-    first = collate([examples[i] for i in batch_indices(len(examples), recipe.run.seed, start_step, t.micro_batch_size,
-                                                         accum, rank, world)[0]], pad)
-    first = {k: v.to(device) for k, v in first.items()}
-    counted_only = counted_logits_are_exact(engine, engine.module, first, world)
-    output_layer = engine.module.get_output_embeddings() if counted_only else None
-    if is_main:
-        print(f"{out.name}: logits computed at {'counted positions only' if counted_only else 'every position'}",
-              flush=True)
-    t_loop = last_save = time.time()
-    last = None
-    timed = []  # (seconds, tokens) of every step this process ran: the summary's step-time median
-    # Fault injection (tests): "SECONDS" per step, or "SECONDS:first-start" (only before a Slurm
-    # requeue: a time limit then hits the first start and the restart finishes quickly).
-    slow_spec = os.environ.get("DIPNET_FAULT_SLOW_STEP", "0").split(":")
-    slow = float(slow_spec[0] or 0)
-    if slow_spec[1:] == ["first-start"] and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
-        slow = 0.0
-    for step in range(start_step, steps):
-        t0 = time.time()
-        f = lr_factor(step, warmup, steps)
-        for g in optimizer.param_groups:
-            g["lr"] = g.get("base_lr", t.lr) * f
-        # Noise and data order depend only on (seed, step, rank): a resumed run repeats them exactly.
-        torch.manual_seed(recipe.run.seed * 1_000_003 + step * 1009 + rank)
-        micro_batches = batch_indices(len(examples), recipe.run.seed, step, t.micro_batch_size, accum, rank, world)
-        # Per-step sums stay on the device (loss, nll, prior, var, tokens): one host sync per step.
-        sums = torch.zeros(5, dtype=torch.float64, device=device)
-        for idx in micro_batches:
-            batch = collate([examples[i] for i in idx], pad)
-            batch = {k: v.to(device) for k, v in dipmod.repeat_for_trajectories(batch, m).items()}
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+        self.metrics.close()
 
-            def objective(forward, batch=batch, module=engine.module):
-                lp, mask = next_token_logprobs(forward, batch, output_layer)
-                return dipmod.objective_terms(lp, mask, m, module, alpha, beta, gamma, d.prior_reduction)
 
-            sam_saved = (sam_perturb(engine.module, lambda module=engine.module: objective(module)["loss"], t.sam_rho, world)
-                         if t.optimizer == "sam" else None)
-            terms = objective(engine)
-            if fault_kill == (rank, step + 1):  # fault injection (tests): die mid-step, like kill -9
-                os.kill(os.getpid(), signal.SIGKILL)
-            if fault_nan == step + 1:
-                terms["loss"] = terms["loss"] * float("nan")
-            engine.backward(terms["loss"])
-            if sam_saved is not None:  # SAM: the update uses the perturbed point's gradient, from w
-                sam_restore(sam_saved)
-            engine.step()
-            if slow:
-                time.sleep(slow)
-            sums += torch.stack([terms["loss"].detach(), terms["nll"], terms["prior"], terms["var_penalty"],
-                                 batch["attention_mask"].sum()]).to(torch.float64)
-        # One all-reduce carries the statistics and three flags every rank must agree on: a
-        # non-finite loss anywhere, a spent time budget (study.match=time), a stop signal
-        # (SIGTERM/SIGINT: finish this step, save, exit).
-        over = max_seconds is not None and time.time() - t_loop >= max_seconds
-        save_due = t.save_every_minutes is not None and time.time() - last_save >= 60 * t.save_every_minutes
-        flags = torch.tensor([0.0, float(over), float(STOP.requested), float(save_due)], dtype=torch.float64,
-                             device=device)
-        packed = torch.cat([sums, flags])
-        packed[5] = (~torch.isfinite(sums[0])).to(torch.float64)
-        torch.distributed.all_reduce(packed)
-        packed = packed.cpu()
-        stats, nonfinite, over_n, stop_n, due_n = packed[:5] / world, *packed[5:].tolist()
-        if over_n > 0:
-            steps = step + 1  # time budget spent: this step is the last one
-        if nonfinite > 0:
-            good = latest_checkpoint(ckpt_root)
-            raise RunError(f"non-finite loss at step {step + 1}; stopped without saving "
-                           f"(last good checkpoint: {good.name if good else 'none'})")
-        tokens_step = int(round(stats[4].item() * world))
-        tokens_seen += tokens_step
-        step_time = time.time() - t0
-        timed.append((step_time, tokens_step))
-        done = step + 1
+class Faults:
+    """Fault injection for the tests, from the environment: DIPNET_FAULT_KILL="RANK:STEP" (die
+    mid-step, like kill -9), DIPNET_FAULT_NAN="STEP" (a non-finite loss), DIPNET_FAULT_SLOW_STEP=
+    "SECONDS" per micro-step, or "SECONDS:first-start" (only before a Slurm requeue: a time limit
+    then hits the first start and the restart finishes quickly)."""
 
-        val, improved = None, False
-        if t.eval_every and (done % t.eval_every == 0 or done == steps):
-            val = validation_stats(engine, val_examples, t.micro_batch_size, rank, world, pad, device, output_layer)
-            improved = "best_val_nll" not in tracking or val["val_nll"] < tracking["best_val_nll"]
-            if improved:
-                tracking.update(best_step=done, best_val_nll=val["val_nll"], since_best=0)
-            else:
-                tracking["since_best"] = tracking.get("since_best", 0) + 1
-            if t.early_stopping_patience and tracking["since_best"] >= t.early_stopping_patience and done < steps:
-                tracking["stopped_early_at"] = done
-                steps = done  # every rank saw the same all-reduced NLL: all stop here
-        if done % t.log_every == 0 or done == steps or done == 1 or val is not None:
-            lam = gather_lambda_stats(engine.module, t.zero_stage)
-            if is_main:
-                na = len(micro_batches)
-                rec = {"step": done, "loss": stats[0].item() / na, "nll": stats[1].item() / na,
-                       "prior": stats[2].item() / na, "var_penalty": stats[3].item() / na,
-                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": _grad_norm(engine),
-                       "tokens": tokens_step, "tokens_seen": tokens_seen, "tokens_per_s": tokens_step / step_time,
-                       "step_time_s": step_time, "peak_mem_mb": peak_memory_mb(), "lambda": lam,
-                       "wall_s": time.time() - t_loop, **(val or {})}
-                metrics_f.write(json.dumps(rec) + "\n")
-                metrics_f.flush()
-                for k in ("loss", "nll", "prior", "var_penalty", "lr", "tokens_per_s", "step_time_s"):
-                    writer.add_scalar(f"train/{k}", rec[k], done)
-                for layer, s in lam.items():
-                    writer.add_scalar(f"lambda/{layer}", s["mean"], done)
-                for k in (val or {}):
-                    writer.add_scalar(f"val/{k[4:]}", val[k], done)
-                last = rec
-        if is_main:
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats[0].item() / len(micro_batches):.4f}",
-                            tok_s=f"{tokens_step / step_time:.0f}", refresh=False)
+    def __init__(self, kill=None, nan=None, slow=0.0):
+        self.kill, self.nan, self.slow = kill, nan, slow
 
-        best_now = t.keep_best and improved
-        if done % t.save_every == 0 or done == steps or stop_n > 0 or due_n > 0 or best_now:
-            save(done, tokens_seen)
-            last_save = time.time()
-            if best_now and is_main:  # after the save: a crash in between keeps the previous best
-                ptr = ckpt_root / "best.tmp"
-                ptr.write_text(f"{CKPT_PREFIX}{done:06d}")
-                os.replace(ptr, ckpt_root / "best")
-        if stop_n > 0 and done < steps:  # a signal in the last step: just finish the run
-            if is_main:
-                print(f"stopped by a signal after step {done}; checkpoint saved", flush=True)
-            raise Stopped(f"stopped by a signal after step {done} (checkpoint saved; a rerun resumes)")
-        if done >= steps:
-            break
+    @classmethod
+    def from_env(cls) -> "Faults":
+        fk = os.environ.get("DIPNET_FAULT_KILL")
+        nan = os.environ.get("DIPNET_FAULT_NAN")
+        spec = os.environ.get("DIPNET_FAULT_SLOW_STEP", "0").split(":")
+        slow = float(spec[0] or 0)
+        if spec[1:] == ["first-start"] and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+            slow = 0.0
+        return cls(tuple(int(x) for x in fk.split(":")) if fk else None, int(nan) if nan else None, slow)
 
-    if is_main:
-        bar.close()
-        writer.close()
-        metrics_f.close()
-        summary = {"steps": steps, "resumed_from": start_step, "tokens_seen": tokens_seen, "world_size": world,
-                   "wall_s": time.time() - t_loop, "last": last, "step_time": step_time_stats(timed),
-                   "logits": "counted positions" if counted_only else "every position",
-                   "attn_implementation": engine.module.config._attn_implementation,
-                   "gradient_checkpointing": t.gradient_checkpointing,
-                   "checkpoint": str((t.keep_best and best_checkpoint(ckpt_root)) or latest_checkpoint(ckpt_root)),
-                   "validation": tracking or None}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        from dipnet.pipeline.plots import plot_training
+    def mid_step(self, rank: int, step: int, terms: dict) -> None:
+        if self.kill == (rank, step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.nan == step:
+            terms["loss"] = terms["loss"] * float("nan")
 
-        plot_training(out / "metrics.jsonl", out / "plots")
-    # Release the engine explicitly: a study trains many runs in one process, and an engine
-    # that is only deleted keeps its optimizer state and buffers alive (measured: one more live
-    # engine per run; at 7B ~15 GB of GPU memory each).
-    engine.destroy()
-    del engine, optimizer, model, zero3_init, save
-    torch.distributed.barrier()
+    def after_micro_step(self) -> None:
+        if self.slow:
+            time.sleep(self.slow)
 
 
 def step_time_stats(timed: list[tuple[float, int]]) -> dict | None:

@@ -226,26 +226,28 @@ def test_zero3_offload_with_cpu_adam(tmp_path, zero_runs):
 
 def _hand_step(base, examples, pad, r, *, rho: float | None, world: int = 2) -> dict[str, torch.Tensor]:
     """One AdamW step computed by hand, as data-parallel SAM defines it when rho is set:
-    g = mean over ranks of ∇L_r(w), e = ρ·g/‖g‖, update with mean over ranks of ∇L_r(w + e)."""
+    g = ∇ of the mean token NLL over every rank's batch at w, e = ρ·g/‖g‖, update with the same
+    gradient at w + e."""
     from transformers import AutoModelForCausalLM
 
     from dipnet.pipeline.data import batch_indices, collate
-    from dipnet.pipeline.dip import dip_objective
+    from dipnet.pipeline.dip import token_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     params = dict(model.named_parameters())
     w0 = {k: p.detach().clone() for k, p in params.items()}
+    batches = [collate([examples[i] for i in batch_indices(len(examples), r.run.seed, 0, r.train.micro_batch_size, 1,
+                                                           rank, world)[0]], pad) for rank in range(world)]
+    counted = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
     def mean_grad():
         grads = {k: torch.zeros_like(p) for k, p in params.items()}
-        for rank in range(world):
-            [idx] = batch_indices(len(examples), r.run.seed, 0, r.train.micro_batch_size, 1, rank, world)
-            b = collate([examples[i] for i in idx], pad)
+        for b in batches:
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss = dip_objective(logits, b["labels"], 1, model, 0.0, 0.0, 0.0)["loss"]
+            loss = -token_logprobs(logits, b["labels"])[0].sum() / counted
             for k, g in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
                 if g is not None:
-                    grads[k] += g / world
+                    grads[k] += g
         return grads
 
     g = mean_grad()
@@ -351,16 +353,16 @@ def test_validation_during_training_keeps_the_best_and_stops_early(tmp_path):
     """train.eval_every on a validation_fraction carved from train (2 ranks, ZeRO-3, uneven shares):
     val_nll logged at every validation, equal to the exported best checkpoint's own answer NLL
     on the validation examples (DIP on its mean path); keep_best exports the lowest; patience 2
-    stops a run whose validation NLL has turned upward (a learning rate far too high)."""
+    stops a run whose validation NLL has turned upward (86 training rows: it starts to overfit)."""
     from dipnet.pipeline.base_model import tiny_base
     from dipnet.pipeline.data import TokenizedExamples, collate, preprocess
     from dipnet.pipeline.models import load_causal_lm, load_tokenizer
     from dipnet.pipeline.train import next_token_logprobs
 
     run = tmp_path / "val"
-    r = train(run, {"train.max_steps": 30, "train.save_every": 100, "train.keep_last": 1, "train.zero_stage": 3,
+    r = train(run, {"train.max_steps": 40, "train.save_every": 100, "train.keep_last": 1, "train.zero_stage": 3,
                     "dip.method": "dip", "data.validation_fraction": 0.1, "train.eval_every": 2, "train.keep_best": True,
-                    "train.early_stopping_patience": 2, "train.lr": 0.02, "train.warmup_steps": 0})
+                    "train.early_stopping_patience": 2, "train.lr": 0.01, "train.warmup_steps": 0})
     base = tiny_base(r.model.tiny, progress=False)
     meta = preprocess(r.data, base, run.parent / "_preprocessed")
     assert meta["validation_examples"] == 10 and meta["examples"] == 86  # 96 rows: 10% held out, never trained on
@@ -370,7 +372,7 @@ def test_validation_during_training_keeps_the_best_and_stops_early(tmp_path):
     assert [row["step"] for row in val] == list(range(2, summary["steps"] + 1, 2))
     best = min(val, key=lambda row: row["val_nll"])
     assert v["best_step"] == best["step"] and v["best_val_nll"] == best["val_nll"]
-    assert v.get("stopped_early_at") == summary["steps"] < 30 and v["since_best"] == 2, (v, [x["val_nll"] for x in val])
+    assert v.get("stopped_early_at") == summary["steps"] < 40 and v["since_best"] == 2, (v, [x["val_nll"] for x in val])
     assert summary["checkpoint"].endswith(f"step-{best['step']:06d}")  # kept through keep_last 1, and exported
     export_checkpoint(run, tmp_path / "best")
     model = load_causal_lm(tmp_path / "best", with_dip=False).eval()  # the mean path is the base architecture
@@ -379,3 +381,52 @@ def test_validation_during_training_keeps_the_best_and_stops_early(tmp_path):
     with torch.no_grad():
         lp, mask = next_token_logprobs(model, collate([examples[i] for i in range(len(examples))], pad))
     assert abs(-lp.sum().item() / mask.sum().item() - best["val_nll"]) <= 1e-4
+
+
+def test_loss_is_weighted_by_tokens_across_the_optimizer_step(tmp_path):
+    """One optimizer step over 16 sequences split as 1 rank × 8 micro-batches, 2 × 4 and 4 × 2
+    has one gradient: that of the mean NLL over every counted token of the 16 (micro-batches hold
+    unequal counts, so a mean of micro-batch means differs) plus the prior once, computed here by
+    hand in one forward. AdamW's first moment after one step is 0.1·gradient, read from ZeRO-0
+    checkpoints (the whole optimizer state on every rank). λ starts at 1e-14: the noise is far
+    below the tolerance while the prior still pulls on λ."""
+    from dipnet.pipeline import dip as dipmod
+    from dipnet.pipeline.base_model import tiny_base
+    from dipnet.pipeline.checkpoint import weights_only_torch_load
+    from dipnet.pipeline.data import TokenizedExamples, batch_indices, collate, preprocess
+    from dipnet.pipeline.model_setup import setup_model
+    from dipnet.pipeline.models import load_tokenizer
+    from dipnet.pipeline.train import next_token_logprobs
+
+    over = {"train.max_steps": 1, "train.save_every": 1, "train.zero_stage": 0, "train.micro_batch_size": 2,
+            "train.global_batch_size": 16, "dip.method": "dip", "dip.init_variance": 1e-14, "train.grad_clip": 0.0,
+            "train.warmup_steps": 0}
+    moments = {}
+    for procs in (1, 2, 4):
+        run = tmp_path / f"ranks{procs}"
+        r = train(run, over, procs=procs)
+        [shard] = latest_checkpoint(run / "checkpoints").glob("*/mp_rank_00_model_states.pt")
+        with weights_only_torch_load():
+            state = torch.load(shard, map_location="cpu", weights_only=True)["optimizer"]["state"]
+        moments[procs] = [state[i]["exp_avg"] for i in sorted(state)]
+
+    # By hand: the 16 sequences of step 0 in one batch, the optimizer's parameter order.
+    base = tiny_base(r.model.tiny, progress=False)
+    examples = TokenizedExamples(preprocess(r.data, base, tmp_path / "_preprocessed")["path"])
+    pad = load_tokenizer(base).pad_token_id
+    micro = batch_indices(len(examples), r.run.seed, 0, 2, 8, 0, 1)
+    counts = [sum(int((examples[i]["labels"][1:] != -100).sum()) for i in idx) for idx in micro]
+    assert len(set(counts)) > 1, counts
+    model, _ = setup_model(r, base, trust_remote_code=False, dtype=torch.float32)
+    dipmod.set_dip_mode(model, "mean")
+    lp, mask = next_token_logprobs(model, collate([examples[i] for idx in micro for i in idx], pad))
+    assert int(mask.sum()) == sum(counts) == metrics(tmp_path / "ranks4")[0]["counted_tokens"]
+    loss = -lp.sum() / mask.sum() + dipmod.dip_prior(model, r.dip.alpha, r.dip.beta, r.dip.prior_reduction)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    order = [p for n, p in named if "log_variance" not in n] + [p for n, p in named if "log_variance" in n]
+    expected = [0.1 * g for g in torch.autograd.grad(loss, order)]
+    assert sum("log_variance" in n for n, _ in named) == 4
+    for procs in (1, 2, 4):
+        assert len(moments[procs]) == len(expected)
+        worst = max((a - b).abs().max().item() for a, b in zip(moments[procs], expected))
+        assert worst <= 1e-6, (procs, worst)
