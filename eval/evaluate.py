@@ -41,14 +41,15 @@ def model_fingerprint(model_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def max_model_len(config: dict) -> int:
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if config.get(attr):
-            return min(int(config[attr]), 4096)
-    text = config.get("text_config") or {}
-    if text.get("max_position_embeddings"):
-        return min(int(text["max_position_embeddings"]), 4096)
-    return 2048
+def max_model_len(config: dict, bound: int | None = None) -> int:
+    """The context the model was built for (its config), bounded by `bound` (eval.max_model_len)."""
+    own = None
+    for c in (config, config.get("text_config") or {}):
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if own is None and isinstance(c.get(attr), int) and c[attr] > 0:
+                own = c[attr]
+    own = own or 2048
+    return min(own, bound) if bound else own
 
 
 def score_rows(task: Task, outputs: list[str], prompts_text: list[str]) -> tuple[dict, list[dict]]:
@@ -93,7 +94,8 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
                    dip_mode: str = "mean", noise_sigmas: list[float] | None = None, vllm_engine=None,
                    progress: bool = True, label: str | None = None, trust_remote_code: bool = False,
                    harness_tasks: list[str] | None = None, answer_nll: bool = True,
-                   dtype: str = "auto") -> dict:
+                   dtype: str = "auto", context_bound: int | None = None, tensor_parallel_size: int | None = None,
+                   gpu_memory_utilization: float = 0.9) -> dict:
     """Evaluate `model_dir` into `out_dir` (results.json + samples_<task>.jsonl); returns the results.
 
     With engine vllm, generation and the teacher-forced answer NLL both run on the vLLM engine
@@ -124,7 +126,7 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
         harness_tm = prepare_harness(harness_tasks, out / "harness", gsm8k_path=gsm8k_path,
                                      synthetic_settings=synthetic_settings)
     cfg = check_model_dir(model_dir, trust_remote_code)
-    L = max_model_len(cfg)
+    L = max_model_len(cfg, context_bound)
     tok = load_tokenizer(model_dir, trust_remote_code)
     k = int(dip_mode.split(":")[1]) if dip_mode.startswith("average:") else 1
     model = None
@@ -148,7 +150,9 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
 
         # Harness tasks bring lm-eval's prompts: then the KV cache is sized for vLLM's whole batch.
         in_flight = None if harness_tasks else tokens_in_flight(tasks, encoded, tok, max_new_tokens, L, answer_nll)
-        own_engine = vllm_engine = VllmEngine(model_dir, out / "vllm", L, dtype=dtype, kv_tokens=in_flight)
+        own_engine = vllm_engine = VllmEngine(model_dir, out / "vllm", L, dtype=dtype, kv_tokens=in_flight,
+                                              tensor_parallel_size=tensor_parallel_size,
+                                              gpu_memory_utilization=gpu_memory_utilization)
     if engine == "vllm":
         from dipnet.eval.vllm_runner import version
 

@@ -80,6 +80,25 @@ def kv_cache_bytes(config: dict, tokens: int, dtype: str) -> int | None:
     return 2 * layers * kv_heads * head_dim * width * tokens
 
 
+def tensor_parallel_size(config: dict, gpus: int) -> int:
+    """The most of `gpus` one engine can use: vLLM splits attention heads and KV heads evenly over
+    the GPUs, so the size must divide both (Qwen2.5-3B, 16 heads and 2 KV heads: 2 of 4 GPUs)."""
+    c = config.get("text_config") or config
+    heads = c.get("num_attention_heads") if isinstance(c.get("num_attention_heads"), int) else None
+    kv = c.get("num_key_value_heads") if isinstance(c.get("num_key_value_heads"), int) else heads
+    for size in range(max(1, gpus), 0, -1):
+        if heads is None or (heads % size == 0 and (kv or heads) % size == 0):
+            return size
+    return 1
+
+
+def gpu_kwargs(config: dict, gpus: int, memory_utilization: float, explicit: bool = False) -> dict:
+    """vLLM's GPU arguments for an engine over `gpus` GPUs (an eval job's launch.slurm.eval_gpus).
+    An explicit eval.tensor_parallel_size is passed as given (vLLM says if the heads do not divide)."""
+    size = gpus if explicit else tensor_parallel_size(config, gpus)
+    return {"tensor_parallel_size": size, "gpu_memory_utilization": memory_utilization}
+
+
 def trained_precision(model_dir) -> str | None:
     """The precision dipnet trained an exported model in (`train_precision` in its export.json),
     or None for a model dipnet did not export. Only the two known values are believed."""
@@ -171,21 +190,30 @@ class VllmEngine:
     prints goes to `workdir/engine.log` (its last 20 lines are shown if it fails to start)."""
 
     def __init__(self, model_dir: str | Path, workdir: str | Path, max_model_len: int, seed: int = 0,
-                 dtype: str = "auto", kv_tokens: int | None = None):
+                 dtype: str = "auto", kv_tokens: int | None = None, tensor_parallel_size: int | None = None,
+                 gpu_memory_utilization: float = 0.9):
         """`kv_tokens`: the most tokens the caller's work holds at once (sequences in flight x their
-        length); by default every sequence vLLM may run at once (256 on CPU) at full length."""
+        length); by default every sequence vLLM may run at once (256 on CPU) at full length; never
+        less than one sequence at `max_model_len` (vLLM refuses a cache that cannot hold one).
+        On GPUs: `tensor_parallel_size` (default: every GPU visible, as many as the heads allow)
+        and `gpu_memory_utilization`."""
         self.dtype = resolve_dtype(dtype, "vllm", model_dir)
         try:
             config = json.loads((Path(model_dir) / "config.json").read_text())
         except (OSError, ValueError):
             config = {}  # vLLM says what is wrong with the directory
-        need = kv_cache_bytes(config, kv_tokens or MAX_NUM_SEQS_CPU * max_model_len, self.dtype)
+        need = kv_cache_bytes(config, max(kv_tokens or MAX_NUM_SEQS_CPU * max_model_len, max_model_len), self.dtype)
         os.environ.update(vllm_environment(workdir, need))
         tempfile.tempdir = None  # re-read TMPDIR
         self.log = Path(workdir) / "engine.log"
         kwargs = dict(model=str(model_dir), seed=seed, max_model_len=max_model_len, trust_remote_code=False,
                       dtype=self.dtype)
-        if not _has_cuda():
+        if _has_cuda():
+            import torch
+
+            kwargs.update(gpu_kwargs(config, tensor_parallel_size or torch.cuda.device_count(), gpu_memory_utilization,
+                                     explicit=tensor_parallel_size is not None))
+        else:
             # Eager on CPU: compiling took 60 s more per engine start for 5-10% faster steps
             # (SmolLM2-135M); a study starts one engine per model.
             kwargs.update(enforce_eager=True, max_num_seqs=MAX_NUM_SEQS_CPU)

@@ -17,6 +17,7 @@ launcher (`--launcher slurm`, hostfile written from the node list).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -91,13 +92,20 @@ def render_job(recipe, recipe_path: Path, run_dir: Path, stage_name: str, stages
     gpu_job = bool(s["gpus_per_node"]) and stage_name in ("train", "eval")
     if gpu_job:  # train: every GPU of every node; eval: vLLM (and the hf engine) on eval_gpus
         lines.append(f"#SBATCH --gpus-per-node={s['gpus_per_node'] if train else s['eval_gpus']}")
+    mem, why = (s["mem"], "launch.slurm.mem") if s["mem"] is not None else estimate_mem(recipe, s, stage_name)
+    lines += [f"# --mem: {why}", f"#SBATCH --mem={mem}"]  # a comment after an option would be sbatch's to parse
     for extra in s["extra_sbatch"]:
         lines.append(extra if extra.startswith("#SBATCH") else f"#SBATCH {extra}")
-    env = [f"export {k}={shlex.quote(str(v))}" for k, v in s["env"].items()]
+    env = []
     if not s["gpus_per_node"]:
         env.append("export DS_ACCELERATOR=cpu")
     elif gpu_job:
         env.append("export DIPNET_DEVICE=cuda  # a rank without a usable GPU stops with one line instead of crawling on the CPU")
+        # NCCL: warnings in the job log, and a failed collective (a dead peer) raises in every
+        # rank instead of hanging until the process-group timeout. launch.slurm.env overrides
+        # both, and is where the socket interface goes (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME).
+        env += [f"export {k}={v}" for k, v in NCCL_DEFAULTS.items() if k not in s["env"]]
+    env += [f"export {k}={shlex.quote(str(v))}" for k, v in s["env"].items()]
     if stage_name != CHAIN[0][0]:
         # The first job put the model, tokenizer and data into the run directory: compute nodes
         # are often offline, and nothing after it needs the network.
@@ -108,6 +116,72 @@ def render_job(recipe, recipe_path: Path, run_dir: Path, stage_name: str, stages
         sbatch_lines="\n".join(lines), env_lines="\n".join(env), launcher=s["launcher"],
         procs_per_node=procs_per_node(recipe, s), stages=stages, workdir=shlex.quote(str(Path.cwd())),
         signal_margin=s["signal_margin_s"], python=shlex.quote(sys.executable), recipe=shlex.quote(str(recipe_path)))
+
+
+NCCL_DEFAULTS = {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+GiB = 2**30
+MODEL_SIZE_IN_NAME = re.compile(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)([BbMm])(?![A-Za-z0-9])")
+
+
+def model_parameters(recipe) -> tuple[float | None, str]:
+    """The base model's parameter count and where it came from: its config where one can be read
+    here without the network (a local directory, an imported GGUF model, the tiny base's
+    settings), else the size its name states ('Qwen/Qwen2.5-7B': 7e9), else None."""
+    base = recipe.model.base
+    cfg_path = None
+    if base == "tiny":
+        t = recipe.model.tiny
+        h, layers, vocab = t.hidden_size, t.num_layers, t.vocab_size
+        return float(layers * (4 * h * h + 3 * h * t.intermediate_size) + 2 * vocab * h), "the tiny base's settings"
+    if Path(base).is_dir():
+        cfg_path = Path(base) / "config.json"
+    else:
+        from dipnet.pipeline.pretrained import is_gguf_spec, pretrained_dir
+
+        if is_gguf_spec(base) and not base.endswith(".gguf"):
+            cfg_path = pretrained_dir(base, recipe.model.dtype) / "config.json"
+    if cfg_path is not None and cfg_path.is_file():
+        try:
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            cfg = AutoConfig.from_pretrained(str(cfg_path.parent), trust_remote_code=False)
+            with torch.device("meta"):
+                n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+            return float(n), f"{cfg_path.parent.name}'s config"
+        except Exception:
+            pass  # a config transformers cannot build: fall back to the name
+    m = MODEL_SIZE_IN_NAME.search(Path(base).name)
+    if m:
+        return float(m.group(1)) * (1e9 if m.group(2) in "Bb" else 1e6), f"the size in the name '{base}'"
+    return None, ""
+
+
+def estimate_mem(recipe, s: dict, stage_name: str) -> tuple[str, str]:
+    """sbatch --mem for one stage job, from the model's size and what the stage holds in host memory
+    (README, "Host memory per rank while loading": ZeRO-0-2 keep the whole model on every rank
+    while loading, ~2 bytes per parameter in bf16; ZeRO-3 partitions as it loads, ~1.2), plus ~4 GiB
+    per process (torch, DeepSpeed, CUDA context) and a quarter for headroom. Export verifies in
+    float32 against the trained model (8 bytes per parameter); vLLM loads the model once."""
+    n, source = model_parameters(recipe)
+    if n is None:
+        return "0", "the model's size is unknown here: all of the node's memory; set launch.slurm.mem"
+    t = recipe.train
+    width = 2 if t.precision == "bf16" else 4
+    if stage_name == "train":
+        ranks = procs_per_node(recipe, s)
+        per_rank = width * n * (0.6 if t.zero_stage == 3 else 1.0) + 4 * GiB
+        need = ranks * per_rank
+        if t.offload and t.method == "full":  # fp32 master, momentum and variance of this node's share
+            need += 12 * n / s["nodes"]
+    elif stage_name == "export":
+        need = 8 * n + 4 * GiB
+    elif stage_name == "eval":
+        need = width * n + 8 * GiB
+    else:  # base, convert, preprocess: one process; convert holds the model once in float32
+        need = 4 * n + 8 * GiB
+    gib = max(8, math.ceil(1.25 * need / GiB))
+    return f"{gib}G", f"estimated from {n / 1e9:.3g}B parameters ({source}); launch.slurm.mem overrides"
 
 
 def slurm_train_command(script_args: list[str], procs: int, module: str = TRAIN_MODULE) -> list[str]:

@@ -295,7 +295,9 @@ def cmd_eval(a) -> int:
             res = evaluate_model(a.model_dir, list(e.tasks), tmp, engine=e.engine, shots=e.shots, limit=e.limit,
                                  max_new_tokens=e.max_new_tokens, chat=None if e.chat == "none" else e.chat,
                                  gsm8k_path=e.gsm8k_path, dip_mode=e.dip_mode, noise_sigmas=list(e.noise_sigmas),
-                                 harness_tasks=list(e.harness_tasks), answer_nll=not a.no_answer_nll, dtype=e.dtype)
+                                 harness_tasks=list(e.harness_tasks), answer_nll=not a.no_answer_nll, dtype=e.dtype,
+                                 context_bound=e.max_model_len, tensor_parallel_size=e.tensor_parallel_size,
+                                 gpu_memory_utilization=e.gpu_memory_utilization)
     for t, r in res["tasks"].items():
         print(f"{t}: " + "  ".join(f"{k} {v['accuracy']:.4f}" for k, v in r["scores"].items()) + f"  (n={r['n']})")
     for t, m in res.get("harness", {}).items():

@@ -218,6 +218,8 @@ class SlurmSettings(_Section):
     gpus_per_node: int = Field(0, ge=0, description="0: CPU nodes, launch.procs_per_node ranks on gloo.")
     eval_gpus: int = Field(1, ge=1, description="GPUs of the eval job (vLLM) when gpus_per_node > 0.")
     signal_margin_s: int = Field(180, ge=10, description="USR1 this long before a job's time limit: ranks save a checkpoint and the job requeues itself.")
+    mem: Optional[str] = Field(None, description="Host memory per node (sbatch --mem): e.g. 500G, or 0 for all of "
+                                                 "the node's; default: estimated per stage from the model's size.")
     cpus_per_task: Optional[int] = Field(None, gt=0)
     partition: Optional[str] = None
     time: Optional[str] = Field(None, description="Slurm time limit, e.g. 04:00:00.")
@@ -232,6 +234,17 @@ class SlurmSettings(_Section):
     def _plain(cls, v):
         if v is not None and not SLURM_NAME.fullmatch(v):
             raise ValueError("expected letters, digits and . _ , - only")
+        return v
+
+    @field_validator("mem", mode="before")
+    @classmethod
+    def _mem(cls, v):
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            v = str(v)  # `mem: 0` in YAML, or launch.slurm.mem=0 on the command line
+        if v is not None and not isinstance(v, str):
+            raise ValueError("expected a Slurm memory size: a whole number with an optional K, M, G or T (0: all of the node's)")
+        if v is not None and not SLURM_MEM.fullmatch(v):
+            raise ValueError("expected a Slurm memory size: a whole number with an optional K, M, G or T (0: all of the node's)")
         return v
 
     @field_validator("time")
@@ -261,6 +274,7 @@ class SlurmSettings(_Section):
 
 
 SLURM_NAME = re.compile(r"[A-Za-z0-9._,-]+")
+SLURM_MEM = re.compile(r"\d+[KMGT]?")
 SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE")
 SBATCH_OPTION = re.compile(r"(#SBATCH[ \t]+)?--?[A-Za-z][A-Za-z0-9-]*(=[A-Za-z0-9._,:/@%+=-]+)?")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -311,6 +325,12 @@ class EvalSettings(_Section):
     gsm8k_path: Optional[str] = Field(None, description="Directory with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k if present, else the hub).")
     noise_sigmas: list[float] = Field(default_factory=list, description="Embedding-noise sweep σ values (hf engine).")
     dip_mode: str = Field("mean", description="mean | average:k (hf engine only).")
+    max_model_len: Optional[int] = Field(None, gt=0, description="Bound on the context the engine serves (default: the "
+                                         "model's own, from its config); a prompt that does not fit is refused, never cut.")
+    tensor_parallel_size: Optional[int] = Field(None, gt=0, description="vLLM on GPUs: GPUs per engine (default: every GPU "
+                                                "this process sees, the most that divides the model's attention and KV heads).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM on GPUs: the share of each GPU's memory "
+                                          "the engine may take (weights, activations, KV cache).")
     eval_base: bool = Field(True, description="Also evaluate the base model.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Inference precision. auto: the precision dipnet trained the model in (export.json), "

@@ -235,6 +235,20 @@ def sam_perturb(module, loss_fn, rho: float, world: int) -> list[tuple[torch.Ten
     return saved
 
 
+# SAM holds, per rank and beyond ZeRO's share, a flat float32 gradient of every trainable
+# parameter, the copy of the weights it restores and autograd's gradients: ~10 bytes per
+# trainable parameter in bf16 (a 7B full fine-tune: ~70 GB on every GPU). Above this it is refused;
+# LoRA's adapters (a few million parameters) are far below it at any model size.
+SAM_MAX_TRAINABLE = 2_000_000_000
+
+
+def check_sam_size(trainable_parameters: int) -> None:
+    if trainable_parameters > SAM_MAX_TRAINABLE:
+        raise RunError(f"train.optimizer sam: {trainable_parameters / 1e9:.1f}B trainable parameters; SAM keeps ~10 "
+                       f"bytes per trainable parameter on every rank beyond ZeRO's share (limit "
+                       f"{SAM_MAX_TRAINABLE / 1e9:.0f}B): use train.method lora, or optimizer adamw")
+
+
 def sam_restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     with torch.no_grad():
         for p, value in saved:
@@ -554,6 +568,8 @@ def build_engine(recipe: Recipe, model_dir, tokenizer, ds_config: dict, name: st
     # What trains, by name: checkpoints hold only these (frozen weights come from model_dir),
     # and export checks that every one of them is in the checkpoint.
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if t.optimizer == "sam":
+        check_sam_size(sum(p.numel() for p in model.parameters() if p.requires_grad))
     # ZeRO partitions every parameter, λ included, at initialize: λ exist and hold their initial
     # values before partitioning, so ZeRO-3 never sees an uninitialised one.
     optimizer = build_optimizer(model, recipe)

@@ -2,7 +2,9 @@
 tests/slurm_cluster.sh starts (`.ci/run` starts it; elsewhere these skip with the reason)."""
 
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -65,6 +67,9 @@ def test_render_four_nodes_by_eight_gpus(tmp_path):
                  "export DIPNET_PROCS_PER_NODE=8", "--only train"]:
         assert line in text, line
     assert "DS_ACCELERATOR" not in text  # GPU nodes
+    # NCCL defaults on GPU jobs, below the recipe's own env (which would override them).
+    assert "export NCCL_DEBUG=WARN" in text and "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in text
+    assert text.index("export NCCL_DEBUG=WARN") < text.index("export NCCL_SOCKET_IFNAME=ib0")
     prep = slurm.render_job(recipe, tmp_path / "recipe.yaml", tmp_path / "run", "preprocess", "base,convert,preprocess", s)
     assert "#SBATCH --nodes=1" in prep and "--gpus-per-node" not in prep
 
@@ -85,6 +90,34 @@ def test_render_four_nodes_by_eight_gpus(tmp_path):
     finally:
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_paper_recipe_jobs_ask_for_memory_and_the_eval_gpus():
+    """recipes/paper/qwen2.5-7b.yaml: every job renders --mem from the model's size (read from its
+    name here, no hub), the train job's for 8 ranks holding a bf16 7B model each while loading;
+    launch.slurm.mem overrides; the eval job asks for eval_gpus, which vLLM then uses as its
+    tensor-parallel size as far as the heads divide."""
+    from dipnet.eval.vllm_runner import gpu_kwargs
+
+    res = run_cli("launch", "recipes/paper/qwen2.5-7b.yaml", "--slurm", "--dry-run", "launch.slurm.eval_gpus=4",
+                  cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    jobs = dict(zip(["preprocess", "train", "export", "eval"], res.stdout.split("# ---- ")[1:]))
+    mem = {k: int(re.search(r"#SBATCH --mem=(\d+)G", v).group(1)) for k, v in jobs.items()}
+    # 8 ranks x (2 bytes x 7e9 + 4 GiB) x 1.25 headroom; export verifies in float32; vLLM loads it once.
+    assert mem["train"] == math.ceil(1.25 * 8 * (14e9 + 4 * 2**30) / 2**30) == 171
+    assert mem["export"] > mem["eval"] and all(v >= 8 for v in mem.values())
+    assert "7B parameters (the size in the name 'Qwen/Qwen2.5-7B')" in jobs["train"]
+    assert "#SBATCH --gpus-per-node=4" in jobs["eval"] and "export DIPNET_DEVICE=cuda" in jobs["eval"]
+    res = run_cli("launch", "recipes/paper/qwen2.5-7b.yaml", "--slurm", "--dry-run", "launch.slurm.mem=0", cwd=REPO)
+    assert res.stdout.count("#SBATCH --mem=0") == 4
+    res = run_cli("launch", "recipes/paper/qwen2.5-7b.yaml", "--slurm", "--dry-run", "launch.slurm.mem=lots", cwd=REPO)
+    assert res.returncode == 2 and "launch.slurm.mem" in res.stderr and "expected a Slurm memory size" in res.stderr
+    # Qwen2.5-7B: 28 heads, 4 KV heads: all 4 GPUs; Qwen2.5-3B (16 and 2): 2 of 4; explicit: as given.
+    assert gpu_kwargs({"num_attention_heads": 28, "num_key_value_heads": 4}, 4, 0.9) == \
+        {"tensor_parallel_size": 4, "gpu_memory_utilization": 0.9}
+    assert gpu_kwargs({"num_attention_heads": 16, "num_key_value_heads": 2}, 4, 0.8)["tensor_parallel_size"] == 2
+    assert gpu_kwargs({"num_attention_heads": 16, "num_key_value_heads": 2}, 4, 0.8, explicit=True)["tensor_parallel_size"] == 4
 
 
 def test_cli_dry_run_prints_the_chain():

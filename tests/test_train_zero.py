@@ -296,6 +296,16 @@ def test_sam_step_equals_hand_computed(tmp_path):
     assert (d_plain > 1e-4).float().mean().item() > 0.2
 
 
+def test_sam_refuses_a_full_fine_tune_beyond_its_memory_limit():
+    """SAM's per-rank copies (~10 bytes per trainable parameter) would fill a GPU at 7B: refused in
+    one line; LoRA on the same model (adapters only) and small models pass."""
+    from dipnet.pipeline.train import check_sam_size
+
+    with pytest.raises(RunError, match=r"train.optimizer sam: 7.6B trainable parameters.*use train.method lora"):
+        check_sam_size(7_600_000_000)
+    check_sam_size(40_000_000)  # Qwen2.5-7B's LoRA adapters at r 16 on every projection
+
+
 def test_sam_refuses_zero3():
     from dipnet.pipeline.recipe import Recipe, apply_overrides
 
