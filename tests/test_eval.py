@@ -362,3 +362,19 @@ def test_cpu_kv_cache_is_what_the_model_can_use(monkeypatch):
     for hostile in ([1], {"text_config": "x"}, {}, {"num_hidden_layers": "many"}, {"num_hidden_layers": 2,
                                                                                     "num_attention_heads": 0}):
         assert vllm_runner.kv_cache_bytes(hostile, 256, "float32") is None
+
+
+def test_context_is_the_models_own_bounded_by_the_recipe():
+    """The engine serves the context the model was built for (no fixed 4,096 cap), bounded by
+    eval.max_model_len; hostile config values fall back to 2,048."""
+    from dipnet.eval.evaluate import max_model_len
+    from dipnet.pipeline.recipe import Recipe, apply_overrides
+
+    assert max_model_len({"max_position_embeddings": 8192}) == 8192
+    assert max_model_len({"text_config": {"max_position_embeddings": 131072}}) == 131072
+    assert max_model_len({"max_position_embeddings": 131072}, 16384) == 16384
+    assert max_model_len({"max_position_embeddings": "long"}) == max_model_len({"n_positions": -1}) == 2048
+    r = Recipe.model_validate(apply_overrides({}, {"eval.max_model_len": 16384, "eval.gpu_memory_utilization": 0.8}))
+    assert r.eval.max_model_len == 16384 and r.eval.tensor_parallel_size is None
+    with pytest.raises(Exception, match="gpu_memory_utilization"):
+        Recipe.model_validate(apply_overrides({}, {"eval.gpu_memory_utilization": 1.5}))
