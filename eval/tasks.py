@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dipnet.pipeline.errors import UsageError
-from dipnet.pipeline.readers import read_jsonl
+from dipnet.pipeline.readers import read_jsonl, require_text
 
 TASKS = ("gsm8k", "gsm8k_cot", "gsm8k-perturbed", "arith-id", "arith-ood", "arith-perturbed", "arith-val")
 SHOT_SEED = 1234
@@ -163,7 +163,8 @@ def load_gsm8k(path: str | Path | None) -> tuple[list[dict], list[dict]]:
         for split in ("train", "test"):
             if not (d / f"{split}.jsonl").is_file():
                 raise UsageError(f"{d}: no {split}.jsonl (expected GSM8K train.jsonl and test.jsonl)")
-        return read_jsonl(d / "train.jsonl"), read_jsonl(d / "test.jsonl")
+        return tuple(require_text(read_jsonl(d / f"{split}.jsonl"), d / f"{split}.jsonl", ("question", "answer"))
+                     for split in ("train", "test"))
     try:
         import datasets
 
@@ -171,7 +172,8 @@ def load_gsm8k(path: str | Path | None) -> tuple[list[dict], list[dict]]:
     except Exception as exc:
         raise UsageError("gsm8k: no local copy (eval.gsm8k_path) and the hub is unreachable "
                          f"({str(exc).splitlines()[0][:120]})") from None
-    return list(ds["train"]), list(ds["test"])
+    return tuple(require_text(list(ds[split]), f"openai/gsm8k {split}", ("question", "answer"))
+                 for split in ("train", "test"))
 
 
 def perturb_problems(problems: list[dict], *, arithmetic: bool) -> list[dict]:
@@ -243,12 +245,7 @@ def build_task(name: str, *, shots: int = 0, limit: int | None = None, synthetic
 
 def read_predictions(path: str | Path) -> list[dict]:
     """Rows with `output` and `target` (a samples_<task>.jsonl of an earlier eval works as is)."""
-    rows = read_jsonl(path)
-    for r in rows:
-        for k in ("output", "target"):
-            if k not in r:
-                raise UsageError(f"{path}:{r['_line']}: row has no '{k}' (expected 'output' and 'target')")
-    return rows
+    return require_text(read_jsonl(path), path, ("output", "target"), optional=("prompt",), numbers=("target",))
 
 
 def target_of(problem: dict) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import json
 import os
 import sys
@@ -420,17 +421,41 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except BaseException as exc:  # run.Preempted: the stage saved and the job was requeued
-        if type(exc).__name__ == "Preempted":
-            print("preempted: the job resumes from its latest checkpoint when Slurm starts it again", file=sys.stderr)
-            return 0
-        raise
+    except OSError as exc:  # a full disk, a read-only file system, a permission: the path and what to do
+        if debug:
+            raise
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
     except Exception as exc:  # an unexpected failure still gets one line without --debug
         if debug:
             raise
         msg = " ".join(str(exc).split())[:300]
         print(f"error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    except BaseException as exc:  # run.Preempted: the stage saved and the job was requeued
+        if type(exc).__name__ == "Preempted":
+            print("preempted: the job resumes from its latest checkpoint when Slurm starts it again", file=sys.stderr)
+            return 0
+        raise
+
+
+OS_ERROR_HINTS = {
+    errno.ENOSPC: "the disk is full: free space there, or write elsewhere (run.output_dir, --out)",
+    errno.EDQUOT: "the disk quota is used up: free space there, or write elsewhere (run.output_dir, --out)",
+    errno.EROFS: "a read-only file system: write elsewhere (run.output_dir, --out)",
+    errno.EACCES: "permission denied: write elsewhere (run.output_dir, --out) or fix the permissions",
+    errno.EPERM: "operation not permitted: write elsewhere (run.output_dir, --out) or fix the permissions",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a file-system failure: the path, what happened, what to change. Whatever
+    dipnet was writing was under a temporary name and has been removed (outputs.output_dir)."""
+    path = exc.filename if exc.filename is not None else "(no path)"
+    if exc.filename2 is not None and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        path = exc.filename2  # a copy (shutil) names its source first; the full disk is the destination's
+    hint = OS_ERROR_HINTS.get(exc.errno, exc.strerror or type(exc).__name__)
+    return f"{path}: {hint}"
 
 
 if __name__ == "__main__":

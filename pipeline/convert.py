@@ -19,8 +19,8 @@ from pathlib import Path
 
 from dipnet.pipeline.dip import DipConfig, attach_dip, initial_dip_state, model_family, save_dip
 from dipnet.pipeline.errors import UsageError
-from dipnet.pipeline.models import (TOKENIZER_FILES, check_model_dir, copy_tokenizer_files, load_tokenizer,
-                                    weight_files)
+from dipnet.pipeline.models import (TOKENIZER_FILES, check_model_dir, check_weights_match, copy_tokenizer_files,
+                                    load_tokenizer, weight_files)
 from dipnet.pipeline.outputs import output_dir
 
 __all__ = ["convert", "meta_model", "TOKENIZER_FILES"]
@@ -57,9 +57,10 @@ def convert(model_dir: str | Path, out_dir: str | Path, config: DipConfig, *, tr
         if len(tok) > rows:
             raise UsageError(f"{src}: tokenizer has {len(tok)} tokens but the model's embedding has {rows} rows "
                              "(tokenizer/model mismatch)")
+    files = weight_files(src)
+    check_weights_match(model, files, src)
     names = attach_dip(model, config)
     with output_dir(out_dir, "model", inputs=[src]) as tmp:
-        files = weight_files(src)
         for f in files + [src / "config.json", src / "model.safetensors.index.json"]:
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)

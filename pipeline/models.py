@@ -33,6 +33,12 @@ MAX_HEADER = 100 * 2**20
 
 def check_safetensors(path: Path) -> int:
     """Validate a safetensors file's structure without loading it; returns its tensor count."""
+    return len(safetensors_shapes(path))
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """{tensor name: shape} of a safetensors file, read from its header and checked against its
+    size without loading any tensor."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -53,7 +59,7 @@ def check_safetensors(path: Path) -> int:
     if not isinstance(header, dict):
         raise UsageError(f"{path}: not a safetensors file (its header is not a JSON object)")
     data_len = size - 8 - n
-    count = 0
+    shapes = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -69,10 +75,33 @@ def check_safetensors(path: Path) -> int:
         if dtype in DTYPE_BYTES and (b - a) != math.prod(shape) * DTYPE_BYTES[dtype]:
             raise UsageError(f"{path}: tensor '{name}' has {b - a} bytes, its shape {shape} needs "
                              f"{math.prod(shape) * DTYPE_BYTES[dtype]}")
-        count += 1
-    if count == 0:
+        shapes[name] = list(shape)
+    if not shapes:
         raise UsageError(f"{path}: holds no tensors")
-    return count
+    return shapes
+
+
+def check_weights_match(model, files: list[Path], where: Path) -> None:
+    """Every parameter of `model` (built from config.json, on the meta device) has a tensor of its
+    shape in the weight files, read from their headers: a missing or misshapen weight is found at
+    convert, not when training loads it. Checkpoints written under another naming scheme (that
+    transformers maps while loading: a multimodal checkpoint's language model) share few names
+    with the model and are left to the loader."""
+    present = {}
+    for f in files:
+        present.update(safetensors_shapes(f))
+    expected = {n: list(p.shape) for n, p in model.named_parameters()}  # tied weights listed once
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    if prefix != "." and not set(expected) & set(present):  # weights saved from the bare base model
+        present = {prefix + k: v for k, v in present.items()}
+    shared = set(expected) & set(present)
+    if len(shared) < len(expected) / 2:
+        return
+    for name in expected:
+        if name not in present:
+            raise UsageError(f"{where}: weight '{name}' (shape {expected[name]}) is missing from the weight files")
+        if present[name] != expected[name]:
+            raise UsageError(f"{where}: weight '{name}' has shape {present[name]}, config.json implies {expected[name]}")
 
 
 def weight_files(d: Path) -> list[Path]:

@@ -52,3 +52,22 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not rows:
         raise UsageError(f"{p}: empty data file (expected one JSON object per line)")
     return rows
+
+
+def require_text(rows: list[dict], path, fields: tuple[str, ...], optional: tuple[str, ...] = (),
+                 numbers: tuple[str, ...] = ()) -> list[dict]:
+    """The one schema check every data and predictions row passes before use: each of `fields` is
+    present and text (`numbers` may also be a number, as a numeric target is), each of `optional`
+    absent or text. The error names the file, line and field."""
+    for i, r in enumerate(rows, 1):
+        line = r.get("_line", i)
+        for k in fields + optional:
+            v = r.get(k)
+            if v is None and k in optional:
+                continue
+            if v is None:
+                raise UsageError(f"{path}:{line}: row has no '{k}' (expected {', '.join(repr(f) for f in fields)})")
+            ok = isinstance(v, str) or (k in numbers and isinstance(v, (int, float)) and not isinstance(v, bool))
+            if not ok:
+                raise UsageError(f"{path}:{line}: '{k}' must be text, got {type(v).__name__}")
+    return rows

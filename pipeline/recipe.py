@@ -31,6 +31,9 @@ from dipnet.pipeline.outputs import NAME_RE, NAME_RULE
 MAX_RECIPE_BYTES = 1 << 20
 MAX_RECIPE_VALUES = 100_000  # after YAML aliases are expanded: a 1 KB file could otherwise mean GBs
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Seeds are combined with step and rank into torch's 64-bit seed (seed x 1,000,003 + ...): 32 bits
+# leave room, as numpy's legacy seeds do.
+MAX_SEED = 2**32 - 1
 
 
 class _Section(BaseModel):
@@ -48,7 +51,7 @@ def _safe_name(v: str) -> str:
 class RunSettings(_Section):
     name: str = Field("run", description="Run name; the run directory defaults to runs/<name>.")
     output_dir: Optional[str] = Field(None, description="Run directory (default runs/<name>).")
-    seed: int = Field(0, description="Seed for the base model, data order and noise.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for the base model, data order and noise.")
 
     @field_validator("name")
     @classmethod
@@ -128,7 +131,7 @@ DataFormat = Literal["gsm8k", "alpaca", "chat", "prompt_completion"]
 class SyntheticSettings(_Section):
     n_train: int = Field(1200, gt=0, description="Training problems.")
     n_test: int = Field(300, gt=0, description="Problems in each test split (test-id, test-ood).")
-    seed: int = Field(1234, description="Generator seed (same seed → byte-identical files).")
+    seed: int = Field(1234, ge=0, le=MAX_SEED, description="Generator seed (same seed → byte-identical files).")
 
 
 class DataSettings(_Section):
@@ -407,6 +410,9 @@ class Recipe(_Section):
     def _seeds(cls, v):
         if len(set(v)) != len(v):
             raise ValueError(f"seeds must be distinct, got {v}")
+        bad = [x for x in v if not 0 <= x <= MAX_SEED]
+        if bad:
+            raise ValueError(f"seeds must be between 0 and {MAX_SEED}, got {bad[0]}")
         return v
 
     @property
@@ -663,7 +669,8 @@ def read_yaml(path: str | Path) -> dict:
         data = p.read_bytes()
     except OSError as exc:
         raise UsageError(f"{p}: cannot read ({exc.strerror or exc})") from None
-    return parse_yaml_text(data, str(p)) or {}
+    raw = parse_yaml_text(data, str(p))
+    return {} if raw is None else raw  # an empty file: every default; `False` or `0` is no recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -490,6 +490,9 @@ RECIPE_TEXTS = [
     ("[" * 5000, "nested too deeply"),
     ("eval:\n  noise_sigmas: [-1.0]\n", "σ values must be >= 0"),
     ("launch:\n  slurm:\n    env: {A: 1, A: 2}\n", "duplicate key 'A'"),
+    ("False\n", "expected a mapping of sections (run, model, dip, ...), got bool"),
+    ("run:\n  seed: 99999999999999999999999\n", "'run.seed': expected a value <= 4294967295"),
+    ("seeds: [1, 18446744073709551617]\n", "seeds must be between 0 and 4294967295"),
 ]
 
 
@@ -778,3 +781,71 @@ def test_edited_validation_bookkeeping_is_not_believed():
                 {"best_step": [1]}):
         assert validation_tracking({"validation": bad}) == {}
     assert validation_tracking({"validation": "x"}) == {} and validation_tracking({}) == {}
+
+
+# ----------------------------------------------------------------------------- 7. careless inputs, one line each
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs (root only: skipped elsewhere), unmounted afterwards; `remount_ro()` makes it read-only."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_and_read_only_outputs_are_one_line(capsys, small_fs, tiny_base_dir):
+    """convert into a file system that fills up (the tiny base is 4 MB, the disk 1 MiB), then into a
+    read-only one: one error line naming the path and what to change, exit 1, nothing left behind."""
+    line = refused(capsys, ["convert", tiny_base_dir, "--out", small_fs / "dip"], 1, "the disk is full")
+    assert str(small_fs) in line and "run.output_dir, --out" in line
+    assert list(small_fs.iterdir()) == []  # the temporary directory went with the failure
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    line = refused(capsys, ["convert", tiny_base_dir, "--out", small_fs / "dip"], 1, "a read-only file system")
+    assert str(small_fs) in line
+
+
+def _edited_weights(tiny_base_dir, tmp_path, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "edited"
+    shutil.copytree(tiny_base_dir, d)
+    sd = load_file(d / "model.safetensors")
+    edit(sd)
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"),
+     "weight 'model.layers.1.mlp.up_proj.weight' (shape [384, 128]) is missing from the weight files"),
+    (lambda sd: sd.update({"model.norm.weight": sd["model.norm.weight"][:-1].clone()}),
+     "weight 'model.norm.weight' has shape [127], config.json implies [128]"),
+], ids=["missing", "shape"])
+def test_convert_checks_the_weights_against_the_config(capsys, tmp_path, tiny_base_dir, edit, needle):
+    d = _edited_weights(tiny_base_dir, tmp_path, edit)
+    refused(capsys, ["convert", d, "--out", tmp_path / "out"], 2, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gsm8k_rows_without_an_answer(capsys, tmp_path, tiny_base_dir):
+    g = tmp_path / "gsm8k"
+    g.mkdir()
+    (g / "train.jsonl").write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
+    (g / "test.jsonl").write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n" + json.dumps({"question": "r"}) + "\n")
+    refused(capsys, ["eval", tiny_base_dir, "--tasks", "gsm8k", "--gsm8k-path", g, "--engine", "hf", "--out",
+                     tmp_path / "o"], 2, "test.jsonl:2: row has no 'answer'")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("output,needle", [(None, "row has no 'output'"), (7, "'output' must be text, got int"),
+                                           ([1], "'output' must be text, got list")])
+def test_prediction_rows_must_hold_text(capsys, tmp_path, output, needle):
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"output": "#### 1", "target": 1}) + "\n" + json.dumps({"output": output, "target": "1"}) + "\n")
+    line = refused(capsys, ["eval", "--predictions", p, "--task", "gsm8k", "--out", tmp_path / "o"], 2, needle)
+    assert "p.jsonl:2:" in line and not (tmp_path / "o").exists()
