@@ -282,17 +282,21 @@ def _verify(out: Path, state: dict, model_dir: Path, ckpt: Path, dtype: str, tol
 
     recipe = state["recipe_obj"]
     model, _ = setup_model(recipe, str(model_dir), trust_remote_code=trust_remote_code, dtype=load_dtype)
-    weights = {k: _materialise(v) for k, v in trained_tensors(ckpt, state["zero_stage"]).items()}
+    lazy = trained_tensors(ckpt, state["zero_stage"])
     expected = model.state_dict()
-    bad = sorted(k for k in weights if k not in expected)
+    bad = sorted(k for k in lazy if k not in expected)
     if bad:
         raise RunError(f"{ckpt}: checkpoint tensor '{bad[0]}' is not in the trained model ({len(bad)} unexpected)")
+    # One trained tensor in float32 at a time: the peak is the model once (in the export's dtype)
+    # plus the largest tensor, not a second float32 copy of every trained weight.
     with torch.no_grad():
-        for k, v in weights.items():
+        for k in list(lazy):
+            v = _materialise(lazy[k])
             if v.shape != expected[k].shape:
                 raise RunError(f"{ckpt}: '{k}' has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
             expected[k].copy_(v)
-    del weights
+            del v
+    del lazy
     dipmod.set_dip_mode(model, "mean")
     reference = _probe_logits(model, tokenizer)
     del model
