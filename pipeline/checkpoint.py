@@ -158,9 +158,21 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, state: dict, keep_last: 
 
 
 def to_universal(ckpt: Path, is_main: bool) -> Path:
-    """DeepSpeed's universal form of `ckpt` (written once by rank 0 into ckpt/universal/)."""
+    """DeepSpeed's universal form of `ckpt` (written once by rank 0 into ckpt/universal/).
+
+    The other ranks wait for it on the shared file system, not in a collective: converting a 7B
+    full fine-tune (~100 GB of optimizer state) can outlast the process group's timeout (30 min),
+    which would kill the waiting ranks. Their wait has its own budget, sized to the checkpoint."""
     uni = ckpt / "universal"
-    if is_main and not (uni / ".complete").is_file():
+    done = uni / ".complete"
+    failed = ckpt / "universal.failed"
+    converting = not done.is_file()
+    if is_main and converting:
+        failed.unlink(missing_ok=True)  # a previous attempt's: removed before anyone looks for it
+    torch.distributed.barrier()
+    if not converting:
+        return uni
+    if is_main:
         from argparse import Namespace
 
         from deepspeed.checkpoint import ds_to_universal
@@ -172,8 +184,29 @@ def to_universal(ckpt: Path, is_main: bool) -> Path:
             with weights_only_torch_load():  # the converter unpickles freely otherwise
                 ds_to_universal.main(args)
         except Exception as exc:
-            raise RunError(f"cannot convert {ckpt} to a universal checkpoint for another world size "
-                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
-        (uni / ".complete").write_text("ok")
+            msg = (f"cannot convert {ckpt} to a universal checkpoint for another world size "
+                   f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+            failed.write_text(msg)
+            raise RunError(msg) from None
+        done.write_text("ok")
+    else:
+        wait_for_conversion(done, failed, conversion_budget_s(ckpt))
     torch.distributed.barrier()
     return uni
+
+
+def conversion_budget_s(ckpt: Path) -> float:
+    """How long the other ranks wait for rank 0's universal conversion: 10 min plus 1 min per GiB
+    of checkpoint (the converter reads and rewrites every byte of it once)."""
+    size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+    return 600 + 60 * size / 2**30
+
+
+def wait_for_conversion(done: Path, failed: Path, budget_s: float, poll_s: float = 1.0) -> None:
+    deadline = time.monotonic() + budget_s
+    while not done.is_file():
+        if failed.is_file():
+            raise RunError(f"rank 0 failed: {failed.read_text()[:300]}")
+        if time.monotonic() > deadline:
+            raise RunError(f"{done.parent}: rank 0's universal conversion did not finish in {budget_s:.0f} s")
+        time.sleep(poll_s)

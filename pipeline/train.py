@@ -51,6 +51,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -64,6 +65,7 @@ from dipnet.pipeline.errors import DipnetError, RunError
 from dipnet.pipeline.model_setup import build_optimizer, setup_model
 from dipnet.pipeline.recipe import Recipe
 
+COLLECTIVE_TIMEOUT_S = 1800
 STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; a rerun resumes
 
 
@@ -115,7 +117,11 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, bool]:
             # Without a rank every process would train alone on GPU 0, N copies writing one directory.
             raise RunError("no RANK in the environment: start training through a launcher (deepspeed, torchrun, "
                            "srun) or launch.launcher: single")
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    # Stated, not inherited (torch's NCCL default moved from 30 to 10 min between releases): a rank
+    # whose peer hangs gives up after this. Waits that can be longer (rank 0 converting a 7B
+    # checkpoint to the universal format) happen on the file system, not in a collective.
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():

@@ -440,3 +440,27 @@ def test_loss_is_weighted_by_tokens_across_the_optimizer_step(tmp_path):
         assert len(moments[procs]) == len(expected)
         worst = max((a - b).abs().max().item() for a, b in zip(moments[procs], expected))
         assert worst <= 1e-6, (procs, worst)
+
+
+def test_ranks_wait_for_the_universal_conversion_on_the_file_system(tmp_path):
+    """Rank 0 converts; the others wait for its marker with a budget sized to the checkpoint
+    (10 min + 1 min per GiB), not in a collective that times out after 30 min; a failure of rank 0
+    reaches them as one line."""
+    import threading
+
+    from dipnet.pipeline.checkpoint import conversion_budget_s, wait_for_conversion
+
+    ckpt = tmp_path / "step-000010"
+    (ckpt / "universal").mkdir(parents=True)
+    (ckpt / "shard.pt").write_bytes(b"x" * (2**20))
+    assert 600 < conversion_budget_s(ckpt) < 601
+    done, failed = ckpt / "universal" / ".complete", ckpt / "universal.failed"
+    threading.Timer(0.3, lambda: done.write_text("ok")).start()
+    wait_for_conversion(done, failed, budget_s=10, poll_s=0.05)
+    done.unlink()
+    failed.write_text("cannot convert ... (KeyError: 'param_shapes')")
+    with pytest.raises(RunError, match=r"rank 0 failed: cannot convert .*param_shapes"):
+        wait_for_conversion(done, failed, budget_s=10, poll_s=0.05)
+    failed.unlink()
+    with pytest.raises(RunError, match="universal conversion did not finish in 0 s"):
+        wait_for_conversion(done, failed, budget_s=0.1, poll_s=0.05)
