@@ -53,6 +53,14 @@ def build_ds_config(train, world_size: int, device: str = "cpu", accum: int | No
             cfg[k] = v
     if cfg.get("bf16", {}).get("enabled") == "auto":
         cfg["bf16"]["enabled"] = train.precision == "bf16"
+    if train.precision == "bf16" and train.zero_stage >= 2:
+        # Gradients are reduced and accumulated in float32, not bf16: λ's per-feature gradients
+        # are small (summed over ~N features they make one NLL change) and bf16 keeps 8 bits of
+        # them. Costs 4 bytes per parameter / ranks of gradient partition and twice the
+        # reduction traffic; LoRA's adapters make both negligible. (ZeRO-1 would switch to
+        # DeepSpeed's BF16_Optimizer and ZeRO-0 refuses the mix, so they keep bf16 gradients.)
+        cfg.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
+        cfg["communication_data_type"] = "fp32"
     zero = cfg.get("zero_optimization", {})
     for k, v in DEVICE_SETTINGS["cuda" if device == "cuda" else "cpu"].items():
         if zero.get(k) == "auto":

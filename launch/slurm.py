@@ -160,9 +160,11 @@ def model_parameters(recipe) -> tuple[float | None, str]:
 def estimate_mem(recipe, s: dict, stage_name: str) -> tuple[str, str]:
     """sbatch --mem for one stage job, from the model's size and what the stage holds in host memory
     (README, "Host memory per rank while loading": ZeRO-0-2 keep the whole model on every rank
-    while loading, ~2 bytes per parameter in bf16; ZeRO-3 partitions as it loads, ~1.2), plus ~4 GiB
-    per process (torch, DeepSpeed, CUDA context) and a quarter for headroom. Export verifies in
-    float32 against the trained model (8 bytes per parameter); vLLM loads the model once."""
+    while loading, ~2 bytes per parameter in bf16; ZeRO-3 partitions as it loads, ~1.2), plus ~3 GiB
+    per process (torch, DeepSpeed, a CUDA context) and a quarter for headroom. Export verifies in
+    float32 (8 bytes per parameter); vLLM loads the model once beside its KV cache. When submitting,
+    `s["node_mem_mb"]` (sinfo) caps it: an estimate beyond the nodes' memory asks for a whole node
+    instead of a job Slurm refuses outright."""
     n, source = model_parameters(recipe)
     if n is None:
         return "0", "the model's size is unknown here: all of the node's memory; set launch.slurm.mem"
@@ -170,18 +172,39 @@ def estimate_mem(recipe, s: dict, stage_name: str) -> tuple[str, str]:
     width = 2 if t.precision == "bf16" else 4
     if stage_name == "train":
         ranks = procs_per_node(recipe, s)
-        per_rank = width * n * (0.6 if t.zero_stage == 3 else 1.0) + 4 * GiB
-        need = ranks * per_rank
+        need = ranks * (width * n * (0.6 if t.zero_stage == 3 else 1.0) + 3 * GiB)
         if t.offload and t.method == "full":  # fp32 master, momentum and variance of this node's share
             need += 12 * n / s["nodes"]
     elif stage_name == "export":
-        need = 8 * n + 4 * GiB
+        need = 8 * n + 3 * GiB
     elif stage_name == "eval":
-        need = width * n + 8 * GiB
+        need = width * n + 6 * GiB  # vLLM's CPU KV cache is at most 4 GiB (eval/vllm_runner.py)
     else:  # base, convert, preprocess: one process; convert holds the model once in float32
-        need = 4 * n + 8 * GiB
-    gib = max(8, math.ceil(1.25 * need / GiB))
-    return f"{gib}G", f"estimated from {n / 1e9:.3g}B parameters ({source}); launch.slurm.mem overrides"
+        need = 4 * n + 3 * GiB
+    gib = max(4, math.ceil(1.25 * need / GiB))
+    size = f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+    why = f"estimated from {size} parameters ({source}); launch.slurm.mem overrides"
+    node_mb = s.get("node_mem_mb")
+    if node_mb and gib * 1024 > node_mb:
+        return "0", f"{why}: {gib}G exceeds the nodes' {node_mb} MB, so the whole node"
+    return f"{gib}G", why
+
+
+def partition_memory_mb(partition: str | None) -> int | None:
+    """The smallest node memory (MB) of `partition` (or the default one) by sinfo; None if unknown."""
+    if shutil.which("sinfo") is None:
+        return None
+    res = subprocess.run(["sinfo", "-h", "-o", "%P|%m"], capture_output=True, text=True)
+    if res.returncode != 0:
+        return None
+    sizes = {}
+    for line in res.stdout.split():
+        name, _, mem = line.partition("|")
+        mem = mem.rstrip("+")
+        if mem.isdigit():
+            sizes.setdefault(name.rstrip("*") if partition else ("*" if name.endswith("*") else name), []).append(int(mem))
+    found = sizes.get(partition or "*")
+    return min(found) if found else None
 
 
 def slurm_train_command(script_args: list[str], procs: int, module: str = TRAIN_MODULE) -> list[str]:
@@ -323,6 +346,8 @@ def launch_slurm(recipe, args, completed=lambda stage, recipe: False) -> int:
     until = getattr(args, "until", None)
     if until:
         chain = CHAIN[:[n for n, _ in CHAIN].index(until) + 1]
+    if not args.dry_run and s["mem"] is None:
+        s["node_mem_mb"] = partition_memory_mb(s["partition"])
     scripts = [(name, stages, render_job(recipe, recipe_path, run_dir, name, stages, s)) for name, stages in chain]
     if args.dry_run:
         for name, stages, text in scripts:

@@ -84,24 +84,31 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
 def check_weights_match(model, files: list[Path], where: Path) -> None:
     """Every parameter of `model` (built from config.json, on the meta device) has a tensor of its
     shape in the weight files, read from their headers: a missing or misshapen weight is found at
-    convert, not when training loads it. Checkpoints written under another naming scheme (that
-    transformers maps while loading: a multimodal checkpoint's language model) share few names
-    with the model and are left to the loader."""
+    convert, not when training loads it. Names are compared where they agree; transformers renames
+    some checkpoints' keys while loading (a multimodal Gemma 3's `language_model.model.*`,
+    GPT-NeoX's `embed_out`), so beyond that the check is on shapes: each shape the model needs
+    must occur in the files at least as often (tied weights are one parameter)."""
+    from collections import Counter
+
     present = {}
     for f in files:
         present.update(safetensors_shapes(f))
-    expected = {n: list(p.shape) for n, p in model.named_parameters()}  # tied weights listed once
-    prefix = getattr(model, "base_model_prefix", "") + "."
-    if prefix != "." and not set(expected) & set(present):  # weights saved from the bare base model
-        present = {prefix + k: v for k, v in present.items()}
-    shared = set(expected) & set(present)
-    if len(shared) < len(expected) / 2:
-        return
-    for name in expected:
-        if name not in present:
-            raise UsageError(f"{where}: weight '{name}' (shape {expected[name]}) is missing from the weight files")
-        if present[name] != expected[name]:
-            raise UsageError(f"{where}: weight '{name}' has shape {present[name]}, config.json implies {expected[name]}")
+    params: dict[int, tuple[list[str], tuple]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        params.setdefault(id(p), ([], tuple(p.shape)))[0].append(n)
+    for names, shape in params.values():
+        for n in names:
+            if n in present and tuple(present[n]) != shape:
+                raise UsageError(f"{where}: weight '{n}' has shape {present[n]}, config.json implies {list(shape)}")
+    have = Counter(tuple(v) for v in present.values())
+    need = Counter(shape for _, shape in params.values())
+    for shape, count in need.items():
+        if have[shape] < count:
+            named = [ns for ns, sh in params.values() if sh == shape]
+            missing = next((ns[0] for ns in named if not any(n in present for n in ns)), named[0][0])
+            raise UsageError(f"{where}: weight '{missing}' (shape {list(shape)}) is missing from the weight files "
+                             f"(they hold {have[shape]} tensor(s) of that shape, the model needs {count})")
+
 
 
 def weight_files(d: Path) -> list[Path]:

@@ -68,6 +68,17 @@ def test_gpu_deepspeed_settings():
     assert cpu["zero_optimization"]["overlap_comm"] is False
 
 
+def test_bf16_gradients_are_reduced_and_accumulated_in_fp32():
+    """ZeRO-2/3 in bf16: float32 gradient accumulation and reduction (λ's small per-feature
+    gradients would keep 8 bits in bf16); fp32 runs and ZeRO-0/1 are left as they were."""
+    for stage in (2, 3):
+        cfg = build_ds_config(make_recipe({"train.zero_stage": stage, "train.precision": "bf16"}).train, 8, "cuda")
+        assert cfg["data_types"] == {"grad_accum_dtype": "fp32"} and cfg["communication_data_type"] == "fp32"
+    for over in ({"train.zero_stage": 2}, {"train.zero_stage": 1, "train.precision": "bf16"}):
+        cfg = build_ds_config(make_recipe(over).train, 8, "cuda")
+        assert "data_types" not in cfg and "communication_data_type" not in cfg
+
+
 def test_a_gpu_job_refuses_to_train_on_the_cpu(tmp_path):
     with pytest.raises(RunError, match=r"launch.device is cuda but CUDA is unusable here: this torch .* is a CPU build"):
         train(tmp_path / "gpu", {"train.max_steps": 1, "launch.device": "cuda", "launch.launcher": "single"}, procs=1)

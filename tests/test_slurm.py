@@ -104,11 +104,17 @@ def test_paper_recipe_jobs_ask_for_memory_and_the_eval_gpus():
     assert res.returncode == 0, res.stderr
     jobs = dict(zip(["preprocess", "train", "export", "eval"], res.stdout.split("# ---- ")[1:]))
     mem = {k: int(re.search(r"#SBATCH --mem=(\d+)G", v).group(1)) for k, v in jobs.items()}
-    # 8 ranks x (2 bytes x 7e9 + 4 GiB) x 1.25 headroom; export verifies in float32; vLLM loads it once.
-    assert mem["train"] == math.ceil(1.25 * 8 * (14e9 + 4 * 2**30) / 2**30) == 171
-    assert mem["export"] > mem["eval"] and all(v >= 8 for v in mem.values())
+    # 8 ranks x (2 bytes x 7e9 + 3 GiB) x 1.25 headroom; export verifies in float32; vLLM loads it once.
+    assert mem["train"] == math.ceil(1.25 * 8 * (14e9 + 3 * 2**30) / 2**30) == 161
+    assert mem["export"] > mem["eval"] and all(v >= 4 for v in mem.values())
     assert "7B parameters (the size in the name 'Qwen/Qwen2.5-7B')" in jobs["train"]
     assert "#SBATCH --gpus-per-node=4" in jobs["eval"] and "export DIPNET_DEVICE=cuda" in jobs["eval"]
+    # Submitting, sinfo's node memory caps it: more than a node has asks for the whole node instead.
+    recipe = load_recipe(REPO / "recipes" / "paper" / "qwen2.5-7b.yaml")
+    s = slurm.slurm_settings(recipe, _args())
+    assert slurm.estimate_mem(recipe, {**s, "node_mem_mb": 200_000}, "train")[0] == "161G"
+    mem, why = slurm.estimate_mem(recipe, {**s, "node_mem_mb": 100_000}, "train")
+    assert mem == "0" and "161G exceeds the nodes' 100000 MB" in why
     res = run_cli("launch", "recipes/paper/qwen2.5-7b.yaml", "--slurm", "--dry-run", "launch.slurm.mem=0", cwd=REPO)
     assert res.stdout.count("#SBATCH --mem=0") == 4
     res = run_cli("launch", "recipes/paper/qwen2.5-7b.yaml", "--slurm", "--dry-run", "launch.slurm.mem=lots", cwd=REPO)
