@@ -93,6 +93,7 @@ def render_job(recipe, recipe_path: Path, run_dir: Path, stage_name: str, stages
     if gpu_job:  # train: every GPU of every node; eval: vLLM (and the hf engine) on eval_gpus
         lines.append(f"#SBATCH --gpus-per-node={s['gpus_per_node'] if train else s['eval_gpus']}")
     mem, why = (s["mem"], "launch.slurm.mem") if s["mem"] is not None else estimate_mem(recipe, s, stage_name)
+    why = re.sub(r"[\x00-\x1f\x7f]", "?", why)  # names in it (a model directory's) must stay in the comment
     lines += [f"# --mem: {why}", f"#SBATCH --mem={mem}"]  # a comment after an option would be sbatch's to parse
     for extra in s["extra_sbatch"]:
         lines.append(extra if extra.startswith("#SBATCH") else f"#SBATCH {extra}")
@@ -141,15 +142,13 @@ def model_parameters(recipe) -> tuple[float | None, str]:
         if is_gguf_spec(base) and not base.endswith(".gguf"):
             cfg_path = pretrained_dir(base, recipe.model.dtype) / "config.json"
     if cfg_path is not None and cfg_path.is_file():
-        try:
-            import torch
-            from transformers import AutoConfig, AutoModelForCausalLM
+        from dipnet.pipeline.convert import meta_model
+        from dipnet.pipeline.errors import DipnetError
 
-            cfg = AutoConfig.from_pretrained(str(cfg_path.parent), trust_remote_code=False)
-            with torch.device("meta"):
-                n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+        try:
+            n = sum(p.numel() for p in meta_model(cfg_path.parent).parameters())
             return float(n), f"{cfg_path.parent.name}'s config"
-        except Exception:
+        except DipnetError:
             pass  # a config transformers cannot build: fall back to the name
     m = MODEL_SIZE_IN_NAME.search(Path(base).name)
     if m:

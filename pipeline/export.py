@@ -85,17 +85,9 @@ def hf_key(name: str) -> str:
 
 def base_keys(model_dir: Path) -> dict[str, tuple[str, list[int]]]:
     """key -> (file name, shape) of every tensor in the model directory's safetensors."""
-    from dipnet.pipeline.models import weight_files
+    from dipnet.pipeline.models import safetensors_shapes, weight_files
 
-    out = {}
-    for f in weight_files(model_dir):
-        with f.open("rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for k, v in header.items():
-            if k != "__metadata__":
-                out[k] = (f.name, v["shape"])
-    return out
+    return {k: (f.name, shape) for f in weight_files(model_dir) for k, shape in safetensors_shapes(f).items()}
 
 
 def export_checkpoint(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", tolerance: float = 1e-5,

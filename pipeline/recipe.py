@@ -90,6 +90,13 @@ class ModelSettings(_Section):
                             "it), sdpa, eager, or flash_attention_2 (CUDA GPUs with the flash-attn package).")
     tiny: TinyBaseSettings = TinyBaseSettings()
 
+    @field_validator("base")
+    @classmethod
+    def _base(cls, v):
+        if CONTROL.search(v):  # no model name or path has one; a job script would read it as a new line
+            raise ValueError("the name has a newline or control character")
+        return v
+
 
 DipMethod = Literal["none", "input_noise", "neftune", "dip_fixed", "dip"]
 

@@ -613,10 +613,9 @@ def choose_output_layer(engine, batch: dict, world: int):
     return engine.module.get_output_embeddings() if counted_logits_are_exact(engine, engine.module, batch, world) else None
 
 
-def step_token_count(batches: list[dict], device, world: int) -> torch.Tensor:
+def step_token_count(counted: list[int], device, world: int) -> torch.Tensor:
     """Counted (label) tokens in the whole optimizer step: every micro-batch on every rank."""
-    n = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum().item() for b in batches))],
-                     dtype=torch.float64, device=device)
+    n = torch.tensor([float(sum(counted))], dtype=torch.float64, device=device)
     if world > 1:
         torch.distributed.all_reduce(n)
     return n[0]
@@ -630,11 +629,12 @@ def train_step(engine, batches: list[dict], recipe: Recipe, output_layer, device
     t, d = recipe.train, recipe.dip
     m = d.trajectories
     alpha, beta = (d.alpha, d.beta) if d.method == "dip" else (0.0, 0.0)  # only learned λ has a prior
+    counted = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
     # The NLL is the mean over every counted token of the global batch (m trajectories each).
-    step_tokens = (step_token_count(batches, device, world) * m).clamp_min(1).to(torch.float32)
+    step_tokens = (step_token_count(counted, device, world) * m).clamp_min(1).to(torch.float32)
     sums = torch.zeros(6, dtype=torch.float64, device=device)
-    for batch in batches:
-        tokens = torch.stack([batch["attention_mask"].sum(), (batch["labels"][:, 1:] != -100).sum()])
+    for batch, n_counted in zip(batches, counted):
+        tokens = torch.tensor([int(batch["attention_mask"].sum()), n_counted])
         batch = {k: v.to(device) for k, v in dipmod.repeat_for_trajectories(batch, m).items()}
 
         def objective(forward, batch=batch, module=engine.module):

@@ -490,6 +490,7 @@ RECIPE_TEXTS = [
     ("[" * 5000, "nested too deeply"),
     ("eval:\n  noise_sigmas: [-1.0]\n", "σ values must be >= 0"),
     ("launch:\n  slurm:\n    env: {A: 1, A: 2}\n", "duplicate key 'A'"),
+    ('model:\n  base: "touch pwned\\nx-7B"\n', "'model.base': the name has a newline or control character"),
     ("False\n", "expected a mapping of sections (run, model, dip, ...), got bool"),
     ("run:\n  seed: 99999999999999999999999\n", "'run.seed': expected a value <= 4294967295"),
     ("seeds: [1, 18446744073709551617]\n", "seeds must be between 0 and 4294967295"),
