@@ -142,7 +142,7 @@ def model_parameters(recipe) -> tuple[float | None, str]:
         if is_gguf_spec(base) and not base.endswith(".gguf"):
             cfg_path = pretrained_dir(base, recipe.model.dtype) / "config.json"
     if cfg_path is not None and cfg_path.is_file():
-        from dipnet.pipeline.convert import meta_model
+        from dipnet.pipeline.models import meta_model
         from dipnet.pipeline.errors import DipnetError
 
         try:

@@ -20,29 +20,10 @@ from pathlib import Path
 from dipnet.pipeline.dip import DipConfig, attach_dip, initial_dip_state, model_family, save_dip
 from dipnet.pipeline.errors import UsageError
 from dipnet.pipeline.models import (TOKENIZER_FILES, check_model_dir, check_weights_match, copy_tokenizer_files,
-                                    load_tokenizer, weight_files)
+                                    load_tokenizer, meta_model, weight_files)
 from dipnet.pipeline.outputs import output_dir
 
-__all__ = ["convert", "meta_model", "TOKENIZER_FILES"]
-
-
-def meta_model(model_dir: str | Path, trust_remote_code: bool = False):
-    """The model's architecture without weights (meta device): enough to place projections."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from dipnet.pipeline.models import quiet_transformers
-
-    quiet_transformers()
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except UsageError:
-        raise
-    except Exception as exc:
-        raise UsageError(f"{model_dir}: cannot build the model from config.json "
-                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+__all__ = ["convert", "TOKENIZER_FILES"]
 
 
 def convert(model_dir: str | Path, out_dir: str | Path, config: DipConfig, *, trust_remote_code: bool = False) -> dict:

@@ -129,7 +129,7 @@ def _write_weights(ckpt: Path, state: dict, model_dir: Path, out: Path, torch_dt
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from dipnet.pipeline.convert import meta_model
+    from dipnet.pipeline.models import meta_model
     from dipnet.pipeline.models import copy_tokenizer_files
 
     recipe = state["recipe_obj"]

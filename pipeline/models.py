@@ -81,6 +81,23 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
     return shapes
 
 
+def meta_model(model_dir: str | Path, trust_remote_code: bool = False):
+    """The model's architecture without weights (meta device): enough to place projections."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"{model_dir}: cannot build the model from config.json "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+
+
 def check_weights_match(model, files: list[Path], where: Path) -> None:
     """Every parameter of `model` (built from config.json, on the meta device) has a tensor of its
     shape in the weight files, read from their headers: a missing or misshapen weight is found at
