@@ -1,10 +1,14 @@
 """The checkpoint format, in one place: save (atomic), find (latest, best), read (checked), load (safe).
 
-A checkpoint is `checkpoints/step-NNNNNN/`: DeepSpeed's own files (only the parameters that train)
-and `trainer_state.json` (step, world size, recipe, model directory, what trained). All ranks
-write into `.tmp-step-NNNNNN/`; rank 0 renames it when complete and moves the `latest` pointer
-(and `best`, with train.keep_best). Both stages that read checkpoints use this module: `train`
-to resume, `export` to consolidate; neither imports the other.
+A checkpoint is `checkpoints/step-NNNNNN/`: DeepSpeed's own files (only the parameters that train),
+`trainer_state.json` (step, world size, recipe, model directory, what trained) and `checksums.json`
+(size and SHA-256 of every file). All ranks write into `.tmp-step-NNNNNN/`; rank 0 renames it when
+complete and moves the `latest` pointer (and `best`, with train.keep_best). Both stages that read
+checkpoints use this module: `train` to resume, `export` to consolidate; neither imports the other.
+
+Resume verifies the checksums (every rank hashes its share of the files): a checkpoint that rotted
+on disk (a truncated or bit-flipped shard) is set aside as `.damaged-step-NNNNNN/` and training
+resumes from the previous intact one, with one line saying so. Export verifies before it reads.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 from dipnet.pipeline.errors import RunError, UsageError
 
 CKPT_PREFIX = "step-"
+CHECKSUMS = "checksums.json"
+DAMAGED_PREFIX = ".damaged-"
 STATE_KEYS = {"step": int, "tokens_seen": int, "world_size": int, "zero_stage": int, "recipe": dict,
               "model_dir": str, "trainable": list}
 
@@ -61,6 +67,37 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
             return cand
     done = sorted(p for p in ckpt_root.glob(f"{CKPT_PREFIX}*") if (p / "trainer_state.json").is_file())
     return done[-1] if done else None
+
+
+def latest_intact_checkpoint(ckpt_root: Path, is_main: bool) -> Path | None:
+    """The latest complete checkpoint whose files match their checksums (all ranks call this).
+
+    A damaged one is set aside, renamed `.damaged-step-NNNNNN` (kept for inspection, never
+    deleted), with one line saying why, and the one before it is tried. Never loads garbage: with
+    no intact checkpoint left, training starts over from step 0 and says so."""
+    set_aside = []
+    while (ck := latest_checkpoint(ckpt_root)) is not None:
+        problem = checkpoint_problem(ck)
+        if problem is None:
+            break
+        if is_main:
+            aside = ckpt_root / f"{DAMAGED_PREFIX}{ck.name}"
+            n = 1
+            while aside.exists():
+                aside, n = ckpt_root / f"{DAMAGED_PREFIX}{ck.name}.{n}", n + 1
+            try:
+                os.replace(ck, aside)
+            except OSError as exc:
+                raise RunError(f"checkpoint {ck} is damaged ({problem}) and cannot be set aside: "
+                               f"{exc.strerror or exc}") from None
+            print(f"checkpoint {ck.name} is damaged ({problem}): set aside as {aside.name}", flush=True)
+        set_aside.append(ck.name)
+        if _dist()[1] > 1:
+            torch.distributed.barrier()
+    if set_aside and is_main:
+        print(f"resuming from {ck.name}, the latest intact checkpoint" if ck is not None
+              else f"no intact checkpoint left in {ckpt_root}: training starts over from step 0", flush=True)
+    return ck
 
 
 def best_checkpoint(ckpt_root: Path) -> Path | None:
@@ -115,6 +152,88 @@ def read_trainer_state(ckpt: Path) -> dict:
     return state
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dist() -> tuple[int, int]:
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+
+
+def _gather(local):
+    """Every rank's `local`, on every rank (itself alone without a process group)."""
+    rank, world = _dist()
+    if world == 1:
+        return [local]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, local)
+    return out
+
+
+def _checkpoint_files(ckpt: Path) -> list[str]:
+    """The files a checkpoint was saved with, relative to it (the universal form added later is not)."""
+    return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")
+                  if p.is_file() and p.name != CHECKSUMS and p.relative_to(ckpt).parts[0] != "universal")
+
+
+def write_checksums(ckpt: Path, is_main: bool) -> None:
+    """checksums.json: size and SHA-256 of every file; the ranks hash a share of the files each
+    (a 7B full fine-tune's optimizer state is ~100 GB: one rank alone would take minutes)."""
+    rank, world = _dist()
+    files = _checkpoint_files(ckpt) if is_main else None
+    files = _gather(files)[0] if world > 1 else files
+    mine = {f: {"bytes": (ckpt / f).stat().st_size, "sha256": _sha256(ckpt / f)} for f in files[rank::world]}
+    merged = {k: v for part in _gather(mine) for k, v in part.items()}
+    if is_main:
+        tmp = ckpt / f"{CHECKSUMS}.tmp"
+        tmp.write_text(json.dumps({"files": merged}, indent=1, sort_keys=True))
+        os.replace(tmp, ckpt / CHECKSUMS)
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be trusted (a file missing, of the wrong size, or with another SHA-256),
+    or None when every file matches checksums.json. Sizes are checked first, then the ranks hash
+    a share each; every rank gets the same answer. A checkpoint without checksums.json (written by
+    an older dipnet) is not verified."""
+    rank, world = _dist()
+    path = ckpt / CHECKSUMS
+    if not path.is_file():
+        return None
+    from dipnet.pipeline.readers import read_json_object
+
+    try:  # checksums.json can rot too: then the checkpoint counts as damaged (every rank reads it)
+        files = read_json_object(path).get("files")
+    except UsageError as exc:
+        return str(exc)
+    if not isinstance(files, dict) or not files:
+        return f"{path}: expected a non-empty 'files' object"
+    names = sorted(files)
+    problem = None
+    for i, name in enumerate(names):
+        entry, f = files[name], ckpt / name
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
+            problem = f"{path}: malformed entry for '{name}'"
+        elif Path(name).is_absolute() or ".." in Path(name).parts:
+            problem = f"{path}: names '{name}', outside the checkpoint"
+        elif not f.is_file():
+            problem = f"{name} is missing"
+        elif f.stat().st_size != entry["bytes"]:
+            problem = f"{name} has {f.stat().st_size} bytes, {entry['bytes']} were saved (truncated?)"
+        elif i % world == rank and _sha256(f) != entry["sha256"]:
+            problem = f"{name} has another SHA-256 than was saved (its bytes changed)"
+        if problem:
+            break
+    found = [p for p in _gather(problem) if p]
+    return found[0] if found else None
+
+
 def save_checkpoint(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, is_main: bool) -> Path:
     """All ranks write into a temporary directory; rank 0 renames it when complete, then moves
     the `latest` pointer. A checkpoint interrupted mid-write keeps its `.tmp-` name and is never
@@ -138,6 +257,16 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, state: dict, keep_last: 
     if is_main:
         try:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        except OSError as exc:
+            raise RunError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}") from None
+    torch.distributed.barrier()
+    try:
+        write_checksums(tmp, is_main)
+    except OSError as exc:
+        raise RunError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}; "
+                       f"the latest complete checkpoint is still {latest_checkpoint(ckpt_root)}") from None
+    if is_main:
+        try:
             slow = os.environ.get("DIPNET_FAULT_SLOW_SAVE", "")  # fault injection (tests): "STEP:SECONDS"
             if slow.split(":")[0] == str(step):
                 time.sleep(float(slow.split(":")[1]))

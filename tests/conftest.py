@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from dipnet.pipeline.env import omp_wait_for_shared_cores
+
+omp_wait_for_shared_cores()  # before anything imports torch: see its docstring
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -850,3 +850,43 @@ def test_prediction_rows_must_hold_text(capsys, tmp_path, output, needle):
     p.write_text(json.dumps({"output": "#### 1", "target": 1}) + "\n" + json.dumps({"output": output, "target": "1"}) + "\n")
     line = refused(capsys, ["eval", "--predictions", p, "--task", "gsm8k", "--out", tmp_path / "o"], 2, needle)
     assert "p.jsonl:2:" in line and not (tmp_path / "o").exists()
+
+
+def _fake_checkpoint(root: Path, step: int) -> Path:
+    """A checkpoint directory laid out as save_checkpoint lays it out, with random shard bytes."""
+    from dipnet.pipeline.checkpoint import write_checksums
+
+    ck = root / f"step-{step:06d}"
+    (ck / ck.name).mkdir(parents=True)
+    (ck / ck.name / "mp_rank_00_model_states.pt").write_bytes(os.urandom(4096))
+    (ck / "trainer_state.json").write_text("{}")
+    write_checksums(ck, is_main=True)
+    return ck
+
+
+def test_rotten_checkpoints_are_found_and_set_aside_never_loaded(tmp_path, capsys):
+    """Truncated and missing shards, a rotten or hostile checksums.json: each is a damaged
+    checkpoint (never an exception, never a read outside it); with none intact, training starts
+    over and says so, and what was set aside is kept."""
+    from dipnet.pipeline.checkpoint import checkpoint_problem, latest_intact_checkpoint
+
+    root = tmp_path / "checkpoints"
+    a, b = _fake_checkpoint(root, 4), _fake_checkpoint(root, 8)
+    assert checkpoint_problem(a) is None and checkpoint_problem(b) is None
+    shard = b / b.name / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert checkpoint_problem(b) == f"{b.name}/mp_rank_00_model_states.pt has 100 bytes, 4096 were saved (truncated?)"
+    (a / a.name / "mp_rank_00_model_states.pt").unlink()
+    assert "is missing" in checkpoint_problem(a)
+    assert latest_intact_checkpoint(root, is_main=True) is None
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"no intact checkpoint left in {root}: training starts over from step 0"
+    assert sorted(p.name for p in root.iterdir()) == [".damaged-step-000004", ".damaged-step-000008"]
+
+    c = _fake_checkpoint(root, 12)
+    (c / "checksums.json").write_text(json.dumps({"files": {"../../../../etc/passwd": {"bytes": 1, "sha256": "0"}}}))
+    assert "outside the checkpoint" in checkpoint_problem(c)
+    (c / "checksums.json").write_bytes(b"\x00\xff{")
+    assert "checksums.json: not UTF-8" in checkpoint_problem(c)
+    (c / "checksums.json").unlink()  # written by an older dipnet: not verified, still usable
+    assert checkpoint_problem(c) is None and latest_intact_checkpoint(root, is_main=True) == c

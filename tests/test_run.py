@@ -2,13 +2,16 @@
 recipe change, the lock file, and atomic stage outputs."""
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import cli_in_process, run_cli, write_recipe
 
+from dipnet.pipeline.env import omp_wait_settings
 from dipnet.pipeline.errors import UsageError
 from dipnet.pipeline.recipe import load_recipe
 from dipnet.pipeline.run import STAGES, run_lock, run_pipeline
@@ -84,17 +87,32 @@ def test_stages_run_skip_from_only_and_invalidate(tmp_path, tiny_base_dir):
 
 
 def test_env_command():
-    res = run_cli("env", "--json")
+    # Beside a process that keeps a core busy, the CLI lets OpenMP threads sleep (spinning ones
+    # were 10x slower there); on idle cores they spin; a user's own choice stands.
+    bare = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "DIPNET_OMP_WAIT")}
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        res = subprocess.run([sys.executable, "-m", "dipnet.pipeline.cli", "env", "--json"], env=bare,
+                             capture_output=True, text=True, timeout=300)
+    finally:
+        busy.kill()
+        busy.wait()
     assert res.returncode == 0, res.stderr[-1000:]
     env = json.loads(res.stdout)
+    assert env["torch"]["omp_wait_policy"] == "PASSIVE", env["torch"]
+    assert env["torch"]["omp_wait_choice"].startswith("passive: other processes use")
+    assert omp_wait_settings(0.1) == {"DIPNET_OMP_WAIT": "spin: other processes use 0.1 cores"}
+    assert omp_wait_settings(0.9)["OMP_WAIT_POLICY"] == "PASSIVE"
     import torch
 
     assert env["torch"]["version"] == torch.__version__ and env["packages"]["transformers"]
     assert "cpu_adam" in env["deepspeed_ops"]
     flags = open("/proc/cpuinfo").read()  # bf16 is native exactly where the CPU has the instructions
     assert env["cpu_bf16"] == ("avx512_bf16" in flags or "amx_bf16" in flags)
-    text = run_cli("env", "--no-ops")
+    text = run_cli("env", "--no-ops", env={"OMP_WAIT_POLICY": "ACTIVE"})
     assert text.returncode == 0 and "vLLM build" in text.stdout and len(text.stdout.splitlines()) <= 40
+    assert "OMP_WAIT_POLICY ACTIVE" in text.stdout
 
 
 def test_lock_refuses_second_run(tmp_path):

@@ -85,23 +85,62 @@ def test_export_round_trip_every_stage(zero_runs, tmp_path):
         assert (p.log_variance.detach() - (w3[key] + p.base_log_variance)).abs().max() <= 1e-6
 
 
-def test_kill_one_rank_then_resume_equals_uninterrupted(tmp_path):
-    cfg = {"train.max_steps": 12, "train.save_every": 4, "train.zero_stage": 2, "dip.method": "dip"}
-    ref = tmp_path / "ref"
-    train(ref, cfg)
-    run = tmp_path / "killed"
-    with pytest.raises(RunError, match="training failed"):
-        train(run, cfg, env={"DIPNET_FAULT_KILL": "1:7"})  # rank 1 SIGKILLs itself mid-step 7
-    assert (run / "checkpoints" / "latest").read_text() == "step-000004"
-    _no_rank_alive(run)
-    train(run, cfg)  # the rerun resumes from step 4
-    log = (run / "train.log").read_text()
-    assert "resumed from" in log and "step-000004" in log
-    a = consolidate_zero_checkpoint(latest_checkpoint(ref / "checkpoints"))
+KILL_CFG = {"train.max_steps": 12, "train.save_every": 4, "train.zero_stage": 2, "dip.method": "dip"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The final trained tensors of an uninterrupted KILL_CFG run: what every resume must reach."""
+    ref = tmp_path_factory.mktemp("uninterrupted") / "ref"
+    train(ref, KILL_CFG)
+    return consolidate_zero_checkpoint(latest_checkpoint(ref / "checkpoints"))
+
+
+def _assert_same_weights(a, run):
     b = consolidate_zero_checkpoint(latest_checkpoint(run / "checkpoints"))
     assert set(a) == set(b)
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff <= 1e-6, diff
+
+
+def test_kill_one_rank_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
+    run = tmp_path / "killed"
+    with pytest.raises(RunError, match="training failed"):
+        train(run, KILL_CFG, env={"DIPNET_FAULT_KILL": "1:7"})  # rank 1 SIGKILLs itself mid-step 7
+    assert (run / "checkpoints" / "latest").read_text() == "step-000004"
+    _no_rank_alive(run)
+    train(run, KILL_CFG)  # the rerun resumes from step 4
+    log = (run / "train.log").read_text()
+    assert "resumed from" in log and "step-000004" in log
+    _assert_same_weights(uninterrupted, run)
+
+
+def test_a_rotten_checkpoint_is_set_aside_and_resume_falls_back(tmp_path, uninterrupted):
+    """One bit flips in a rank's optimizer shard of the latest checkpoint (same size, so only the
+    checksum can tell): export refuses it and names the intact one; resume sets it aside, says so
+    in one line, resumes from the checkpoint before it and ends on the uninterrupted weights."""
+    run = tmp_path / "rot"
+    with pytest.raises(RunError, match="training failed"):
+        train(run, KILL_CFG, env={"DIPNET_FAULT_KILL": "0:11"})
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text() == "step-000008" and (ck / "step-000004").is_dir()
+    sums = json.loads((ck / "step-000008" / "checksums.json").read_text())["files"]
+    shards = [f for f in sorted(sums) if "optim_states" in f]
+    assert "trainer_state.json" in sums and len(shards) == 2, sorted(sums)  # ZeRO-2: one per rank
+    shard = ck / "step-000008" / shards[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(data)
+    with pytest.raises(RunError, match=r"step-000008 is damaged \(.*optim_states.* another SHA-256.*\); "
+                                       r"export an intact one: .*step-000004"):
+        export_checkpoint(run, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    train(run, KILL_CFG)
+    log = (run / "train.log").read_text()
+    assert "checkpoint step-000008 is damaged" in log and "set aside as .damaged-step-000008" in log
+    assert "resuming from step-000004, the latest intact checkpoint" in log
+    assert (ck / ".damaged-step-000008" / shards[1]).read_bytes() == bytes(data)  # kept, not deleted
+    _assert_same_weights(uninterrupted, run)
 
 
 def _no_rank_alive(run):
