@@ -234,6 +234,27 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return found[0] if found else None
 
 
+def save_failed(exc: Exception, tmp: Path, ckpt_root: Path) -> Exception:
+    """The one-line error for a checkpoint write that failed, after removing the partial write
+    (ours, and on a full disk the space the next attempt needs). torch.save reports a full disk
+    as a RuntimeError ("file write failed"), not an OSError: the free space tells."""
+    import errno
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        full = shutil.disk_usage(ckpt_root).free < 16 * 2**20
+    except OSError:
+        full = False
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or full:
+        reason = "no space left on device (free space there, or point run.output_dir at a larger disk)"
+    elif isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+    else:
+        return exc
+    return RunError(f"cannot write checkpoint {tmp}: {reason}; the latest complete checkpoint is still "
+                    f"{latest_checkpoint(ckpt_root)}")
+
+
 def save_checkpoint(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, is_main: bool) -> Path:
     """All ranks write into a temporary directory; rank 0 renames it when complete, then moves
     the `latest` pointer. A checkpoint interrupted mid-write keeps its `.tmp-` name and is never
@@ -245,26 +266,14 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, state: dict, keep_last: 
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
     try:
-        if os.environ.get("DIPNET_FAULT_SAVE_ERROR") == str(step):  # fault injection (tests): a full disk
-            import errno
-
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
         engine.save_checkpoint(str(tmp), tag=name, exclude_frozen_parameters=True)
-    except OSError as exc:
-        raise RunError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}; "
-                       f"the latest complete checkpoint is still {latest_checkpoint(ckpt_root)}") from None
-    torch.distributed.barrier()
-    if is_main:
-        try:
+        torch.distributed.barrier()
+        if is_main:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        except OSError as exc:
-            raise RunError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}") from None
-    torch.distributed.barrier()
-    try:
+        torch.distributed.barrier()
         write_checksums(tmp, is_main)
-    except OSError as exc:
-        raise RunError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}; "
-                       f"the latest complete checkpoint is still {latest_checkpoint(ckpt_root)}") from None
+    except Exception as exc:
+        raise save_failed(exc, tmp, ckpt_root) from None
     if is_main:
         try:
             slow = os.environ.get("DIPNET_FAULT_SLOW_SAVE", "")  # fault injection (tests): "STEP:SECONDS"

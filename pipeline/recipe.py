@@ -205,6 +205,10 @@ class TrainSettings(_Section):
                                                "(needs train.eval_every).")
     early_stopping_patience: Optional[int] = Field(
         None, gt=0, description="Stop after this many validations without a new lowest NLL (needs train.eval_every).")
+    early_stopping_threshold: float = Field(
+        0.0, ge=0, description="How far below the lowest validation NLL so far a new one must be to reset the "
+                               "patience count (the HF Trainer's early_stopping_threshold); the best checkpoint is "
+                               "the lowest regardless.")
     gradient_checkpointing: bool = Field(
         False, description="Keep only each block's input for backward and recompute the block (less activation "
                            "memory, one more forward per block); DIP noise replays identically.")

@@ -468,7 +468,7 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
         val, improved = None, False
         if t.eval_every and (done % t.eval_every == 0 or done == steps):
             val = validation_stats(engine, val_examples, t.micro_batch_size, rank, world, pad, device, output_layer)
-            improved = track_validation(tracking, val["val_nll"], done)
+            improved = track_validation(tracking, val["val_nll"], done, t.early_stopping_threshold)
             if t.early_stopping_patience and tracking["since_best"] >= t.early_stopping_patience and done < steps:
                 tracking["stopped_early_at"] = done
                 steps = done  # every rank saw the same all-reduced NLL: all stop here
@@ -670,13 +670,17 @@ def agree(sums: torch.Tensor, device, world: int, micro_batches: int, gamma: flo
             "over": over_n > 0, "stop": stop_n > 0, "save_due": due_n > 0}
 
 
-def track_validation(tracking: dict, val_nll: float, done: int) -> bool:
-    """Update the best step/NLL and the validations since; returns whether this one is the best."""
-    improved = "best_val_nll" not in tracking or val_nll < tracking["best_val_nll"]
-    if improved:
-        tracking.update(best_step=done, best_val_nll=val_nll, since_best=0)
+def track_validation(tracking: dict, val_nll: float, done: int, threshold: float = 0.0) -> bool:
+    """Update the best step/NLL and the patience count (`since_best`: validations since one that
+    beat the best by more than `threshold`); returns whether this one is the best."""
+    first = "best_val_nll" not in tracking
+    improved = first or val_nll < tracking["best_val_nll"]
+    if first or val_nll < tracking["best_val_nll"] - threshold:
+        tracking["since_best"] = 0
     else:
         tracking["since_best"] = tracking.get("since_best", 0) + 1
+    if improved:
+        tracking.update(best_step=done, best_val_nll=val_nll)
     return improved
 
 

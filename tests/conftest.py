@@ -46,6 +46,28 @@ def family_configs():
 FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gemma3_text", "gemma3", "phi3", "gpt_neox", "gpt2"]
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """`tmpfs("28m")` mounts a small file system of that size (root only: the test is skipped
+    elsewhere) and returns its path; every mount is removed when the test ends."""
+    import subprocess
+
+    mounts = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"fs{len(mounts)}"
+        mnt.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                          capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounts.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_base_dir():
     """The embedded tiny base (cached by content hash)."""

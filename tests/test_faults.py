@@ -141,17 +141,30 @@ def test_sigint_stops_every_child_and_rerun_resumes(tmp_path, tiny_base_dir):
     assert f"step-{step:06d} at step {step}" in (run / "train" / "train.log").read_text()
 
 
-def test_disk_full_while_saving_names_path_and_keeps_previous(tmp_path, tiny_base_dir):
-    p = recipe(tmp_path, "full", TORCHRUN)
-    run = tmp_path / "full"
-    res = cli_in_process("run", p, env={"DIPNET_FAULT_SAVE_ERROR": "8"})
+def test_disk_full_while_saving_names_path_and_keeps_previous(tmp_path, tiny_base_dir, tmpfs):
+    """The run directory on a real 28 MiB file system: the stages before training take ~4 MB and a
+    checkpoint 16 MB, so step 4's fits and step 8's fills the disk half-way. One line names the
+    checkpoint and the way out; the partial write is removed; step 4's checkpoint is whole (its
+    checksums verify), and with room again (the file system grown) the rerun resumes from it."""
+    from dipnet.pipeline.checkpoint import checkpoint_problem
+
+    disk = tmpfs("28m")
+    run = disk / "full"
+    p = recipe(tmp_path, "full", {**TORCHRUN, "run": {"name": "full", "output_dir": str(run)}})
+    res = cli_in_process("run", p)
     assert res.returncode == 1
     line = one_error_line(res)
     ck = run / "train" / "main-s0" / "checkpoints"
-    assert f"cannot write checkpoint {ck}/.tmp-step-000008: No space left on device" in line
-    assert "latest complete checkpoint is still" in line and "step-000004" in line
-    assert (ck / "latest").read_text() == "step-000004"
+    assert f"cannot write checkpoint {ck}/.tmp-step-000008: no space left on device" in line, line
+    assert "run.output_dir" in line and "latest complete checkpoint is still" in line and "step-000004" in line
+    assert (ck / "latest").read_text() == "step-000004" and not (ck / ".tmp-step-000008").exists()
+    assert checkpoint_problem(ck / "step-000004") is None
     assert manifest(run)["train"]["status"] == "failed"
+    subprocess.run(["mount", "-o", "remount,size=80m", str(disk)], check=True)
+    res = cli_in_process("run", p, "--only", "train")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "step-000004 at step 4" in (run / "train" / "train.log").read_text()
+    assert (ck / "latest").read_text() == "step-000012"
 
 
 def test_master_port_in_use(tmp_path, tiny_base_dir):

@@ -100,6 +100,15 @@ def _edit_state(ckpt: Path, fn) -> None:
     state = json.loads(p.read_text())
     fn(state)
     p.write_text(json.dumps(state))
+    _reseal(ckpt)
+
+
+def _reseal(ckpt: Path) -> None:
+    """What an attacker who edits a checkpoint also does: rewrite checksums.json to match, so the
+    defences behind the checksums are the ones tested."""
+    from dipnet.pipeline.checkpoint import write_checksums
+
+    write_checksums(ckpt, is_main=True)
 
 
 # ----------------------------------------------------------------------------- 1. code execution
@@ -159,6 +168,8 @@ def test_pickle_payload_in_a_checkpoint_never_unpickles(capsys, tmp_path, traine
          "sys.stdout.buffer.write(pickle.dumps({'module': P(), 'optimizer_state_dict': P()}))"],
         capture_output=True, check=True).stdout
     files[0].write_bytes(evil_pickle)
+    # Swapped in without resealing, the checksums refuse the file before anything unpickles it.
+    refused(capsys, ["export", ckpt, "--out", tmp_path / "out"], 1, "is damaged")
     _edit_state(ckpt, lambda s: s.update(zero_stage=0) if target == "model" else None)
     refused(capsys, ["export", ckpt, "--out", tmp_path / "out"], 2, "cannot read the DeepSpeed checkpoint")
 
@@ -787,16 +798,9 @@ def test_edited_validation_bookkeeping_is_not_believed():
 # ----------------------------------------------------------------------------- 7. careless inputs, one line each
 
 @pytest.fixture
-def small_fs(tmp_path):
-    """A 1 MiB tmpfs (root only: skipped elsewhere), unmounted afterwards; `remount_ro()` makes it read-only."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+def small_fs(tmpfs):
+    """A 1 MiB tmpfs (root only: skipped elsewhere), unmounted afterwards."""
+    return tmpfs("1m")
 
 
 def test_disk_full_and_read_only_outputs_are_one_line(capsys, small_fs, tiny_base_dir):
