@@ -14,6 +14,7 @@ no rank is ever left running.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -226,15 +227,27 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+# What launchers print about a rank that failed: never the cause, which a rank printed before.
+LAUNCHER_WRAPPERS = ("ChildFailedError", "torch.distributed.elastic", "exits with return code", "SignalException")
+EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:?\s*)?[A-Za-z_][\w.]*(?:Error|Exception|Interrupt): \S")
+
+
 def last_error_line(log_path: Path) -> str:
-    """The most telling line of a failed run's log: our own 'error:' line, else the last exception."""
+    """The most telling line of a failed run's log: our own 'error:' line; else the first
+    exception a rank raised (the cause: the launcher's ChildFailedError and the other ranks'
+    errors come after it); else the launcher's own words."""
     try:
         lines = log_path.read_text(errors="replace").splitlines()
     except OSError:
         return "no log"
-    for pat in ("dipnet error:", "Error:", "error:", "Killed", "exits with return code", "exit status"):
+    for line in reversed(lines):
+        if "dipnet error:" in line:
+            return line.split("dipnet error:", 1)[-1].strip()
+    for line in lines:
+        if EXCEPTION_LINE.match(line.strip()) and not any(w in line for w in LAUNCHER_WRAPPERS):
+            return line.strip()[-300:]
+    for pat in ("Error:", "error:", "Killed", "exits with return code", "exit status"):
         for line in reversed(lines):
             if pat in line:
-                line = line.strip()
-                return line.split("dipnet error:", 1)[-1].strip() if "dipnet error:" in line else line[-300:]
+                return line.strip()[-300:]
     return lines[-1].strip()[-300:] if lines else "empty log"

@@ -206,6 +206,62 @@ def partition_memory_mb(partition: str | None) -> int | None:
     return min(found) if found else None
 
 
+def interface_holding(addr: str) -> str | None:
+    """The network interface of this host that holds IPv4 address `addr` (from `ip -o addr`)."""
+    try:
+        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():  # "3: eth0    inet 10.0.0.2/24 brd ... scope global eth0"
+        parts = line.split()
+        if len(parts) > 3 and parts[2] == "inet" and parts[3].split("/")[0] == addr:
+            return parts[1]
+    return None
+
+
+def node_socket_env(env: dict | None = None) -> dict[str, str]:
+    """GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME) for a rank of a multi-node Slurm job that set
+    neither: the interface that carries this node's Slurm address (NodeAddr).
+
+    Without it gloo binds the address the host's own name resolves to, which on many clusters
+    (Debian's `127.0.1.1 <hostname>` line) is loopback: every rank then gets `Connection refused`.
+    Where no interface holds NodeAddr and the name is loopback, one line says what to set."""
+    import socket
+
+    env = os.environ if env is None else env
+    if int(env.get("SLURM_NNODES", "1") or 1) < 2 or "GLOO_SOCKET_IFNAME" in env:
+        return {}
+    node = env.get("SLURMD_NODENAME", "")
+    addr = ""
+    if node and re.fullmatch(r"[A-Za-z0-9._-]+", node):
+        try:
+            out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True, timeout=30).stdout
+            m = re.search(r"NodeAddr=(\S+)", out)
+            addr = m.group(1) if m else ""
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    try:
+        ip = socket.gethostbyname(addr) if addr else ""
+    except OSError:
+        ip = ""
+    ifname = interface_holding(ip) if ip else None
+    if ifname and ifname != "lo":
+        chosen = {"GLOO_SOCKET_IFNAME": ifname}
+        if "NCCL_SOCKET_IFNAME" not in env:
+            chosen["NCCL_SOCKET_IFNAME"] = ifname
+        return chosen
+    host = socket.gethostname()
+    try:
+        own = socket.gethostbyname(host)
+    except OSError:
+        own = ""
+    if own.startswith("127."):
+        raise RunError(f"node {node or host}: its host name '{host}' resolves to {own} (loopback) and no interface "
+                       f"holds its Slurm address {addr or '(unknown)'}: ranks on other nodes could not reach it; set "
+                       f"launch.slurm.env.GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME) to the interface between nodes")
+    return {}
+
+
 def slurm_train_command(script_args: list[str], procs: int, module: str = TRAIN_MODULE) -> list[str]:
     """Inside a dipnet train job: spawn `procs` ranks of the training module on every node.
 

@@ -117,6 +117,15 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, bool]:
             # Without a rank every process would train alone on GPU 0, N copies writing one directory.
             raise RunError("no RANK in the environment: start training through a launcher (deepspeed, torchrun, "
                            "srun) or launch.launcher: single")
+    # Several nodes: gloo and NCCL talk over the interface that carries the node's Slurm address
+    # unless launch.slurm.env chose one (a host name that resolves to loopback breaks the default).
+    from dipnet.launch.slurm import node_socket_env
+
+    chosen = node_socket_env()
+    if chosen and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"node {os.environ.get('SLURMD_NODENAME', '?')}: gloo and NCCL over {chosen['GLOO_SOCKET_IFNAME']}, "
+              "the interface holding its Slurm address", flush=True)
+    os.environ.update(chosen)
     # Stated, not inherited (torch's NCCL default moved from 30 to 10 min between releases): a rank
     # whose peer hangs gives up after this. Waits that can be longer (rank 0 converting a 7B
     # checkpoint to the universal format) happen on the file system, not in a collective.

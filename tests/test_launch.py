@@ -79,3 +79,22 @@ def test_run_ranks_polls_while_the_ranks_run(tmp_path):
     with pytest.raises(Exception, match="timed out"):
         launch.run_ranks([sys.executable, "-c", "import time; time.sleep(30)"], {}, tmp_path / "log2", 0.5,
                          on_poll=lambda: None, poll_s=0.1, grace_s=1)
+
+
+def test_a_failed_launch_names_the_ranks_first_error_and_the_node_interface(tmp_path):
+    """The stage error carries the cause a rank raised first, not torchrun's ChildFailedError
+    summary nor a later rank's echo; a multi-node rank finds the interface holding an address."""
+    from dipnet.launch.local import last_error_line
+    from dipnet.launch.slurm import interface_holding, node_socket_env
+
+    log = tmp_path / "train.log"
+    log.write_text("[rank1]: Traceback (most recent call last):\n"
+                   "[rank1]: RuntimeError: [gloo/transport/tcp/pair.cc:144] connect [127.0.0.1]:4242: Connection refused\n"
+                   "[rank0]: torch.distributed.DistBackendError: peer gone\n"
+                   "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+    assert last_error_line(log).endswith("connect [127.0.0.1]:4242: Connection refused")
+    log.write_text("RuntimeError: first\ndipnet error: step 3: out of memory\nValueError: later\n")
+    assert last_error_line(log) == "step 3: out of memory"
+    assert interface_holding("127.0.0.1") == "lo" and interface_holding("203.0.113.99") is None
+    assert node_socket_env({"SLURM_NNODES": "1"}) == {}  # one node: loopback is fine
+    assert node_socket_env({"SLURM_NNODES": "2", "GLOO_SOCKET_IFNAME": "ib0"}) == {}  # the user's choice stands

@@ -36,12 +36,13 @@ def need_nodes(n: int = 2):
         pytest.skip(why)
 
 
-# 2 nodes x 1 rank. Inside a node's network namespace the host name resolves to 127.0.0.1, so gloo
-# is told which interface reaches the other node (on a real cluster: its fabric interface).
+# 2 nodes x 1 rank. Inside a node's network namespace the host name resolves to 127.0.0.1 (as
+# Debian's 127.0.1.1 line does on many clusters): with nothing set, the ranks find the interface
+# that holds their node's Slurm address; the time-limit tests name it themselves (the override).
 TWO_NODES = {
     "data": {"synthetic": {"n_train": 64, "n_test": 16}, "max_length": 96},
     "train": {"max_steps": 6, "micro_batch_size": 4, "save_every": 3, "log_every": 1, "zero_stage": 2},
-    "launch": {"procs_per_node": 1, "slurm": {"nodes": 2, "cpus_per_task": 2, "env": {"GLOO_SOCKET_IFNAME": "eth0"}}},
+    "launch": {"procs_per_node": 1, "slurm": {"nodes": 2, "cpus_per_task": 2}},
     "eval": {"engine": "hf", "tasks": ["arith-id"], "limit": 8, "max_new_tokens": 24},
     "report": {"smoothness": False},
 }
@@ -96,6 +97,8 @@ def test_two_nodes_train_like_one_node(tmp_path, tiny_base_dir, reference, launc
     assert summary["world_size"] == 2
     log = (run / "train" / "train.log").read_text()
     assert ("torch.distributed.run" if launcher == "torchrun" else "--launcher slurm") in log
+    for node in ("node1", "node2"):  # nothing set: each found the interface holding its NodeAddr
+        assert f"node {node}: gloo and NCCL over eth0, the interface holding its Slurm address" in log, log[-3000:]
     job_logs = "".join(p.read_text() for p in (run / "slurm").glob("train-*.log"))
     assert "on 2 node(s): node1 node2" in job_logs and "169.254.77.11" in job_logs
     a, b = _losses(reference), _losses(run)
