@@ -122,7 +122,7 @@ def test_sweep_recipe_validates():
 
 
 def test_real_model_recipe_validates():
-    """recipes/smollm2-gsm8k.yaml: the real-model study the README reports (its run takes ~30 min,
+    """recipes/smollm2-gsm8k.yaml: the real-model study docs/results.md reports (its run takes ~30 min,
     so the suite checks the recipe; tests/test_real_model.py runs every stage on the real model)."""
     from conftest import SHARED_GSM8K
 
