@@ -158,7 +158,7 @@ def model_parameters(recipe) -> tuple[float | None, str]:
 
 def estimate_mem(recipe, s: dict, stage_name: str) -> tuple[str, str]:
     """sbatch --mem for one stage job, from the model's size and what the stage holds in host memory
-    (docs/performance.md, "Host memory per rank while loading": ZeRO-0-2 keep the whole model on every rank
+    (docs/cluster.md, "Host memory per rank while loading": ZeRO-0-2 keep the whole model on every rank
     while loading, ~2 bytes per parameter in bf16; ZeRO-3 partitions as it loads, ~1.2), plus ~3 GiB
     per process (torch, DeepSpeed, a CUDA context) and a quarter for headroom. Export verifies in
     float32 (8 bytes per parameter); vLLM loads the model once beside its KV cache. When submitting,
