@@ -123,7 +123,53 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, *, dtype: str = "fl
         if verify:
             summary.update(_verify(tmp, state, model_dir, ckpt, dtype, tolerance, trust_remote_code))
         (tmp / "export.json").write_text(json.dumps(summary, indent=2))
+        (tmp / "README.md").write_text(model_card(summary, state, Path(out_dir).name))
     return summary
+
+
+def model_card(summary: dict, state: dict, name: str) -> str:
+    """The export's README.md in the Hub's model-card format: YAML metadata (safe_dump: names from
+    the recipe cannot break out of it), then what was trained, how, and how to load it."""
+    import yaml
+    from importlib.metadata import PackageNotFoundError, version
+
+    r = state["recipe_obj"]
+    try:
+        dipnet_version = version("dipnet")
+    except PackageNotFoundError:
+        dipnet_version = "unknown"
+    base = r.model.base
+    meta = {"library_name": "transformers", "pipeline_tag": "text-generation",
+            "tags": ["dipnet", f"dip-method-{r.dip.method}", f"{r.train.method}-fine-tuning"]}
+    if base != "tiny" and "/" in base and not Path(base).exists():
+        meta["base_model"] = base  # a Hub id; local paths and the built-in tiny base are not
+    if r.data.train == "gsm8k" or "gsm8k" in Path(str(r.data.train)).name.lower():
+        meta["datasets"] = ["openai/gsm8k"]
+    flat = lambda v: " ".join(str(v).split()).replace("|", "\\|").replace("`", "'")  # one table cell
+    rows = [("base model", base), ("fine-tuning", r.train.method + (" (LoRA merged into the weights)"
+                                                                    if summary.get("lora_merged") else "")),
+            ("DIP method", r.dip.method), ("optimizer steps", state["step"]), ("tokens seen", state["tokens_seen"]),
+            ("learning rate", r.train.lr), ("ZeRO stage", state["zero_stage"]), ("precision", r.train.precision),
+            ("seed", r.run.seed), ("training data", r.data.train), ("exported dtype", summary.get("dtype")),
+            ("dipnet", dipnet_version)]
+    if r.dip.method in ("dip", "dip_fixed", "input_noise"):
+        rows[3:3] = [("λ0, scale", f"{r.dip.init_variance:g}, {r.dip.scale}"), ("prior α, β", f"{r.dip.alpha:g}, {r.dip.beta:g}")]
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {flat(name)}", "",
+             f"Fine-tuned from `{flat(base)}` with dipnet (Distributional Input Projection Networks, "
+             "arXiv 2506.04690). These weights are the **mean path**: the base architecture, loadable by any tool "
+             "that loads the base model; the learned input variances λ are kept in `dip/` for DIP-aware sampling.",
+             "", "## Training", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {flat(v)} |" for k, v in rows]
+    lam = summary.get("lambda_mean") or {}
+    if lam:
+        lines += ["", "## Learned input variances", "", "Mean λ per projection (one λ per feature):", "",
+                  "| projection | mean λ |", "|---|---|"]
+        lines += [f"| {flat(k)} | {v:.3g} |" for k, v in lam.items()]
+    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              'model = AutoModelForCausalLM.from_pretrained("PATH")', 'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+              "```", "", "Evaluation: `dipnet eval PATH --tasks gsm8k` writes `results.json` beside its samples; a study's "
+              "`report.md` compares this model with its baselines across seeds.", ""]
+    return "\n".join(lines)
 
 
 def _lora_scaling(recipe) -> float:
@@ -244,7 +290,8 @@ def _write_weights(ckpt: Path, state: dict, model_dir: Path, out: Path, torch_dt
     trained.clear()
     gc.collect()
     return {"tensors": len(keys), "shards": len(shards), "bytes": total, "lora_merged": len(lora),
-            "dip_projections": len(lam)}
+            "dip_projections": len(lam),
+            "lambda_mean": {k: float(v.float().exp().mean()) for k, v in sorted(lam.items())}}
 
 
 def _probe_logits(model, tokenizer) -> torch.Tensor:

@@ -894,3 +894,19 @@ def test_rotten_checkpoints_are_found_and_set_aside_never_loaded(tmp_path, capsy
     assert "checksums.json: not UTF-8" in checkpoint_problem(c)
     (c / "checksums.json").unlink()  # written by an older dipnet: not verified, still usable
     assert checkpoint_problem(c) is None and latest_intact_checkpoint(root, is_main=True) == c
+
+
+def test_model_card_names_cannot_break_its_metadata_or_table():
+    """A base name with YAML and Markdown syntax stays one value in the card's metadata and one
+    cell in its table."""
+    from dipnet.pipeline.export import model_card
+    from dipnet.pipeline.recipe import Recipe
+
+    name = "org/evil: {x: 1} | `rm -rf` ---"
+    r = Recipe.model_validate({"model": {"base": name}})
+    card = model_card({"dtype": "float32", "lora_merged": 0, "lambda_mean": {"layers.0": 3e-3}},
+                      {"recipe_obj": r, "step": 8, "tokens_seen": 100, "zero_stage": 2}, "out")
+    _, front, body = card.split("---\n", 2)
+    assert yaml.safe_load(front)["base_model"] == name
+    row = next(line for line in body.splitlines() if line.startswith("| base model |"))
+    assert row.count(" | ") == 1 and "\\|" in row and "`" not in row

@@ -71,6 +71,18 @@ def test_export_round_trip_every_stage(zero_runs, tmp_path):
         assert summary["max_logit_diff"] == 0.0 and summary["tensors"] == 39 and summary["dip_projections"] == 4
     d = tmp_path / "export3"
     assert not any(p.name.startswith("dip") for p in d.glob("*.safetensors"))
+    # The model card: Hub metadata, what was trained and how, and the learned λ beside the saved ones.
+    import yaml
+
+    card = (d / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "transformers" and "dipnet" in meta["tags"] and "base_model" not in meta
+    assert "| ZeRO stage | 3 |" in body and "| optimizer steps | 8 |" in body and "| DIP method | dip |" in body
+    saved = dip.read_dip_state(d)
+    means = json.loads((d / "export.json").read_text())["lambda_mean"]
+    assert len(means) == 4 and all(abs(means[k] - saved[k].float().exp().mean().item()) < 1e-6 * means[k] for k in means)
+    assert all(f"| {k} | {v:.3g} |" in body for k, v in means.items())
     plain = AutoModelForCausalLM.from_pretrained(d).eval()
     with_dip = load_causal_lm(d)
     dip.set_dip_mode(with_dip, "mean")
