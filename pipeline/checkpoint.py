@@ -75,7 +75,7 @@ def latest_intact_checkpoint(ckpt_root: Path, is_main: bool) -> Path | None:
     A damaged one is set aside, renamed `.damaged-step-NNNNNN` (kept for inspection, never
     deleted), with one line saying why, and the one before it is tried. Never loads garbage: with
     no intact checkpoint left, training starts over from step 0 and says so."""
-    set_aside = []
+    set_aside = False
     while (ck := latest_checkpoint(ckpt_root)) is not None:
         problem = checkpoint_problem(ck)
         if problem is None:
@@ -91,7 +91,7 @@ def latest_intact_checkpoint(ckpt_root: Path, is_main: bool) -> Path | None:
                 raise RunError(f"checkpoint {ck} is damaged ({problem}) and cannot be set aside: "
                                f"{exc.strerror or exc}") from None
             print(f"checkpoint {ck.name} is damaged ({problem}): set aside as {aside.name}", flush=True)
-        set_aside.append(ck.name)
+        set_aside = True
         if _dist()[1] > 1:
             torch.distributed.barrier()
     if set_aside and is_main:
@@ -187,8 +187,7 @@ def write_checksums(ckpt: Path, is_main: bool) -> None:
     """checksums.json: size and SHA-256 of every file; the ranks hash a share of the files each
     (a 7B full fine-tune's optimizer state is ~100 GB: one rank alone would take minutes)."""
     rank, world = _dist()
-    files = _checkpoint_files(ckpt) if is_main else None
-    files = _gather(files)[0] if world > 1 else files
+    files = _gather(_checkpoint_files(ckpt) if is_main else None)[0]  # rank 0's listing, for all
     mine = {f: {"bytes": (ckpt / f).stat().st_size, "sha256": _sha256(ckpt / f)} for f in files[rank::world]}
     merged = {k: v for part in _gather(mine) for k, v in part.items()}
     if is_main:

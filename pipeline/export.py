@@ -103,12 +103,12 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, *, dtype: str = "fl
     from dipnet.pipeline.outputs import output_dir
 
     ckpt = resolve_checkpoint(path)
-    state = read_trainer_state(ckpt)
-    problem = checkpoint_problem(ckpt)
+    problem = checkpoint_problem(ckpt)  # before anything in it is read
     if problem:
         others = [p.name for p in sorted(ckpt.parent.glob(f"{CKPT_PREFIX}*")) if p != ckpt and checkpoint_problem(p) is None]
         hint = f"export an intact one: {ckpt.parent / others[-1]}" if others else "no other intact checkpoint beside it"
         raise RunError(f"{ckpt} is damaged ({problem}); {hint}")
+    state = read_trainer_state(ckpt)
     recipe = state["recipe_obj"]
     model_dir = Path(base) if base is not None else Path(state["model_dir"])
     check_model_dir(model_dir, trust_remote_code, flag="--trust-remote-code (export)")
