@@ -35,7 +35,10 @@ REQUIRED = {
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
     "chat": ("messages",),
+    "sharegpt": ("conversations",),
+    "text": ("text",),
 }
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
@@ -91,46 +94,89 @@ def _file_hash(p: Path) -> str:
 
 # ----------------------------------------------------------------------------- formatting
 
-def format_row(row: dict, fmt: str, tokenizer, where: str) -> tuple[str, str]:
-    """(prompt text, completion text) for one row; missing fields name the line."""
+def format_row(row: dict, fmt: str, tokenizer, where: str) -> list[tuple[str, bool]]:
+    """One row as text pieces, each marked whether it is an answer (counted in the loss).
+
+    Single-turn formats give [(prompt, False), (completion, True)]; `text` gives [(text, True)];
+    chat formats alternate, one answer piece per assistant turn. Missing fields name the line."""
+    line = f"{where}:{row.get('_line', '?')}"
     missing = [k for k in REQUIRED[fmt] if row.get(k) in (None, "")]
     if missing:
-        raise UsageError(f"{where}:{row.get('_line', '?')}: row has no '{missing[0]}' "
-                         f"(format {fmt} needs {', '.join(REQUIRED[fmt])})")
+        raise UsageError(f"{line}: row has no '{missing[0]}' (format {fmt} needs {', '.join(REQUIRED[fmt])})")
     for k in REQUIRED[fmt] + (("input",) if fmt == "alpaca" and row.get("input") else ()):
-        if k != "messages" and (not isinstance(row[k], (str, int, float)) or isinstance(row[k], bool)):
-            raise UsageError(f"{where}:{row.get('_line', '?')}: '{k}' must be text, got {type(row[k]).__name__}")
+        if fmt not in ("chat", "sharegpt") and (not isinstance(row[k], (str, int, float)) or isinstance(row[k], bool)):
+            raise UsageError(f"{line}: '{k}' must be text, got {type(row[k]).__name__}")
     if fmt == "gsm8k":
-        return gsm8k_prompt(row["question"]), " " + str(row["answer"]).strip()
+        return [(gsm8k_prompt(row["question"]), False), (" " + str(row["answer"]).strip(), True)]
     if fmt == "alpaca":
         inp = row.get("input") or ""
         block = f"### Input:\n{inp}\n\n" if inp else ""
-        return ALPACA_PROMPT.format(instruction=row["instruction"], input_block=block), str(row["output"])
+        return [(ALPACA_PROMPT.format(instruction=row["instruction"], input_block=block), False), (str(row["output"]), True)]
     if fmt == "prompt_completion":
-        return str(row["prompt"]), str(row["completion"])
-    msgs = row["messages"]
-    if not isinstance(msgs, list) or not msgs or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs) \
-            or msgs[-1].get("role") != "assistant":
-        raise UsageError(f"{where}:{row.get('_line', '?')}: 'messages' must be a list ending with an assistant turn")
+        return [(str(row["prompt"]), False), (str(row["completion"]), True)]
+    if fmt == "text":
+        return [(str(row["text"]), True)]
+    msgs = conversation(row, fmt, line)
     if not getattr(tokenizer, "chat_template", None):
-        raise UsageError(f"{where}: format chat needs a tokenizer with a chat template")
-    prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-    return prompt, str(msgs[-1]["content"])
+        raise UsageError(f"{where}: format {fmt} needs a tokenizer with a chat template")
+    return chat_pieces(msgs, tokenizer, line)
+
+
+def conversation(row: dict, fmt: str, line: str) -> list[dict]:
+    """OpenAI `messages` ([{role, content}]) or ShareGPT `conversations` ([{from, value}]) as messages."""
+    key, role_key, text_key = ("messages", "role", "content") if fmt == "chat" else ("conversations", "from", "value")
+    turns = row[key]
+    if not isinstance(turns, list) or not all(
+            isinstance(t, dict) and isinstance(t.get(role_key), str) and isinstance(t.get(text_key), str) for t in turns):
+        raise UsageError(f"{line}: '{key}' must be a list of {{{role_key}, {text_key}}} turns with text values")
+    if fmt == "sharegpt":
+        unknown = [t["from"] for t in turns if t["from"] not in SHAREGPT_ROLES]
+        if unknown:
+            raise UsageError(f"{line}: 'conversations' has a turn from '{unknown[0][:40]}' "
+                             f"(expected one of {', '.join(SHAREGPT_ROLES)})")
+        turns = [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+    else:
+        turns = [{"role": t["role"], "content": t["content"]} for t in turns]
+    if not any(t["role"] == "assistant" for t in turns) or turns[0]["role"] == "assistant":
+        raise UsageError(f"{line}: '{key}' must start with a system or user turn and hold an assistant turn")
+    return turns
+
+
+def chat_pieces(msgs: list[dict], tokenizer, line: str) -> list[tuple[str, bool]]:
+    """The conversation rendered by the tokenizer's chat template, cut at every assistant turn.
+
+    An assistant turn i spans from the end of render(msgs[:i], add_generation_prompt) to the end
+    of render(msgs[:i+1]): its content and the template's end-of-turn marker, which is what the
+    model must learn to produce. This needs a template that renders a conversation's prefix as a
+    prefix of the text (true of ChatML, Llama, Gemma; not of templates that rewrite earlier turns,
+    such as ones that drop past reasoning): otherwise the row is refused rather than mis-masked."""
+    render = lambda m, gen=False: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    full = render(msgs)
+    pieces, at = [], 0
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before, through = render(msgs[:i], True), render(msgs[: i + 1])
+        if not (through.startswith(before) and full.startswith(through) and len(before) >= at):
+            raise UsageError(f"{line}: the tokenizer's chat template does not render turn {i + 1} as a prefix of the "
+                             "conversation, so its answer cannot be masked turn by turn (use format prompt_completion)")
+        pieces += [(full[at:len(before)], False), (full[len(before):len(through)], True)]
+        at = len(through)
+    return pieces + [(full[at:], False)]
 
 
 def tokenize_rows(rows: Iterable[dict], fmt: str, tokenizer, max_length: int, overlength: str,
-                  where: str) -> tuple[list[dict], int]:
-    """Token ids and labels (prompt masked with -100, EOS appended). Returns (examples, n_truncated)."""
+                  where: str, train_on_inputs: bool = False) -> tuple[list[dict], int]:
+    """Token ids and labels, non-answer tokens masked with -100 unless `train_on_inputs`, EOS
+    appended when an answer ends the row without one. Returns (examples, n_truncated)."""
     out, truncated = [], 0
-    eos = tokenizer.eos_token_id
     for row in rows:
-        prompt, completion = format_row(row, fmt, tokenizer, where)
-        p_ids = tokenizer(prompt).input_ids
-        if fmt == "chat":  # the template already carries the special tokens it wants
-            p_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        c_ids = tokenizer(completion, add_special_tokens=False).input_ids + [eos]
-        ids, labels = p_ids + c_ids, [-100] * len(p_ids) + c_ids
+        pieces = format_row(row, fmt, tokenizer, where)
+        if fmt in ("chat", "sharegpt") and getattr(tokenizer, "is_fast", False):
+            ids, answer = tokenize_conversation(pieces, tokenizer)
+        else:
+            ids, answer = tokenize_pieces(pieces, tokenizer, chat=fmt in ("chat", "sharegpt"))
+        labels = [t if (a or train_on_inputs) else -100 for t, a in zip(ids, answer)]
         if len(ids) > max_length:
             if overlength == "refuse":
                 raise UsageError(f"{where}:{row.get('_line', '?')}: example has {len(ids)} tokens, more than "
@@ -141,6 +187,43 @@ def tokenize_rows(rows: Iterable[dict], fmt: str, tokenizer, max_length: int, ov
             continue  # the prompt alone filled max_length: nothing to learn from this row
         out.append({"input_ids": ids, "labels": labels})
     return out, truncated
+
+
+def tokenize_pieces(pieces: list[tuple[str, bool]], tokenizer, chat: bool) -> tuple[list[int], list[bool]]:
+    """Each piece tokenised on its own, as a server tokenises a prompt and then generates the answer:
+    the prompt gets the tokenizer's BOS (a chat template writes its own special tokens), and EOS
+    follows an answer that ends the row, so a fine-tuned model stops."""
+    ids, answer = [], []
+    for k, (text, is_answer) in enumerate(pieces):
+        if not text:
+            continue
+        piece = tokenizer(text, add_special_tokens=(k == 0 and not chat)).input_ids
+        if is_answer and not any(t for t, _ in pieces[k + 1:]) and tokenizer.eos_token_id not in piece:
+            piece = piece + [tokenizer.eos_token_id]
+        ids += piece
+        answer += [is_answer] * len(piece)
+    return ids, answer
+
+
+def tokenize_conversation(pieces: list[tuple[str, bool]], tokenizer) -> tuple[list[int], list[bool]]:
+    """A rendered conversation tokenised whole (the ids `apply_chat_template(tokenize=True)` gives, so
+    no piece boundary changes a token), a token counted as answer when its characters overlap an
+    assistant turn's, as transformers' `return_assistant_tokens_mask` marks `{% generation %}` spans."""
+    text = "".join(t for t, _ in pieces)
+    spans, at = [], 0
+    for t, is_answer in pieces:
+        if is_answer:
+            spans.append((at, at + len(t)))
+        at += len(t)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc.input_ids)
+    answer = [any(a < e and b > s for s, e in spans) for a, b in enc.offset_mapping]
+    (s, e) = spans[-1]
+    last_turn = [t for t, (a, b) in zip(ids, enc.offset_mapping) if a < e and b > s]
+    if e == len(text) and tokenizer.eos_token_id not in last_turn:
+        ids.append(tokenizer.eos_token_id)  # the template ends the last turn without EOS: add one to stop on
+        answer.append(True)
+    return ids, answer
 
 
 def pack(examples: list[dict], max_length: int, cross_document: bool = False) -> list[dict]:
@@ -181,68 +264,106 @@ def tokenizer_hash(model_dir: str | Path) -> str:
 def preprocess(data_settings, model_dir: str | Path, out_root: str | Path, *, trust_remote_code: bool = False) -> dict:
     """Tokenise the training data once into `out_root/<key>/examples.safetensors`.
 
-    Returns {'path', 'key', 'examples', 'truncated', 'tokens'}. A cached key is reused as is.
+    Returns {'path', 'key', 'examples', 'truncated', 'tokens', 'mixture', ...}. A cached key is reused as is.
     """
     from dipnet.pipeline.models import load_tokenizer
     from dipnet.pipeline.outputs import is_ours, output_dir
 
-    rows, data_hash = load_rows(data_settings.train, synthetic=data_settings.synthetic)
-    if data_settings.limit:
-        rows = rows[: data_settings.limit]
-    rows, val_rows, val_hash = split_validation(rows, data_settings)
-    key_src = json.dumps({"tok": tokenizer_hash(model_dir), "data": data_hash, "format": data_settings.format,
+    sources = []  # (where, format, weight, training rows, validation rows)
+    for src in data_settings.sources():
+        rows, data_hash = load_rows(src.path, synthetic=data_settings.synthetic)
+        if data_settings.limit:
+            rows = rows[: data_settings.limit]
+        rows, held = split_validation(rows, data_settings)
+        where = src.path if src.path != "synthetic" else "synthetic:train"
+        sources.append((where, src.format, src.weight, rows, held, data_hash))
+    val_rows, val_hash = None, None
+    if data_settings.validation is not None:
+        val_rows, val_hash = load_rows(data_settings.validation, synthetic=data_settings.synthetic)
+    key_src = json.dumps({"tok": tokenizer_hash(model_dir), "data": [(h, f, w) for _, f, w, _, _, h in sources],
                           "max_length": data_settings.max_length, "packing": data_settings.packing,
                           "cross": data_settings.packing_cross_document, "validation": val_hash,
-                          "overlength": data_settings.overlength, "limit": data_settings.limit, "v": 2}, sort_keys=True)
+                          "fraction": data_settings.validation_fraction, "inputs": data_settings.train_on_inputs,
+                          "overlength": data_settings.overlength, "limit": data_settings.limit, "v": 3}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     out = Path(out_root) / key
     meta_path = out / "preprocess.json"
     if meta_path.is_file() and is_ours(out):
         return json.loads(meta_path.read_text())
     tok = load_tokenizer(model_dir, trust_remote_code)
-    where = data_settings.train if data_settings.train != "synthetic" else "synthetic:train"
-    examples, truncated = tokenize_rows(rows, data_settings.format, tok, data_settings.max_length,
-                                        data_settings.overlength, where)
+    tokenized, val_examples, truncated = [], [], 0
+    for where, fmt, weight, rows, held, _ in sources:
+        examples, n_cut = tokenize_rows(rows, fmt, tok, data_settings.max_length, data_settings.overlength, where,
+                                        data_settings.train_on_inputs)
+        if not examples:
+            raise UsageError(f"{where}: no usable training examples")
+        tokenized.append(examples)
+        truncated += n_cut
+        if held is not None:
+            val_examples += tokenize_rows(held, fmt, tok, data_settings.max_length, "truncate",
+                                          f"{where} (validation_fraction {data_settings.validation_fraction})",
+                                          data_settings.train_on_inputs)[0]
+    if val_rows is not None:
+        val_examples = tokenize_rows(val_rows, data_settings.format, tok, data_settings.max_length, "truncate",
+                                     data_settings.validation, data_settings.train_on_inputs)[0]
+    examples, counts = mix(tokenized, [w for _, _, w, *_ in sources])
+    mixture = [{"source": where, "format": fmt, "weight": weight, "rows": len(rows), "examples": n,
+                "share": round(n / len(examples), 6)}
+               for (where, fmt, weight, rows, _, _), n in zip(sources, counts)]
     if data_settings.packing:
         examples = pack(examples, data_settings.max_length, cross_document=data_settings.packing_cross_document)
-    if not examples:
-        raise UsageError(f"{where}: no usable training examples")
     meta = {"path": str(out / EXAMPLES), "key": key, "examples": len(examples), "truncated": truncated,
-            "tokens": sum(len(e["input_ids"]) for e in examples), "source": where, "format": data_settings.format}
-    val_examples = None
-    if val_rows is not None:  # one example per sequence, never packed: each is scored on its own
-        val_where = data_settings.validation or f"{where} (validation_fraction {data_settings.validation_fraction})"
-        val_examples, _ = tokenize_rows(val_rows, data_settings.format, tok, data_settings.max_length, "truncate",
-                                        val_where)
+            "tokens": sum(len(e["input_ids"]) for e in examples),
+            "source": " + ".join(m["source"] for m in mixture), "format": data_settings.format, "mixture": mixture}
+    has_validation = val_rows is not None or data_settings.validation_fraction is not None
+    if has_validation:  # one example per sequence, never packed: each is scored on its own
         if not val_examples:
-            raise UsageError(f"{val_where}: no usable validation examples")
+            raise UsageError(f"{data_settings.validation or 'data.validation_fraction'}: no usable validation examples")
         meta.update(validation_path=str(out / VALIDATION), validation_examples=len(val_examples))
     with output_dir(out, "preprocess", flag="preprocess directory") as tmp:
         write_examples(examples, tmp / EXAMPLES)
-        if val_examples is not None:
+        if has_validation:
             write_examples(val_examples, tmp / VALIDATION)
         (tmp / "preprocess.json").write_text(json.dumps(meta, indent=2))
     return meta
 
 
-def split_validation(rows: list[dict], data_settings) -> tuple[list[dict], list[dict] | None, str | None]:
-    """(training rows, validation rows, a hash of what the validation rows are): data.validation's
-    file, or data.validation_fraction of the training rows by a fixed permutation (the rest train);
-    no validation rows (None) without either."""
+def mix(sources: list[list[dict]], weights: list[float]) -> tuple[list[dict], list[int]]:
+    """A weighted mixture of tokenised sources: as many examples as the sources hold together,
+    source k contributing its weight's share (largest remainders to round), drawn from a fixed
+    permutation of its examples (repeated where the share exceeds its size), then interleaved by a
+    fixed permutation. Training walks this list epoch by epoch, so every epoch sees the shares.
+    One source is returned as it is."""
     import torch
 
-    if data_settings.validation is not None:
-        val, val_hash = load_rows(data_settings.validation, synthetic=data_settings.synthetic)
-        return rows, val, val_hash
+    if len(sources) == 1:
+        return sources[0], [len(sources[0])]
+    total, wsum = sum(len(s) for s in sources), sum(weights)
+    exact = [total * w / wsum for w in weights]
+    counts = [int(x) for x in exact]
+    for k in sorted(range(len(exact)), key=lambda k: counts[k] - exact[k])[: total - sum(counts)]:
+        counts[k] += 1
+    picked = []
+    for k, (examples, n) in enumerate(zip(sources, counts)):
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(k)).tolist()
+        picked += [examples[order[j % len(examples)]] for j in range(n)]
+    order = torch.randperm(len(picked), generator=torch.Generator().manual_seed(len(sources))).tolist()
+    return [picked[i] for i in order], counts
+
+
+def split_validation(rows: list[dict], data_settings) -> tuple[list[dict], list[dict] | None]:
+    """(training rows, held-out rows): data.validation_fraction of the rows by a fixed permutation
+    (seed 0) held out as validation data and the rest to train; (rows, None) without a fraction."""
+    import torch
+
     if data_settings.validation_fraction is None:
-        return rows, None, None
+        return rows, None
     n = max(1, round(len(rows) * data_settings.validation_fraction))
     if n >= len(rows):
         raise UsageError(f"data.validation_fraction {data_settings.validation_fraction} of {len(rows)} rows leaves "
                          "none to train on")
     held = set(torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:n].tolist())
-    return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held],
-            f"fraction:{data_settings.validation_fraction}")
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
 EXAMPLES = "examples.safetensors"

@@ -143,14 +143,16 @@ def model_card(summary: dict, state: dict, name: str) -> str:
             "tags": ["dipnet", f"dip-method-{r.dip.method}", f"{r.train.method}-fine-tuning"]}
     if base != "tiny" and "/" in base and not Path(base).exists():
         meta["base_model"] = base  # a Hub id; local paths and the built-in tiny base are not
-    if r.data.train == "gsm8k" or "gsm8k" in Path(str(r.data.train)).name.lower():
+    data = r.data.sources()
+    if any(s.path == "gsm8k" or "gsm8k" in Path(s.path).name.lower() for s in data):
         meta["datasets"] = ["openai/gsm8k"]
     flat = lambda v: " ".join(str(v).split()).replace("|", "\\|").replace("`", "'")  # one table cell
     rows = [("base model", base), ("fine-tuning", r.train.method + (" (LoRA merged into the weights)"
                                                                     if summary.get("lora_merged") else "")),
             ("DIP method", r.dip.method), ("optimizer steps", state["step"]), ("tokens seen", state["tokens_seen"]),
             ("learning rate", r.train.lr), ("ZeRO stage", state["zero_stage"]), ("precision", r.train.precision),
-            ("seed", r.run.seed), ("training data", r.data.train), ("exported dtype", summary.get("dtype")),
+            ("seed", r.run.seed), ("training data", " + ".join(
+                f"{s.path} ({s.format}" + (f", weight {s.weight:g})" if len(data) > 1 else ")") for s in data)), ("exported dtype", summary.get("dtype")),
             ("dipnet", dipnet_version)]
     if r.dip.method in ("dip", "dip_fixed", "input_noise"):
         rows[3:3] = [("λ0, scale", f"{r.dip.init_variance:g}, {r.dip.scale}"), ("prior α, β", f"{r.dip.alpha:g}, {r.dip.beta:g}")]

@@ -20,10 +20,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from dipnet.pipeline.errors import UsageError
 from dipnet.pipeline.outputs import NAME_RE, NAME_RULE
@@ -132,7 +132,7 @@ class DipSettings(_Section):
         return self
 
 
-DataFormat = Literal["gsm8k", "alpaca", "chat", "prompt_completion"]
+DataFormat = Literal["gsm8k", "alpaca", "chat", "sharegpt", "prompt_completion", "text"]
 
 
 class SyntheticSettings(_Section):
@@ -141,9 +141,22 @@ class SyntheticSettings(_Section):
     seed: int = Field(1234, ge=0, le=MAX_SEED, description="Generator seed (same seed → byte-identical files).")
 
 
+class DataSource(_Section):
+    path: str = Field(description="'synthetic', a local JSONL/Parquet path, or a datasets hub name.")
+    weight: float = Field(1.0, gt=0, description="Share of the mixture, relative to the other sources' weights.")
+    format: Optional[DataFormat] = Field(None, description="This source's format (default: data.format).")
+
+
 class DataSettings(_Section):
-    train: str = Field("synthetic", description="'synthetic', a local JSONL/Parquet path, or a datasets hub name.")
-    format: DataFormat = Field("gsm8k", description="gsm8k (question/answer) | alpaca | chat (messages) | prompt_completion.")
+    # The tag names the branch a value took, so a bad mixture reports its own error, not "expected a string".
+    train: Annotated[Union[Annotated[str, Tag("<path>")], Annotated[list[DataSource], Tag("<mixture>")]],
+                     Discriminator(lambda v: "<mixture>" if isinstance(v, (list, tuple)) else "<path>")] = Field(
+        "synthetic", description="'synthetic', a local JSONL/Parquet path, or a datasets hub name; or a weighted "
+                                 "mixture: a list of {path, weight, format}.")
+    format: DataFormat = Field("gsm8k", description="gsm8k (question/answer) | alpaca | chat (OpenAI messages) | "
+                                                    "sharegpt (conversations, from/value) | prompt_completion | text (raw).")
+    train_on_inputs: bool = Field(False, description="Count the prompt's tokens (and every chat turn's) in the loss too, "
+                                                     "not only the answers'.")
     max_length: int = Field(192, gt=0, description="Tokens per training sequence.")
     overlength: Literal["truncate", "refuse"] = Field("truncate", description="What to do with longer examples.")
     packing: bool = Field(False, description="Pack several examples into each sequence; each keeps its own "
@@ -165,7 +178,15 @@ class DataSettings(_Section):
             raise ValueError("data.packing_cross_document needs data.packing: true")
         if self.validation is not None and self.validation_fraction is not None:
             raise ValueError("set data.validation or data.validation_fraction, not both")
+        if isinstance(self.train, list) and not self.train:
+            raise ValueError("data.train: an empty mixture (list at least one {path, weight})")
         return self
+
+    def sources(self) -> list[DataSource]:
+        """The training sources: one (data.train as a string) or the mixture's, each with its format."""
+        if isinstance(self.train, str):
+            return [DataSource(path=self.train, format=self.format)]
+        return [s.model_copy(update={"format": s.format or self.format}) for s in self.train]
 
 
 class LoraSettings(_Section):
@@ -501,10 +522,16 @@ def _fields_at(loc: tuple) -> list[str]:
     """Valid keys at a dotted location of the schema, for 'did you mean' suggestions."""
     model: Any = Recipe
     for part in loc:
+        if part.isdigit() and model is DataSettings:  # data.train.<i>: a mixture's source
+            model = DataSource
+            continue
         fields = getattr(model, "model_fields", None)
         if not fields or part not in fields:
             return []
         ann = fields[part].annotation
+        if (model, part) == (DataSettings, "train"):
+            model = DataSettings  # a path or a mixture: the index that follows says which
+            continue
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
         if model is None:
             return []
@@ -536,7 +563,7 @@ def _describe_expected(err: dict) -> str:
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """First pydantic error as one line naming the dotted key (errors are fixed one at a time)."""
     err = exc.errors()[0]
-    loc = tuple(str(p) for p in err["loc"])
+    loc = tuple(str(p) for p in err["loc"] if not str(p).startswith("<"))  # not a union's branch tag
     dotted = ".".join(loc)
     if err["type"] == "extra_forbidden":
         valid = _fields_at(tuple(loc[:-1]))
@@ -588,7 +615,9 @@ def _check_paths(recipe: Recipe, source: str) -> None:
     elif base != "tiny" and base not in SOURCES and (base.startswith((".", "/", "~")) or Path(base).exists()):
         if not Path(base).expanduser().is_dir():
             raise UsageError(f"{source}: 'model.base': no such model directory: {base}")
-    for key, path in (("data.train", recipe.data.train), ("data.validation", recipe.data.validation)):
+    mixture = isinstance(recipe.data.train, list)
+    for key, path in [(f"data.train.{i}.path" if mixture else "data.train", s.path)
+                      for i, s in enumerate(recipe.data.sources())] + [("data.validation", recipe.data.validation)]:
         if path is None or path == "synthetic":
             continue
         if path.endswith((".jsonl", ".json", ".parquet")) or path.startswith((".", "/", "~")):

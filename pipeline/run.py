@@ -375,6 +375,9 @@ class Run:
         if meta["truncated"]:
             self.say(f"  {meta['truncated']} examples truncated to data.max_length={self.recipe.data.max_length}")
         self.say(f"  {meta['examples']} training sequences, {meta['tokens']} tokens")
+        if len(meta.get("mixture", [])) > 1:
+            self.say("  mixture: " + ", ".join(f"{m['source']} {m['share']:.1%} ({m['examples']} of {m['rows']} rows)"
+                                               for m in meta["mixture"]))
         return meta
 
     def stage_train(self) -> dict:

@@ -518,7 +518,7 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
                    "attn_implementation": engine.module.config._attn_implementation,
                    "gradient_checkpointing": t.gradient_checkpointing,
                    "checkpoint": str((t.keep_best and best_checkpoint(ckpt_root)) or latest_checkpoint(ckpt_root)),
-                   "validation": tracking or None}
+                   "validation": tracking or None, "data_mixture": data_mixture(data_path)}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         from dipnet.pipeline.plots import plot_training
 
@@ -532,6 +532,15 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
 
 
 # ----------------------------------------------------------------------------- the loop's parts
+
+def data_mixture(data_path) -> list | None:
+    """The sources and shares the preprocess stage mixed (its preprocess.json beside the examples)."""
+    meta = Path(data_path).with_name("preprocess.json")
+    try:
+        return json.loads(meta.read_text()).get("mixture")
+    except (OSError, ValueError, AttributeError):
+        return None
+
 
 def load_validation(data_path) -> TokenizedExamples:
     """The validation examples the preprocess stage wrote beside the training ones."""

@@ -666,6 +666,7 @@ STATE_BREAKS = [
 def test_bad_trainer_state(capsys, tmp_path, trained, mutate, needle):
     ckpt = _ckpt_copy(trained, tmp_path)
     mutate(ckpt / "trainer_state.json")
+    _reseal(ckpt)  # else the checksums refuse it first (test_export_refuses_a_damaged_checkpoint)
     refused(capsys, ["export", ckpt, "--out", tmp_path / "out"], 2, needle)
 
 

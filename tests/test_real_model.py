@@ -69,6 +69,28 @@ def test_import_is_exact(smol):
             assert torch.equal(f.get_tensor(h), ref.float()), h
 
 
+def test_smollm2_chat_template_trains_every_assistant_turn(smol):
+    """SmolLM2's own ChatML template (it adds a default system turn): the ids are the template's,
+    and the trained stretches are exactly each assistant turn's content and its <|im_end|>."""
+    from transformers import AutoTokenizer
+
+    from dipnet.pipeline.data import tokenize_rows
+
+    tok = AutoTokenizer.from_pretrained(smol)
+    convo = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
+             {"role": "user", "content": "And times 4?"}, {"role": "assistant", "content": "20, since 5 x 4 = 20."}]
+    (ex,), _ = tokenize_rows([{"messages": convo, "_line": 1}], "chat", tok, 512, "truncate", "c.jsonl")
+    assert ex["input_ids"] == list(tok.apply_chat_template(convo, tokenize=True, return_dict=True)["input_ids"])
+    runs, cur = [], []
+    for t, label in zip(ex["input_ids"], ex["labels"]):
+        if label != -100:
+            cur.append(t)
+        elif cur:
+            runs, cur = runs + [cur], []
+    assert [tok.decode(r) for r in runs + [cur]] == ["5<|im_end|>\n", "20, since 5 x 4 = 20.<|im_end|>\n"]
+    assert "You are a helpful AI assistant named SmolLM" in tok.decode(ex["input_ids"])  # masked, but there
+
+
 def test_convert_keeps_the_mean_path_bit_for_bit(smol, converted):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
