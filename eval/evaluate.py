@@ -105,7 +105,7 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
     """
     from dipnet.eval import hf_runner
     from dipnet.eval.vllm_runner import resolve_dtype
-    from dipnet.pipeline.models import check_model_dir, load_tokenizer
+    from dipnet.pipeline.models import check_model_dir, load_tokenizer, read_adapter
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,13 +125,20 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
 
         harness_tm = prepare_harness(harness_tasks, out / "harness", gsm8k_path=gsm8k_path,
                                      synthetic_settings=synthetic_settings)
-    cfg = check_model_dir(model_dir, trust_remote_code)
+    adapter = read_adapter(model_dir, trust_remote_code)  # a PEFT adapter: its base holds the weights
+    weights = adapter.base if adapter else model_dir
+    if adapter and (harness_tasks or noise_sigmas):
+        raise UsageError(f"{model_dir}: lm-eval tasks and the noise sweep need a merged model (export.merge_lora: true)")
+    cfg = check_model_dir(weights, trust_remote_code)
     L = max_model_len(cfg, context_bound)
     tok = load_tokenizer(model_dir, trust_remote_code)
     k = int(dip_mode.split(":")[1]) if dip_mode.startswith("average:") else 1
     model = None
-    hf_dtype = resolve_dtype(dtype, "hf", model_dir)
-    if engine == "hf" or noise_sigmas:
+    hf_dtype = resolve_dtype(dtype, "hf", model_dir)  # export.json (the trained precision) is in either
+    # vLLM's prompt logprobs with a LoRA adapter fail on a shape mismatch (vllm#29955) or drop an
+    # lm_head delta (vllm#51594): an adapter's answer NLL comes from transformers instead.
+    nll_engine = "hf" if adapter and engine == "vllm" else engine
+    if engine == "hf" or noise_sigmas or (answer_nll and nll_engine == "hf"):
         model, _ = hf_runner.load_hf(model_dir, dip_mode="sample" if k > 1 else "mean",
                                      trust_remote_code=trust_remote_code, dtype=hf_dtype)
     encoded = {}
@@ -150,9 +157,9 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
 
         # Harness tasks bring lm-eval's prompts: then the KV cache is sized for vLLM's whole batch.
         in_flight = None if harness_tasks else tokens_in_flight(tasks, encoded, tok, max_new_tokens, L, answer_nll)
-        own_engine = vllm_engine = VllmEngine(model_dir, out / "vllm", L, dtype=dtype, kv_tokens=in_flight,
+        own_engine = vllm_engine = VllmEngine(weights, out / "vllm", L, dtype=dtype, kv_tokens=in_flight,
                                               tensor_parallel_size=tensor_parallel_size,
-                                              gpu_memory_utilization=gpu_memory_utilization)
+                                              gpu_memory_utilization=gpu_memory_utilization, adapter=adapter)
     if engine == "vllm":
         from dipnet.eval.vllm_runner import version
 
@@ -182,7 +189,7 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
             if answer_nll:  # one more prefill of every prompt + answer (lm-eval computes no such thing)
                 answers = [answer_ids(tok, p["answer"]) for p in task.problems]
                 t1 = time.time()
-                if engine == "vllm":
+                if nll_engine == "vllm":
                     tf = vllm_engine.score(prompts, answers)
                 elif k == 1:
                     tf = hf_runner.teacher_forced(model, tok, prompts, answers, L)
@@ -199,7 +206,7 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
                     s["answer_nll"], s["answer_token_acc"] = t["nll"], t["token_acc"]
                 teacher_forced = {"answer_nll": sum(t["nll"] for t in tf) / len(tf),
                                   "answer_token_acc": sum(t["token_acc"] for t in tf) / len(tf),
-                                  "engine": engine, "wall_s": time.time() - t1}
+                                  "engine": nll_engine, "wall_s": time.time() - t1}
             dump_jsonl(samples, out / f"samples_{task.name}.jsonl")
             results["tasks"][task.name] = {
                 "n": len(task.problems), "setup": task.setup(), "scores": scores, "teacher_forced": teacher_forced,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from dipnet.eval.extract import truncate_at_stop
 from dipnet.pipeline import dip as dipmod
+from dipnet.pipeline.errors import UsageError
 
 
 def fit_prompt(ids: list[int], max_len: int, max_new: int) -> tuple[list[int], bool]:
@@ -206,10 +207,18 @@ def use_gqa_sdpa(model) -> bool:
 
 def load_hf(model_dir, dip_mode: str = "mean", trust_remote_code: bool = False, attn_implementation: str | None = None,
             dtype: str = "float32"):
-    from dipnet.pipeline.models import load_causal_lm, load_tokenizer
+    from dipnet.pipeline.models import load_causal_lm, load_tokenizer, read_adapter
 
-    model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code, with_dip=True,
+    adapter = read_adapter(model_dir, trust_remote_code)
+    if adapter and dip_mode != "mean":
+        raise UsageError(f"{model_dir}: a LoRA adapter is evaluated on its mean path; DIP sampling needs a merged "
+                         "export (export.merge_lora: true)")
+    model = load_causal_lm(adapter.base if adapter else model_dir, trust_remote_code=trust_remote_code, with_dip=True,
                            attn_implementation=attn_implementation, dtype=getattr(torch, dtype))
+    if adapter:  # peft's loader, then merged: the mean path runs at the base model's speed
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter.dir)).merge_and_unload()
     if attn_implementation is None:
         use_gqa_sdpa(model)
     dipmod.set_dip_mode(model, dip_mode)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from dipnet.eval.vllm_runner import INSTALL_HINT, MAX_NUM_SEQS_CPU, _has_cuda, kv_cache_bytes, vllm_environment
-from dipnet.pipeline.models import check_model_dir
+from dipnet.pipeline.models import check_model_dir, read_adapter
 from dipnet.pipeline.errors import UsageError
 
 
@@ -33,6 +33,11 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, work
     import json
     import os
 
+    adapter = read_adapter(model_dir)
+    if adapter:
+        raise UsageError(f"{model_dir} is a LoRA adapter: serve a merged export (dipnet export without "
+                         f"--no-merge-lora), or vLLM's own: vllm serve {adapter.base} --enable-lora --lora-modules "
+                         f"NAME={model_dir}")
     check_model_dir(model_dir, flag="(serve never runs model code)")
     if importlib.util.find_spec("vllm") is None:
         raise UsageError(f"engine vllm is not installed: {INSTALL_HINT}")

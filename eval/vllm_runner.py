@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+import typing
 from pathlib import Path
 
 from dipnet.pipeline.errors import RunError, UsageError
@@ -191,13 +192,14 @@ class VllmEngine:
 
     def __init__(self, model_dir: str | Path, workdir: str | Path, max_model_len: int, seed: int = 0,
                  dtype: str = "auto", kv_tokens: int | None = None, tensor_parallel_size: int | None = None,
-                 gpu_memory_utilization: float = 0.9):
+                 gpu_memory_utilization: float = 0.9, adapter=None):
         """`kv_tokens`: the most tokens the caller's work holds at once (sequences in flight x their
         length); by default every sequence vLLM may run at once (256 on CPU) at full length; never
         less than one sequence at `max_model_len` (vLLM refuses a cache that cannot hold one).
         On GPUs: `tensor_parallel_size` (default: every GPU visible, as many as the heads allow)
-        and `gpu_memory_utilization`."""
-        self.dtype = resolve_dtype(dtype, "vllm", model_dir)
+        and `gpu_memory_utilization`. `adapter` (models.Adapter): `model_dir` is its base, and every
+        request runs through the adapter with vLLM's LoRA support."""
+        self.dtype = resolve_dtype(dtype, "vllm", adapter.dir if adapter is not None else model_dir)
         try:
             config = json.loads((Path(model_dir) / "config.json").read_text())
         except (OSError, ValueError):
@@ -208,6 +210,7 @@ class VllmEngine:
         self.log = Path(workdir) / "engine.log"
         kwargs = dict(model=str(model_dir), seed=seed, max_model_len=max_model_len, trust_remote_code=False,
                       dtype=self.dtype)
+        self.lora_request = None
         if _has_cuda():
             import torch
 
@@ -226,6 +229,13 @@ class VllmEngine:
             else:
                 if not _has_cuda():
                     inspect_models_in_process()
+                if adapter is not None:
+                    from vllm.config.lora import MaxLoRARanks
+                    from vllm.lora.request import LoRARequest
+
+                    ranks = [r for r in typing.get_args(MaxLoRARanks) if r >= adapter.rank]  # vLLM takes these only
+                    kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=min(ranks))
+                    self.lora_request = LoRARequest("adapter", 1, str(adapter.dir))
                 try:
                     self.llm = LLM(**kwargs)
                 except Exception as exc:  # the engine's own reason, in one line
@@ -244,7 +254,8 @@ class VllmEngine:
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=stops, skip_special_tokens=False,
                                 spaces_between_special_tokens=False)
         with engine_output_to(self.log):
-            outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
+                                     lora_request=self.lora_request)
         return [(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in outs]
 
     def prompt_logprobs(self, seqs: list[list[int]]) -> list[list[tuple[float, int]]]:
@@ -255,7 +266,8 @@ class VllmEngine:
 
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
         with engine_output_to(self.log):
-            outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False,
+                                     lora_request=self.lora_request)
         return [[(lp[t].logprob, lp[t].rank) for t, lp in zip(s[1:], o.prompt_logprobs[1:])]
                 for s, o in zip(seqs, outs)]
 

@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "checkpoint names)")
     s.add_argument("--trust-remote-code", action="store_true",
                    help="allow code shipped with that model (never taken from the checkpoint)")
+    s.add_argument("--no-merge-lora", action="store_true",
+                   help="a LoRA run as a PEFT adapter directory for its base (export.merge_lora: false)")
+    s.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="then upload the export to the Hub as the private model repo REPO (namespace/name; the token "
+                        "from HF_TOKEN or `hf auth login`, never from dipnet's files)")
 
     s = sub.add_parser("eval", help="evaluate a model directory, or re-score predictions")
     s.add_argument("model_dir", nargs="?")
@@ -251,8 +256,15 @@ def cmd_convert(a) -> int:
 def cmd_export(a) -> int:
     from dipnet.pipeline.export import export_checkpoint
 
-    print(json.dumps(export_checkpoint(a.checkpoint, a.out, dtype=a.dtype, base=a.base,
-                                       trust_remote_code=a.trust_remote_code), indent=2))
+    from dipnet.pipeline.export import check_hub_repo, push_to_hub
+
+    if a.push_to_hub is not None:
+        check_hub_repo(a.push_to_hub)  # before the export: a typo costs nothing
+    summary = export_checkpoint(a.checkpoint, a.out, dtype=a.dtype, base=a.base,
+                                trust_remote_code=a.trust_remote_code, merge_lora=not a.no_merge_lora)
+    print(json.dumps(summary, indent=2))
+    if a.push_to_hub is not None:
+        print(f"pushed to {push_to_hub(Path(a.out), a.push_to_hub)}")
     return 0
 
 

@@ -93,11 +93,12 @@ def base_keys(model_dir: Path) -> dict[str, tuple[str, list[int]]]:
 
 def export_checkpoint(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", tolerance: float = 1e-5,
                       trust_remote_code: bool = False, base: str | Path | None = None,
-                      max_shard_bytes: int = MAX_SHARD_BYTES, verify: bool = True) -> dict:
+                      max_shard_bytes: int = MAX_SHARD_BYTES, verify: bool = True, merge_lora: bool = True) -> dict:
     """Consolidate, merge, save and verify. Returns the export summary (also export.json).
 
     `trust_remote_code` comes only from the caller (the user's flag or recipe), never from the
-    checkpoint; `base` overrides the model directory the checkpoint names.
+    checkpoint; `base` overrides the model directory the checkpoint names. `merge_lora` False:
+    a LoRA run becomes a PEFT adapter directory for its base instead of merged weights.
     """
     from dipnet.pipeline.models import check_model_dir
     from dipnet.pipeline.outputs import output_dir
@@ -110,21 +111,65 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, *, dtype: str = "fl
         raise RunError(f"{ckpt} is damaged ({problem}); {hint}")
     state = read_trainer_state(ckpt)
     recipe = state["recipe_obj"]
+    adapter = not merge_lora
+    if adapter and recipe.train.method != "lora":
+        raise UsageError(f"{ckpt}: export.merge_lora: false (--no-merge-lora) needs a LoRA run; this one is train.method "
+                         f"{recipe.train.method}")
     model_dir = Path(base) if base is not None else Path(state["model_dir"])
     check_model_dir(model_dir, trust_remote_code, flag="--trust-remote-code (export)")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     train_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     with output_dir(out_dir, "export", inputs=[ckpt, train_dir, model_dir]) as tmp:
-        written = _write_weights(ckpt, state, model_dir, tmp, torch_dtype, max_shard_bytes, trust_remote_code)
+        if adapter:
+            written = _write_adapter(ckpt, state, model_dir, tmp, torch_dtype, trust_remote_code)
+        else:
+            written = _write_weights(ckpt, state, model_dir, tmp, torch_dtype, max_shard_bytes, trust_remote_code)
         summary = {"checkpoint": str(ckpt.resolve()), "step": state["step"], "model_dir": str(model_dir),
                    "out": str(Path(out_dir)), "zero_stage": state["zero_stage"], "train_method": recipe.train.method,
                    "dip_method": recipe.dip.method, "train_precision": recipe.train.precision, "dtype": dtype,
                    **written}
         if verify:
-            summary.update(_verify(tmp, state, model_dir, ckpt, dtype, tolerance, trust_remote_code))
+            summary.update(_verify(tmp, state, model_dir, ckpt, dtype, tolerance, trust_remote_code, adapter))
         (tmp / "export.json").write_text(json.dumps(summary, indent=2))
         (tmp / "README.md").write_text(model_card(summary, state, Path(out_dir).name))
     return summary
+
+
+HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
+def check_hub_repo(repo: str) -> str:
+    if not HUB_REPO.fullmatch(repo) or ".." in repo:
+        raise UsageError(f"--push-to-hub: expected a Hub repo id 'namespace/name' (letters, digits, '-', '_', '.'), "
+                         f"got {repo[:100]!r}")
+    return repo
+
+
+def push_to_hub(folder: Path, repo: str) -> str:
+    """Upload a finished export as the private model repo `repo`; returns its URL. In a child
+    process: dipnet runs with HF_HUB_OFFLINE=1 (nothing it loads may reach the Hub), and only
+    this explicit request goes online. The token is huggingface_hub's own (HF_TOKEN or its login),
+    never printed. A failure leaves the export as it is, complete."""
+    import os
+    import subprocess
+    import sys
+
+    check_hub_repo(repo)
+    code = ("import sys\nfrom huggingface_hub import HfApi\napi = HfApi()\n"
+            "url = api.create_repo(sys.argv[1], repo_type='model', private=True, exist_ok=True)\n"
+            "api.upload_folder(repo_id=sys.argv[1], folder_path=sys.argv[2], ignore_patterns=['.dipnet*'],"
+            " commit_message='dipnet export')\nprint(url)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    p = subprocess.run([sys.executable, "-c", code, repo, str(folder)], env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        lines = [line.strip() for line in p.stderr.splitlines() if line.strip()]
+        token = os.environ.get("HF_TOKEN")
+        why = (lines[-1] if lines else f"exit code {p.returncode}")[:300]
+        if token:
+            why = why.replace(token, "***")
+        raise RunError(f"push to {repo} failed ({why}); the export in {folder} is complete: push it again with "
+                       f"dipnet export ... --push-to-hub, or `hf upload {repo} {folder}`")
+    return p.stdout.strip().splitlines()[-1]
 
 
 def model_card(summary: dict, state: dict, name: str) -> str:
@@ -139,7 +184,8 @@ def model_card(summary: dict, state: dict, name: str) -> str:
     except PackageNotFoundError:
         dipnet_version = "unknown"
     base = r.model.base
-    meta = {"library_name": "transformers", "pipeline_tag": "text-generation",
+    adapter = bool(summary.get("adapter"))
+    meta = {"library_name": "peft" if adapter else "transformers", "pipeline_tag": "text-generation",
             "tags": ["dipnet", f"dip-method-{r.dip.method}", f"{r.train.method}-fine-tuning"]}
     if base != "tiny" and "/" in base and not Path(base).exists():
         meta["base_model"] = base  # a Hub id; local paths and the built-in tiny base are not
@@ -147,8 +193,9 @@ def model_card(summary: dict, state: dict, name: str) -> str:
     if any(s.path == "gsm8k" or "gsm8k" in Path(s.path).name.lower() for s in data):
         meta["datasets"] = ["openai/gsm8k"]
     flat = lambda v: " ".join(str(v).split()).replace("|", "\\|").replace("`", "'")  # one table cell
-    rows = [("base model", base), ("fine-tuning", r.train.method + (" (LoRA merged into the weights)"
-                                                                    if summary.get("lora_merged") else "")),
+    how = (" (LoRA merged into the weights)" if summary.get("lora_merged") else
+           f" (a PEFT adapter, r {r.train.lora.r}, α {r.train.lora.alpha}, for {summary['model_dir']})" if adapter else "")
+    rows = [("base model", base), ("fine-tuning", r.train.method + how),
             ("DIP method", r.dip.method), ("optimizer steps", state["step"]), ("tokens seen", state["tokens_seen"]),
             ("learning rate", r.train.lr), ("ZeRO stage", state["zero_stage"]), ("precision", r.train.precision),
             ("seed", r.run.seed), ("training data", " + ".join(
@@ -158,8 +205,10 @@ def model_card(summary: dict, state: dict, name: str) -> str:
         rows[3:3] = [("λ0, scale", f"{r.dip.init_variance:g}, {r.dip.scale}"), ("prior α, β", f"{r.dip.alpha:g}, {r.dip.beta:g}")]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {flat(name)}", "",
              f"Fine-tuned from `{flat(base)}` with dipnet (Distributional Input Projection Networks, "
-             "arXiv 2506.04690). These weights are the **mean path**: the base architecture, loadable by any tool "
-             "that loads the base model; the learned input variances λ are kept in `dip/` for DIP-aware sampling.",
+             "arXiv 2506.04690). " + ("This is a LoRA adapter (peft) for the base model named in "
+             "`adapter_config.json`; with it the base computes the **mean path**" if adapter else
+             "These weights are the **mean path**: the base architecture, loadable by any tool that loads the base "
+             "model") + "; the learned input variances λ are kept in `dip/` for DIP-aware sampling.",
              "", "## Training", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {flat(v)} |" for k, v in rows]
     lam = summary.get("lambda_mean") or {}
@@ -167,9 +216,11 @@ def model_card(summary: dict, state: dict, name: str) -> str:
         lines += ["", "## Learned input variances", "", "Mean λ per projection (one λ per feature):", "",
                   "| projection | mean λ |", "|---|---|"]
         lines += [f"| {flat(k)} | {v:.3g} |" for k, v in lam.items()]
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              'model = AutoModelForCausalLM.from_pretrained("PATH")', 'tokenizer = AutoTokenizer.from_pretrained("PATH")',
-              "```", "", "Evaluation: `dipnet eval PATH --tasks gsm8k` writes `results.json` beside its samples; a study's "
+    load = (["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+             'model = AutoPeftModelForCausalLM.from_pretrained("PATH")  # loads the base, then the adapter']
+            if adapter else ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                             'model = AutoModelForCausalLM.from_pretrained("PATH")'])
+    lines += ["", "## Use", "", "```python", *load, 'tokenizer = AutoTokenizer.from_pretrained("PATH")', "```", "", "Evaluation: `dipnet eval PATH --tasks gsm8k` writes `results.json` beside its samples; a study's "
               "`report.md` compares this model with its baselines across seeds.", ""]
     return "\n".join(lines)
 
@@ -178,16 +229,9 @@ def _lora_scaling(recipe) -> float:
     return recipe.train.lora.alpha / recipe.train.lora.r
 
 
-def _write_weights(ckpt: Path, state: dict, model_dir: Path, out: Path, torch_dtype, max_shard_bytes: int,
-                   trust_remote_code: bool) -> dict:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from dipnet.pipeline.models import meta_model
-    from dipnet.pipeline.models import copy_tokenizer_files
-
-    recipe = state["recipe_obj"]
-    trained = trained_tensors(ckpt, state["zero_stage"])
+def _split_trained(trained: dict, state: dict, ckpt: Path) -> tuple[dict, dict]:
+    """The checkpoint's tensors under the base model's key names: (plain tensors and λ, LoRA
+    adapters as {module: {'A': a, 'B': b}}); every parameter the run trained must be there."""
     by_hf: dict[str, object] = {}
     lora: dict[str, dict[str, object]] = {}
     for name, t in trained.items():
@@ -204,6 +248,59 @@ def _write_weights(ckpt: Path, state: dict, model_dir: Path, out: Path, torch_dt
     for mod, ab in lora.items():
         if set(ab) != {"A", "B"}:
             raise RunError(f"{ckpt}: LoRA of '{mod}' has only lora_{''.join(ab)}")
+    return by_hf, lora
+
+
+def _write_adapter(ckpt: Path, state: dict, model_dir: Path, out: Path, torch_dtype, trust_remote_code: bool) -> dict:
+    """A PEFT adapter directory (export.merge_lora: false): adapter_config.json and
+    adapter_model.safetensors under peft's own key names, for the base model the run started
+    from (whose mean path is the base architecture); tokenizer files and λ beside them."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+    from transformers.pytorch_utils import Conv1D
+
+    from dipnet.pipeline.models import copy_tokenizer_files, meta_model
+
+    recipe = state["recipe_obj"]
+    trained = trained_tensors(ckpt, state["zero_stage"])
+    by_hf, lora = _split_trained(trained, state, ckpt)
+    other = sorted(k for k in by_hf if not dipmod.is_dip_key(k))
+    if other:
+        raise RunError(f"{ckpt}: '{other[0]}' trained outside the LoRA adapters, which an adapter cannot carry; "
+                       "export merged (export.merge_lora: true)")
+    keys = base_keys(model_dir)
+    unknown = sorted(m + ".weight" for m in lora if m + ".weight" not in keys)
+    if unknown:
+        raise RunError(f"{ckpt}: '{unknown[0]}' is not a tensor of the base model {model_dir} ({len(unknown)} unexpected)")
+    meta = meta_model(model_dir, trust_remote_code)
+    conv1d = {n for n, mod in meta.named_modules() if isinstance(mod, Conv1D)}
+    del meta
+    tensors = {f"base_model.model.{mod}.lora_{x}.weight": _materialise(ab[x]).to(torch_dtype).contiguous()
+               for mod, ab in sorted(lora.items()) for x in "AB"}
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    lc = recipe.train.lora
+    LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=sorted(lc.target_modules),
+               task_type="CAUSAL_LM", fan_in_fan_out=bool(conv1d & set(lora)),
+               base_model_name_or_path=str(model_dir.resolve())).save_pretrained(str(out))
+    copy_tokenizer_files(model_dir, out)
+    lam = _write_lambda(ckpt, state, model_dir, out, by_hf, trust_remote_code)
+    trained.clear()
+    return {"adapter": True, "lora_modules": len(lora), "tensors": len(tensors),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors.values()), "dip_projections": len(lam),
+            "lambda_mean": {k: float(v.float().exp().mean()) for k, v in sorted(lam.items())}}
+
+
+def _write_weights(ckpt: Path, state: dict, model_dir: Path, out: Path, torch_dtype, max_shard_bytes: int,
+                   trust_remote_code: bool) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dipnet.pipeline.models import meta_model
+    from dipnet.pipeline.models import copy_tokenizer_files
+
+    recipe = state["recipe_obj"]
+    trained = trained_tensors(ckpt, state["zero_stage"])
+    by_hf, lora = _split_trained(trained, state, ckpt)
 
     keys = base_keys(model_dir)
     conv1d = set()
@@ -268,6 +365,18 @@ def _write_weights(ckpt: Path, state: dict, model_dir: Path, out: Path, torch_dt
     cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] = str(torch_dtype).replace("torch.", "")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     copy_tokenizer_files(model_dir, out)
+    lam = _write_lambda(ckpt, state, model_dir, out, by_hf, trust_remote_code)
+    trained.clear()
+    gc.collect()
+    return {"tensors": len(keys), "shards": len(shards), "bytes": total, "lora_merged": len(lora),
+            "dip_projections": len(lam),
+            "lambda_mean": {k: float(v.float().exp().mean()) for k, v in sorted(lam.items())}}
+
+
+def _write_lambda(ckpt: Path, state: dict, model_dir: Path, out: Path, by_hf: dict, trust_remote_code: bool) -> dict:
+    """λ into out/dip/ (ln λ per projection, returned)."""
+    from dipnet.pipeline.models import meta_model
+
     # λ: the run's own DIP settings (what train.py attached); trained values from the checkpoint,
     # frozen ones (dip_fixed, input_noise) as the run started: from model_dir/dip when the run
     # loaded them from there, else their initial value.
@@ -289,11 +398,21 @@ def _write_weights(ckpt: Path, state: dict, model_dir: Path, out: Path, torch_dt
         lam.update({k: base_log[k] + _materialise(v) for k, v in trained_lam.items()})  # ln λ = ln λ0 + offset
     if dip_config.method != "none":
         dipmod.save_dip(None, dip_config, out, state={k: v.float().contiguous() for k, v in lam.items()})
-    trained.clear()
-    gc.collect()
-    return {"tensors": len(keys), "shards": len(shards), "bytes": total, "lora_merged": len(lora),
-            "dip_projections": len(lam),
-            "lambda_mean": {k: float(v.float().exp().mean()) for k, v in sorted(lam.items())}}
+    return lam
+
+
+def _load_adapter(out: Path, model_dir: Path, dtype) -> tuple[object, dict]:
+    """peft's own loader: the base model, then the adapter; (model, {kind: keys} that did not match)."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    model = PeftModel.from_pretrained(base, str(out))
+    loaded, saved = get_peft_model_state_dict(model), load_file(str(out / "adapter_model.safetensors"))
+    problems = {"missing_keys": sorted(set(saved) - set(loaded)), "unexpected_keys": sorted(set(loaded) - set(saved)),
+                "mismatched_keys": sorted(k for k in set(saved) & set(loaded) if not torch.equal(saved[k], loaded[k]))}
+    return model, {k: v for k, v in problems.items() if v}
 
 
 def _probe_logits(model, tokenizer) -> torch.Tensor:
@@ -306,8 +425,9 @@ def _probe_logits(model, tokenizer) -> torch.Tensor:
 
 
 def _verify(out: Path, state: dict, model_dir: Path, ckpt: Path, dtype: str, tolerance: float,
-            trust_remote_code: bool) -> dict:
-    """Reload the written directory as any tool would, then compare logits with the trained model."""
+            trust_remote_code: bool, adapter: bool = False) -> dict:
+    """Reload the written directory as any tool would (an adapter: peft onto its base), then
+    compare logits with the trained model."""
     from transformers import AutoModelForCausalLM
 
     from dipnet.pipeline.models import load_tokenizer, quiet_transformers
@@ -316,8 +436,11 @@ def _verify(out: Path, state: dict, model_dir: Path, ckpt: Path, dtype: str, tol
     quiet_transformers()
     # Compare in the export's dtype: bf16 against bf16 keeps each side to one model in memory.
     load_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
-    plain, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True, dtype=load_dtype)
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if adapter:
+        plain, problems = _load_adapter(out, model_dir, load_dtype)
+    else:
+        plain, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True, dtype=load_dtype)
+        problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
         kind, keys = next(iter(problems.items()))
         raise RunError(f"export {out}: {kind.replace('_', ' ')}: {sorted(map(str, keys))[0]}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from dipnet.pipeline.errors import UsageError
@@ -186,6 +187,38 @@ def check_model_dir(model_dir: str | Path, trust_remote_code: bool = False, flag
     if why and not trust_remote_code:
         raise UsageError(f"{d}: this model needs its own code ({why}); set {flag} if you trust it")
     return cfg
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A PEFT LoRA adapter directory (`export.merge_lora: false`) and the base it applies to."""
+    dir: Path
+    base: Path
+    rank: int
+
+
+def read_adapter(model_dir: str | Path, trust_remote_code: bool = False) -> Adapter | None:
+    """The adapter in `model_dir` (an adapter_config.json and no config.json), else None. The
+    base it names must be a local model directory that passes check_model_dir: a file read here
+    never makes dipnet fetch a model or run its code."""
+    d = Path(model_dir)
+    cfg_path = d / "adapter_config.json"
+    if not cfg_path.is_file() or (d / "config.json").is_file():
+        return None
+    cfg = read_json_object(cfg_path, " of adapter settings")
+    if cfg.get("peft_type") != "LORA":
+        raise UsageError(f"{cfg_path}: 'peft_type' must be LORA, got {str(cfg.get('peft_type'))[:40]!r}")
+    rank, base = cfg.get("r"), cfg.get("base_model_name_or_path")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 < rank <= 512:
+        raise UsageError(f"{cfg_path}: 'r' must be an integer in 1..512, got {str(rank)[:40]}")
+    if not isinstance(base, str) or not base or not Path(base).is_dir():
+        raise UsageError(f"{cfg_path}: 'base_model_name_or_path' must name a local model directory, "
+                         f"got {str(base)[:120]!r}")
+    check_model_dir(base, trust_remote_code)
+    if not (d / "adapter_model.safetensors").is_file():
+        raise UsageError(f"{d}: no adapter_model.safetensors (dipnet loads safetensors only)")
+    check_safetensors(d / "adapter_model.safetensors")
+    return Adapter(d, Path(base), rank)
 
 
 def quiet_transformers() -> None:

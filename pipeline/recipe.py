@@ -339,6 +339,8 @@ class LaunchSettings(_Section):
 class ExportSettings(_Section):
     dtype: Literal["float32", "bfloat16"] = Field("float32")
     tolerance: float = Field(1e-5, gt=0, description="Max |logit difference| exported vs trained mean mode.")
+    merge_lora: bool = Field(True, description="LoRA runs: merge the adapters into the weights (a full model), or "
+                                               "false: write a PEFT adapter directory for the base (full runs export whole).")
 
 
 EvalTask = Literal["arith-id", "arith-ood", "arith-perturbed", "arith-val", "gsm8k", "gsm8k_cot", "gsm8k-perturbed"]

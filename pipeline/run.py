@@ -528,10 +528,13 @@ class Run:
             if (dest / "source.json").is_file() and _read_json(dest / "source.json") == source:
                 self.say(f"  {run_id}: export up to date (skipped)")
             else:
+                lora = any(f"{v}-s{sd}" == run_id and r.train.method == "lora" for v, sd, r in self.runs)
                 s = export_checkpoint(ckpt, dest, dtype=self.recipe.export.dtype, tolerance=self.recipe.export.tolerance,
-                                      trust_remote_code=self.recipe.model.trust_remote_code, base=converted)
+                                      trust_remote_code=self.recipe.model.trust_remote_code, base=converted,
+                                      merge_lora=self.recipe.export.merge_lora or not lora)
                 write_json_atomic(dest / "source.json", source)
-                self.say(f"  {run_id}: exported {s['tensors']} tensors, max |Δlogit| {s['max_logit_diff']:.2e}")
+                what = "a LoRA adapter of" if s.get("adapter") else "exported"
+                self.say(f"  {run_id}: {what} {s['tensors']} tensors, max |Δlogit| {s['max_logit_diff']:.2e}")
             out[run_id] = {"model_dir": str(dest), "variant": t["variant"], "seed": t["seed"],
                            "fingerprint": model_fingerprint(dest)}
         return out

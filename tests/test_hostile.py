@@ -911,3 +911,76 @@ def test_model_card_names_cannot_break_its_metadata_or_table():
     assert yaml.safe_load(front)["base_model"] == name
     row = next(line for line in body.splitlines() if line.startswith("| base model |"))
     assert row.count(" | ") == 1 and "\\|" in row and "`" not in row
+
+
+def _adapter_dir(tmp_path: Path, base, **config) -> Path:
+    """An adapter directory as `export.merge_lora: false` writes one, with config overrides."""
+    import torch
+    from safetensors.torch import save_file
+
+    d = tmp_path / "adapter"
+    d.mkdir()
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM",
+           "base_model_name_or_path": str(base), **config}
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 8)},
+              str(d / "adapter_model.safetensors"))
+    return d
+
+
+ADAPTER_BREAKS = [
+    ({"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M"}, "'base_model_name_or_path' must name a local model directory"),
+    ({"base_model_name_or_path": ["x"]}, "'base_model_name_or_path' must name a local model directory"),
+    ({"peft_type": "PROMPT_TUNING"}, "'peft_type' must be LORA, got 'PROMPT_TUNING'"),
+    ({"r": True}, "'r' must be an integer in 1..512"),
+    ({"r": 10**9}, "'r' must be an integer in 1..512"),
+]
+
+
+@pytest.mark.parametrize("config,needle", ADAPTER_BREAKS, ids=[n[:40] for _, n in ADAPTER_BREAKS])
+def test_hostile_adapter_config_names_no_hub_model(capsys, tmp_path, tiny_base_dir, config, needle):
+    """An adapter's config names its base: never a hub id to fetch, never a model with code."""
+    d = _adapter_dir(tmp_path, tiny_base_dir, **config)
+    refused(capsys, ["eval", d, "--tasks", "arith-id", "--engine", "hf", "--limit", "2", "--out", tmp_path / "ev"], 2,
+            needle)
+
+
+def test_adapter_base_with_code_and_pickle_adapter_are_refused(capsys, tmp_path, tiny_base_dir, pwned):
+    evil = _evil_model(tiny_base_dir, tmp_path / "evil", "config")
+    d = _adapter_dir(tmp_path, evil)
+    refused(capsys, ["eval", d, "--tasks", "arith-id", "--engine", "hf", "--limit", "2", "--out", tmp_path / "ev"], 2,
+            "this model needs its own code")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(tiny_base_dir)}))
+    (d / "adapter_model.safetensors").unlink()
+    (d / "adapter_model.bin").write_bytes(b"pickle")
+    refused(capsys, ["eval", d, "--tasks", "arith-id", "--engine", "hf", "--limit", "2", "--out", tmp_path / "ev"], 2,
+            "no adapter_model.safetensors (dipnet loads safetensors only)")
+
+
+def test_adapter_export_of_a_full_run_is_refused(capsys, tmp_path, trained):
+    ckpt = _ckpt_copy(trained, tmp_path)
+    refused(capsys, ["export", ckpt, "--out", tmp_path / "out", "--no-merge-lora"], 2,
+            "export.merge_lora: false (--no-merge-lora) needs a LoRA run; this one is train.method full")
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_checks_the_repo_first_and_keeps_the_export_when_the_hub_is_away(capsys, tmp_path, trained,
+                                                                                       monkeypatch):
+    """There is no network here: the Hub endpoint is a closed port on 127.0.0.1. A bad repo id is
+    refused before anything is written; a failed upload names the repo and leaves the export
+    complete, and the token never reaches the output."""
+    ckpt = _ckpt_copy(trained, tmp_path)
+    refused(capsys, ["export", ckpt, "--out", tmp_path / "out", "--push-to-hub", "../../etc"], 2,
+            "--push-to-hub: expected a Hub repo id 'namespace/name'")
+    assert not (tmp_path / "out").exists()
+    from dipnet.launch.local import choose_master_port
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{choose_master_port(None)}")
+    monkeypatch.setenv("HF_TOKEN", "hf_dipnetTestTokenNeverPrinted")
+    rc, out, err = cli(capsys, "export", ckpt, "--out", tmp_path / "out", "--push-to-hub", "me/tiny-dip")
+    line = err.strip()
+    assert rc == 1 and "\n" not in line and line.startswith("error: push to me/tiny-dip failed ("), err
+    assert f"the export in {tmp_path / 'out'} is complete" in line
+    assert "hf_dipnetTestTokenNeverPrinted" not in out + err
+    assert (tmp_path / "out" / "README.md").is_file() and json.loads((tmp_path / "out" / "export.json").read_text())

@@ -196,21 +196,73 @@ def test_nan_loss_stops_with_step_and_keeps_last_good(tmp_path):
     assert (run / "checkpoints" / "latest").read_text() == "step-000002"
 
 
-def test_lora_with_dip_trains_and_merges(tmp_path):
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """Four steps of LoRA + DIP on 2 ranks, ZeRO-2."""
+    run = tmp_path_factory.mktemp("lora") / "lora"
+    train(run, {"train.max_steps": 4, "train.save_every": 4, "train.zero_stage": 2, "train.method": "lora",
+                "dip.method": "dip", "dip.lr_scale": 5.0, "train.lora.r": 4, "train.lr": 2e-2})
+    return run
+
+
+def test_lora_with_dip_trains_and_merges(lora_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    run = tmp_path / "lora"
-    train(run, {"train.max_steps": 4, "train.save_every": 4, "train.zero_stage": 2, "train.method": "lora",
-                "dip.method": "dip", "dip.lr_scale": 50.0, "train.lora.r": 4})
-    w = consolidate_zero_checkpoint(latest_checkpoint(run / "checkpoints"))
+    w = consolidate_zero_checkpoint(latest_checkpoint(lora_run / "checkpoints"))
     assert any("lora_A" in k for k in w) and sum("log_variance" in k for k in w) == 4
     lam = [v for k, v in w.items() if "log_variance" in k]
     assert any(not torch.allclose(v, torch.zeros_like(v)) for v in lam)  # λ trained (offsets moved from 0)
-    s = export_checkpoint(run, tmp_path / "lora_export")
+    s = export_checkpoint(lora_run, tmp_path / "lora_export")
     assert s["max_logit_diff"] <= 1e-5 * s["logit_scale"]
     m, info = AutoModelForCausalLM.from_pretrained(tmp_path / "lora_export", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     assert not any("lora" in k for k in m.state_dict())
+
+
+def test_lora_exports_as_a_peft_adapter_that_vllm_evaluates(lora_run, tmp_path):
+    """export.merge_lora: false: a PEFT adapter directory that peft loads onto its base with the
+    trained logits, and that dipnet eval runs through vLLM's LoRA support with the merged
+    export's answer NLL (and not the base's)."""
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+
+    from dipnet.eval.evaluate import evaluate_model
+    from dipnet.eval.serve import serve
+    from dipnet.pipeline.errors import UsageError
+    from dipnet.pipeline.export import PROBE_TEXTS
+
+    merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+    export_checkpoint(lora_run, merged)
+    s = export_checkpoint(lora_run, adapter, merge_lora=False)
+    assert s["adapter"] and s["lora_modules"] == 4 * 4 and s["max_logit_diff"] <= s["tolerance"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "export.json", "tokenizer.json",
+            "dip"} <= {p.name for p in adapter.iterdir()}
+    assert not (adapter / "config.json").exists() and (adapter / "dip" / "dip.safetensors").is_file()
+    assert all(k.startswith("base_model.model.model.layers.") and k.endswith(("lora_A.weight", "lora_B.weight"))
+               for k in load_file(adapter / "adapter_model.safetensors"))
+    card = (adapter / "README.md").read_text()
+    assert "library_name: peft" in card and "AutoPeftModelForCausalLM" in card
+    # peft's own loader, as a user would call it, against the merged weights.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter)
+    batch = tok(PROBE_TEXTS[:1], return_tensors="pt")
+    with torch.no_grad():
+        via_peft = AutoPeftModelForCausalLM.from_pretrained(adapter)(**batch).logits
+        via_merge = AutoModelForCausalLM.from_pretrained(merged)(**batch).logits
+    assert (via_peft - via_merge).abs().max() <= 1e-4
+    # dipnet eval: the adapter through vLLM, the merged model and the base through transformers.
+    kw = dict(limit=8, max_new_tokens=24, progress=False)
+    with pytest.raises(UsageError, match="is a LoRA adapter: serve a merged export"):
+        serve(adapter, port=0)
+    runs = {name: evaluate_model(d, ["arith-id"], tmp_path / f"ev_{name}", engine=engine, **kw)["tasks"]["arith-id"]
+            for name, d, engine in [("adapter", adapter, "vllm"), ("merged", merged, "hf"), ("base", s["model_dir"], "hf")]}
+    outputs = {name: [json.loads(l)["output"] for l in (tmp_path / f"ev_{name}" / "samples_arith-id.jsonl").open()]
+               for name in runs}
+    print({name: (r["teacher_forced"]["answer_nll"], r["teacher_forced"]["engine"]) for name, r in runs.items()})
+    assert outputs["adapter"] == outputs["merged"] != outputs["base"]  # vLLM applied the adapter, greedy for greedy
+    nll = {name: r["teacher_forced"]["answer_nll"] for name, r in runs.items()}
+    assert abs(nll["adapter"] - nll["merged"]) <= 1e-5 * max(1.0, nll["merged"]) < abs(nll["adapter"] - nll["base"])
 
 
 def test_lora_target_that_matches_nothing(tmp_path):
