@@ -44,25 +44,27 @@ def model_dir(name: str) -> Path:
     return Path(name)
 
 
-def group_rss_mb(pid: int) -> float:
-    """Resident memory of `pid`'s process group (the server, its engine and workers), in MiB."""
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        return 0.0
-    total = 0
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of `pid` and every process below it (dipnet serve starts the vLLM server in
+    a session of its own, and the server its engine core), in MiB."""
+    parent, rss = {}, {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
-            if os.getpgid(int(d)) != pgid:
-                continue
             for line in open(f"/proc/{d}/status"):
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except (OSError, ProcessLookupError):
+                if line.startswith("PPid:"):
+                    parent[int(d)] = int(line.split()[1])
+                elif line.startswith("VmRSS:"):
+                    rss[int(d)] = int(line.split()[1])
+        except OSError:
             continue
-    return total / 1024
+    tree, grew = {pid}, True
+    while grew:
+        below = {p for p, pp in parent.items() if pp in tree} - tree
+        tree |= below
+        grew = bool(below)
+    return sum(rss.get(p, 0) for p in tree) / 1024
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float) -> str:
@@ -144,7 +146,7 @@ def main(argv=None):
         name = wait_ready(port, proc, 600)
         print(f"server up in {time.time() - t_start:.0f} s: {d} on {HOST}:{port} (log {work / 'server.log'})", flush=True)
         one_request(port, name, "Question: 1 + 1?\nAnswer:", 8, False)  # warm-up
-        rss_before = group_rss_mb(proc.pid)
+        rss_before = tree_rss_mb(proc.pid)
         prompts = [f"Question: Ann has {i % 17 + 2} pens. She buys {i % 5 + 3} more. How many pens does Ann have?\nAnswer:"
                    for i in range(args.clients * args.requests)]
         results: list[list[dict]] = [[] for _ in range(args.clients)]
@@ -163,7 +165,7 @@ def main(argv=None):
         for t in threads:
             t.join(timeout=max(1.0, deadline - time.time() + 330))
         wall = time.perf_counter() - t0
-        rss_after = group_rss_mb(proc.pid)
+        rss_after = tree_rss_mb(proc.pid)
         alive = proc.poll() is None
     finally:
         try:
