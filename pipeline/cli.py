@@ -149,8 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_validate(a) -> int:
     from dipnet.pipeline.recipe import expand_runs, load_recipe
 
+    from dipnet.pipeline.trackers import check_trackers
+
     r = load_recipe(a.recipe, a.overrides)
     runs = expand_runs(r)
+    for report_to in {tuple(x.train.report_to) for _, _, x in runs}:
+        check_trackers(list(report_to), f"{a.recipe}: 'train.report_to'")
     print(f"{a.recipe}: ok ({len(runs)} training run(s): {', '.join(sorted({v for v, _, _ in runs}))}; "
           f"run directory {r.output_dir})")
     return 0

@@ -230,6 +230,10 @@ class TrainSettings(_Section):
         0.0, ge=0, description="How far below the lowest validation NLL so far a new one must be to reset the "
                                "patience count (the HF Trainer's early_stopping_threshold); the best checkpoint is "
                                "the lowest regardless.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers (as the HF Trainer's report_to): each run's recipe, every logged step, then "
+                    "its eval scores; a study's runs grouped. Configured by each tracker's own environment variables.")
     gradient_checkpointing: bool = Field(
         False, description="Keep only each block's input for backward and recompute the block (less activation "
                            "memory, one more forward per block); DIP noise replays identically.")

@@ -404,6 +404,11 @@ class Run:
             write_json_atomic(inputs, {"key": key})
             (d / "recipe.json").write_text(json.dumps(r.to_dict(), indent=2))
             pending.append((run_id, variant, seed, r, d, key))
+        if pending:  # before any rank starts: a tracker that is missing or away fails here, in one line
+            from dipnet.pipeline.trackers import check_trackers
+
+            for report_to in {tuple(p[3].train.report_to) for p in pending}:
+                check_trackers(list(report_to))
         if not pending:
             return out
         if self.recipe.study.match == "time":
@@ -552,6 +557,7 @@ class Run:
 
     def stage_eval(self) -> dict:
         from dipnet.eval.evaluate import evaluate_model
+        from dipnet.pipeline.trackers import eval_metrics
 
         e = self.recipe.eval
         out, failures = {}, []
@@ -577,6 +583,9 @@ class Run:
                 failures.append(f"{name}: {exc}")
                 continue  # results of the models already evaluated are kept
             out[name] = {**m, "results": str(dest / "results.json"), "key": key}
+            if name in self.manifest.outputs("export"):  # a trained run: its scores join its tracker runs
+                step = self.manifest.outputs("train").get(name, {}).get("steps")
+                self.track(name, lambda t: t.log(eval_metrics(_read_json(dest / "results.json")), step))
         if failures:
             raise RunError(f"eval failed for {len(failures)} model(s): {failures[0]}")
         return out
@@ -593,7 +602,17 @@ class Run:
 
         paths = write_report(self.dir, self.recipe)
         self.say(f"  report: {paths['report_md']}")
+        self.track("report", lambda t: t.images(sorted((self.dir / "report").glob("*.png"))))
         return paths
+
+    def track(self, run_name: str, fn) -> None:
+        """Log to the recipe's experiment trackers as `run_name` of this study (a no-op without any)."""
+        from dipnet.pipeline.trackers import open_run
+
+        trackers = open_run(self.recipe, self.dir, run_name, self.dir / "eval")
+        if trackers is not None:
+            fn(trackers)
+            trackers.finish()
 
 
 def _link_or_copy_tree(src: Path, dst: Path) -> None:

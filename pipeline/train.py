@@ -425,7 +425,7 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     engine, optimizer, dip_config, trainable, zero3_init = build_engine(recipe, model_dir, tokenizer, ds_config,
                                                                         out.name, world, is_main)
     start_step, tokens_seen, tracking = restore(engine, ckpt_root, resume, universal, is_main)
-    log = StepLog(out, steps, start_step) if is_main else None
+    log = StepLog(out, steps, start_step, recipe) if is_main else None
     faults = Faults.from_env()
     engine.train()
     first = collate([examples[i] for i in batch_indices(len(examples), recipe.run.seed, start_step,
@@ -511,7 +511,6 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
             break
 
     if log:
-        log.close()
         summary = {"steps": steps, "resumed_from": start_step, "tokens_seen": tokens_seen, "world_size": world,
                    "wall_s": time.time() - t_loop, "last": log.last, "step_time": step_time_stats(timed),
                    "logits": "counted positions" if output_layer is not None else "every position",
@@ -520,6 +519,7 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
                    "checkpoint": str((t.keep_best and best_checkpoint(ckpt_root)) or latest_checkpoint(ckpt_root)),
                    "validation": tracking or None, "data_mixture": data_mixture(data_path)}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        log.close({"steps": steps, "tokens_seen": tokens_seen, "wall_s": summary["wall_s"]})
         from dipnet.pipeline.plots import plot_training
 
         plot_training(out / "metrics.jsonl", out / "plots")
@@ -703,13 +703,20 @@ def track_validation(tracking: dict, val_nll: float, done: int, threshold: float
 
 
 class StepLog:
-    """The main rank's record of a run: metrics.jsonl, TensorBoard and a progress bar."""
+    """The main rank's record of a run: metrics.jsonl, a progress bar, TensorBoard and the other
+    trackers in train.report_to."""
 
-    def __init__(self, out: Path, steps: int, start_step: int):
+    def __init__(self, out: Path, steps: int, start_step: int, recipe=None):
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        self.writer = SummaryWriter(str(out / "tb"))
+        from dipnet.pipeline.trackers import flat_params, open_run
+
+        report_to = recipe.train.report_to if recipe is not None else ["tensorboard"]
+        self.writer = SummaryWriter(str(out / "tb")) if "tensorboard" in report_to else None
+        # out is <run dir>/train/<variant>-s<seed>: the study is the run directory.
+        self.trackers = open_run(recipe, out.parent.parent, out.name, out, flat_params(recipe.to_dict())) \
+            if recipe is not None else None
         self.metrics = open(out / "metrics.jsonl", "a")
         self.bar = tqdm(total=steps, initial=start_step, desc=f"train {out.name}", dynamic_ncols=True,
                         mininterval=1.0, file=sys.stderr)
@@ -718,23 +725,26 @@ class StepLog:
     def record(self, rec: dict) -> None:
         self.metrics.write(json.dumps(rec) + "\n")
         self.metrics.flush()
-        done = rec["step"]
-        for k in ("loss", "nll", "prior", "var_penalty", "lr", "tokens_per_s", "step_time_s"):
-            self.writer.add_scalar(f"train/{k}", rec[k], done)
-        for layer, s in rec["lambda"].items():
-            self.writer.add_scalar(f"lambda/{layer}", s["mean"], done)
-        for k in ("val_nll", "val_token_acc"):
-            if k in rec:
-                self.writer.add_scalar(f"val/{k[4:]}", rec[k], done)
+        from dipnet.pipeline.trackers import step_metrics
+
+        metrics = step_metrics(rec)
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, rec["step"])
+        if self.trackers is not None:
+            self.trackers.log(metrics, rec["step"])
         self.last = rec
 
     def progress(self, loss: float, tokens_per_s: float) -> None:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
 
-    def close(self) -> None:
+    def close(self, summary: dict | None = None) -> None:
         self.bar.close()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.trackers is not None:
+            self.trackers.finish({k: v for k, v in (summary or {}).items() if isinstance(v, (int, float, str))})
         self.metrics.close()
 
 
