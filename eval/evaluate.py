@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def answer_ids(tok, answer: str) -> list[int]:
     return tok(" " + answer.strip(), add_special_tokens=False).input_ids
 
 
-def tokens_in_flight(tasks, encoded: dict, tok, max_new_tokens: int, max_len: int, answer_nll: bool) -> int:
+def tokens_in_flight(tasks, encoded: dict, tok, budgets: dict, max_len: int, answer_nll: bool) -> int:
     """The most KV-cache tokens one of these tasks holds at once on the vLLM engine: its prompts
     (as many as run together) at their longest, plus the generation or the scored answer."""
     from dipnet.eval.vllm_runner import MAX_NUM_SEQS_CPU
@@ -83,13 +84,13 @@ def tokens_in_flight(tasks, encoded: dict, tok, max_new_tokens: int, max_len: in
     for task in tasks:
         ids = encoded[task.name][1]
         answer = max((len(answer_ids(tok, p["answer"])) for p in task.problems), default=0) if answer_nll else 0
-        longest = min(max_len, max(map(len, ids)) + max(max_new_tokens, answer))
+        longest = min(max_len, max(map(len, ids)) + max(budgets[task.name], answer))
         most = max(most, min(len(ids), MAX_NUM_SEQS_CPU) * longest)
     return most
 
 
 def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | Path, *, engine: str = "vllm",
-                   shots: int = 0, limit: int | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                   shots: int = 0, limit: int | None = None, max_new_tokens: int | None = None,
                    chat: str | None = None, gsm8k_path: str | None = None, synthetic_settings=None,
                    dip_mode: str = "mean", noise_sigmas: list[float] | None = None, vllm_engine=None,
                    progress: bool = True, label: str | None = None, trust_remote_code: bool = False,
@@ -115,7 +116,7 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
         raise UsageError(f"eval.dip_mode {dip_mode} needs engine hf (vLLM serves the mean path)")
     if limit is not None and limit <= 0:
         raise UsageError(f"eval limit must be > 0, got {limit}")
-    if max_new_tokens <= 0 or shots < 0:
+    if (max_new_tokens is not None and max_new_tokens <= 0) or shots < 0:
         raise UsageError(f"eval needs max_new_tokens > 0 and shots >= 0 (got {max_new_tokens}, {shots})")
     tasks = [build_task(t, shots=shots, limit=limit, synthetic_settings=synthetic_settings, gsm8k_path=gsm8k_path,
                         chat=chat) for t in task_names]
@@ -141,22 +142,28 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
     if engine == "hf" or noise_sigmas or (answer_nll and nll_engine == "hf"):
         model, _ = hf_runner.load_hf(model_dir, dip_mode="sample" if k > 1 else "mean",
                                      trust_remote_code=trust_remote_code, dtype=hf_dtype)
-    encoded = {}
+    encoded, budgets = {}, {}
     for task in tasks:  # every prompt must fit: a silently cut few-shot prompt is another task
         texts = [task.prompt(i, tok) for i in range(len(task.problems))]
         ids = [encode_prompt(tok, t) for t in texts]
         longest = max(len(x) for x in ids)
-        if longest + max_new_tokens > L:
-            raise UsageError(f"task {task.name}: the longest prompt has {longest} tokens; with max_new_tokens "
-                             f"{max_new_tokens} it exceeds the model's context of {L} tokens (use fewer shots or "
-                             "fewer new tokens)")
+        budgets[task.name] = budget = max_new_tokens or task.max_new_tokens
+        if longest + budget > L:
+            if max_new_tokens is not None or L - longest < 1:
+                raise UsageError(f"task {task.name}: the longest prompt has {longest} tokens; with max_new_tokens "
+                                 f"{budget} it exceeds the model's context of {L} tokens (use fewer shots or "
+                                 "fewer new tokens)")
+            # The task's own default, not the user's: what the context leaves, said once.
+            budgets[task.name] = L - longest
+            print(f"  note: task {task.name}: max_new_tokens {budget} capped at {L - longest} by the model's context "
+                  f"of {L} tokens (longest prompt {longest})", file=sys.stderr)
         encoded[task.name] = (texts, ids)
     own_engine = None
     if engine == "vllm" and vllm_engine is None:
         from dipnet.eval.vllm_runner import VllmEngine
 
         # Harness tasks bring lm-eval's prompts: then the KV cache is sized for vLLM's whole batch.
-        in_flight = None if harness_tasks else tokens_in_flight(tasks, encoded, tok, max_new_tokens, L, answer_nll)
+        in_flight = None if harness_tasks else tokens_in_flight(tasks, encoded, tok, budgets, L, answer_nll)
         own_engine = vllm_engine = VllmEngine(weights, out / "vllm", L, dtype=dtype, kv_tokens=in_flight,
                                               tensor_parallel_size=tensor_parallel_size,
                                               gpu_memory_utilization=gpu_memory_utilization, adapter=adapter)
@@ -179,9 +186,9 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
             stops = stops_with_eos(task, tok)
             t0 = time.time()
             if engine == "vllm":
-                gens = vllm_engine.generate(prompts, max_new_tokens, stops)
+                gens = vllm_engine.generate(prompts, budgets[task.name], stops)
             else:
-                gens = hf_runner.greedy_generate(model, tok, prompts, max_new_tokens, stops, k=k)
+                gens = hf_runner.greedy_generate(model, tok, prompts, budgets[task.name], stops, k=k)
             wall = time.time() - t0
             n_gen = sum(len(g[1]) for g in gens)
             scores, samples = score_rows(task, [g[0] for g in gens], prompts_text)
@@ -209,7 +216,8 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
                                   "engine": nll_engine, "wall_s": time.time() - t1}
             dump_jsonl(samples, out / f"samples_{task.name}.jsonl")
             results["tasks"][task.name] = {
-                "n": len(task.problems), "setup": task.setup(), "scores": scores, "teacher_forced": teacher_forced,
+                "n": len(task.problems), "setup": task.setup(), "max_new_tokens": budgets[task.name],
+                "scores": scores, "teacher_forced": teacher_forced,
                 "wall_s": wall, "generated_tokens": n_gen, "generated_tokens_per_s": n_gen / wall if wall > 0 else None,
             }
             if progress:
@@ -219,14 +227,14 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
                       f"({len(task.problems)} problems, {wall:.1f}s)", flush=True)
         if noise_sigmas:  # on the first task (its first 100 problems): hf generation per σ is the cost
             texts, ids = encoded[tasks[0].name]
-            results["noise_sweep"] = noise_sweep(model, tok, tasks[0], ids[:100], noise_sigmas, max_new_tokens)
+            results["noise_sweep"] = noise_sweep(model, tok, tasks[0], ids[:100], noise_sigmas, budgets[tasks[0].name])
         if harness_tasks:  # lm-eval's tasks, on the same engine (its files under out/harness)
             from dipnet.eval.harness import run_harness
 
             t0 = time.time()
             results["harness"] = run_harness(model_dir, harness_tasks, out / "harness", harness_tm, engine=engine,
                                              vllm_engine=vllm_engine, limit=limit, max_length=L,
-                                             max_gen_toks=max_new_tokens,
+                                             max_gen_toks=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
                                              trust_remote_code=trust_remote_code)
             if progress:
                 for t, m in results["harness"].items():

@@ -40,7 +40,8 @@ FILTERS = {
     "gsm8k": {"strict-match": (r"#### (\-?[0-9\.\,]+)", 0), "flexible-extract": FLEXIBLE},
     "gsm8k_cot": {"strict-match": (r"The answer is (\-?[0-9\.\,]+).", 0), "flexible-extract": FLEXIBLE},
 }
-DEFAULT_MAX_NEW_TOKENS = 256  # lm-eval's max_gen_toks
+DEFAULT_MAX_NEW_TOKENS = 256  # lm-eval's max_gen_toks: the GSM8K tasks' own budget
+ARITH_MAX_NEW_TOKENS = 48  # the arithmetic tasks' answers: at most three worked steps, ~30 tokens
 PROMPTS_VERSION = "lm-eval-0.4.13"  # part of the eval stage's cache key: new prompts, new results
 
 # lm-eval 0.4.13 tasks/gsm8k/gsm8k-cot.yaml, fewshot_config.samples (sampler first_n).
@@ -97,6 +98,7 @@ class Task:
     filters: dict = field(default_factory=lambda: dict(FILTERS["gsm8k"]))
     chat: str | None = None  # None | "single" | "multiturn"
     version: str = "3.0"
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # the task's own generation budget (eval.max_new_tokens overrides)
 
     @property
     def shots(self) -> int:
@@ -240,7 +242,8 @@ def build_task(name: str, *, shots: int = 0, limit: int | None = None, synthetic
     shot_sets = per_question_shots(pool, len(problems), shots)
     if limit:
         problems, shot_sets = problems[:limit], shot_sets[:limit]
-    return Task(name=name, problems=problems, shot_sets=shot_sets, chat=chat)
+    return Task(name=name, problems=problems, shot_sets=shot_sets, chat=chat,
+                max_new_tokens=DEFAULT_MAX_NEW_TOKENS if name.startswith("gsm8k") else ARITH_MAX_NEW_TOKENS)
 
 
 def read_predictions(path: str | Path) -> list[dict]:

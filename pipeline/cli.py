@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model_dir", nargs="?")
     s.add_argument("--tasks", default=None, help="dipnet tasks (default arith-id,arith-ood; none with --harness-tasks)"), s.add_argument("--engine", default="vllm")
     s.add_argument("--out", required=True), s.add_argument("--shots", type=int, default=0)
-    s.add_argument("--limit", type=int, default=None), s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--limit", type=int, default=None), s.add_argument("--max-new-tokens", type=int, default=None)
     s.add_argument("--chat", default="none", help="none | single (lm-eval --apply_chat_template) | multiturn "
                    "(with --fewshot_as_multiturn)")
     s.add_argument("--gsm8k-path", default=None)

@@ -355,7 +355,9 @@ class EvalSettings(_Section):
     tasks: list[EvalTask] = Field(default_factory=lambda: ["arith-id", "arith-ood", "arith-perturbed"])
     shots: int = Field(0, ge=0, description="Few-shot examples (lm-evaluation-harness uses 5 for gsm8k).")
     limit: Optional[int] = Field(None, gt=0, description="Evaluate only the first N problems per task.")
-    max_new_tokens: int = Field(256, gt=0, description="Generation budget (lm-eval's max_gen_toks: 256).")
+    max_new_tokens: Optional[int] = Field(
+        None, gt=0, description="Generation budget; default each task's own (gsm8k: lm-eval's 256; the arithmetic "
+                                "tasks: 48), capped with a note where the model's context is shorter.")
     chat: Literal["none", "single", "multiturn"] = Field(
         "none", description="Chat rendering as lm-eval's --apply_chat_template (single) or with "
                             "--fewshot_as_multiturn (multiturn).")

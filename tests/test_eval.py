@@ -378,3 +378,21 @@ def test_context_is_the_models_own_bounded_by_the_recipe():
     assert r.eval.max_model_len == 16384 and r.eval.tensor_parallel_size is None
     with pytest.raises(Exception, match="gpu_memory_utilization"):
         Recipe.model_validate(apply_overrides({}, {"eval.gpu_memory_utilization": 1.5}))
+
+
+def test_plain_eval_works_on_the_embedded_model(tmp_path, tiny_base_dir):
+    """Each task brings its own budget (gsm8k: lm-eval's 256; arithmetic: 48), and a default that
+    the model's context cannot hold is capped with one note, not refused (an explicit one is:
+    test_hostile.EVAL_FLAGS)."""
+    if not (SHARED_GSM8K / "test.jsonl").is_file():
+        pytest.skip(f"no GSM8K data at {SHARED_GSM8K}")
+    res = cli_in_process("eval", tiny_base_dir, "--tasks", "arith-id,gsm8k", "--engine", "hf", "--limit", "2",
+                         "--gsm8k-path", SHARED_GSM8K, "--no-answer-nll", "--out", tmp_path / "e")
+    assert res.returncode == 0, res.stderr[-1500:]
+    tasks = json.loads((tmp_path / "e" / "results.json").read_text())["tasks"]
+    assert tasks["arith-id"]["max_new_tokens"] == 48
+    cap = tasks["gsm8k"]["max_new_tokens"]
+    assert 0 < cap < 256
+    notes = [line for line in res.stderr.splitlines() if "note:" in line]
+    assert notes == [f"  note: task gsm8k: max_new_tokens 256 capped at {cap} by the model's context of 256 tokens "
+                     f"(longest prompt {256 - cap})"]
