@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dipnet.eval import extract
 from dipnet.eval.metrics import wilson_interval
+from dipnet.eval.sampling import Sampling, score_sampled
 from dipnet.eval.tasks import (DEFAULT_MAX_NEW_TOKENS, FILTERS, Task, build_task, dump_jsonl, encode_prompt,
                                read_predictions, stops_with_eos, target_of)
 from dipnet.pipeline.errors import UsageError
@@ -75,7 +76,7 @@ def answer_ids(tok, answer: str) -> list[int]:
     return tok(" " + answer.strip(), add_special_tokens=False).input_ids
 
 
-def tokens_in_flight(tasks, encoded: dict, tok, budgets: dict, max_len: int, answer_nll: bool) -> int:
+def tokens_in_flight(tasks, encoded: dict, tok, budgets: dict, max_len: int, answer_nll: bool, n: int = 1) -> int:
     """The most KV-cache tokens one of these tasks holds at once on the vLLM engine: its prompts
     (as many as run together) at their longest, plus the generation or the scored answer."""
     from dipnet.eval.vllm_runner import MAX_NUM_SEQS_CPU
@@ -85,7 +86,7 @@ def tokens_in_flight(tasks, encoded: dict, tok, budgets: dict, max_len: int, ans
         ids = encoded[task.name][1]
         answer = max((len(answer_ids(tok, p["answer"])) for p in task.problems), default=0) if answer_nll else 0
         longest = min(max_len, max(map(len, ids)) + max(budgets[task.name], answer))
-        most = max(most, min(len(ids), MAX_NUM_SEQS_CPU) * longest)
+        most = max(most, min(len(ids) * n, MAX_NUM_SEQS_CPU) * longest)
     return most
 
 
@@ -96,7 +97,7 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
                    progress: bool = True, label: str | None = None, trust_remote_code: bool = False,
                    harness_tasks: list[str] | None = None, answer_nll: bool = True,
                    dtype: str = "auto", context_bound: int | None = None, tensor_parallel_size: int | None = None,
-                   gpu_memory_utilization: float = 0.9) -> dict:
+                   gpu_memory_utilization: float = 0.9, sampling: Sampling | None = None) -> dict:
     """Evaluate `model_dir` into `out_dir` (results.json + samples_<task>.jsonl); returns the results.
 
     With engine vllm, generation and the teacher-forced answer NLL both run on the vLLM engine
@@ -114,6 +115,10 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
         raise UsageError(f"unknown engine '{engine}'; expected vllm or hf")
     if dip_mode != "mean" and engine != "hf":
         raise UsageError(f"eval.dip_mode {dip_mode} needs engine hf (vLLM serves the mean path)")
+    sampling = (sampling or Sampling()).check()
+    if not sampling.greedy and dip_mode != "mean":
+        raise UsageError(f"eval.dip_mode {dip_mode} averages greedy trajectories; sampling (eval.samples, "
+                         "eval.temperature) runs on the mean path")
     if limit is not None and limit <= 0:
         raise UsageError(f"eval limit must be > 0, got {limit}")
     if (max_new_tokens is not None and max_new_tokens <= 0) or shots < 0:
@@ -163,7 +168,7 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
         from dipnet.eval.vllm_runner import VllmEngine
 
         # Harness tasks bring lm-eval's prompts: then the KV cache is sized for vLLM's whole batch.
-        in_flight = None if harness_tasks else tokens_in_flight(tasks, encoded, tok, budgets, L, answer_nll)
+        in_flight = None if harness_tasks else tokens_in_flight(tasks, encoded, tok, budgets, L, answer_nll, sampling.n)
         own_engine = vllm_engine = VllmEngine(weights, out / "vllm", L, dtype=dtype, kv_tokens=in_flight,
                                               tensor_parallel_size=tensor_parallel_size,
                                               gpu_memory_utilization=gpu_memory_utilization, adapter=adapter)
@@ -178,6 +183,7 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
 
     results = {"model_dir": str(model_dir), "model_fingerprint": model_fingerprint(model_dir), "engine": engine,
                "engine_version": engine_version, "dip_mode": dip_mode, "max_new_tokens": max_new_tokens,
+               "sampling": None if sampling.greedy else sampling.record(),
                "max_model_len": L, "dtype": vllm_engine.dtype if engine == "vllm" else hf_dtype,
                "tasks": {}}
     try:
@@ -185,13 +191,25 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
             prompts_text, prompts = encoded[task.name]
             stops = stops_with_eos(task, tok)
             t0 = time.time()
-            if engine == "vllm":
-                gens = vllm_engine.generate(prompts, budgets[task.name], stops)
+            sampled = None
+            if not sampling.greedy:
+                if engine == "vllm":
+                    groups = vllm_engine.sample(prompts, budgets[task.name], stops, sampling)
+                else:
+                    groups = hf_runner.sample_generate(model, tok, prompts, budgets[task.name], stops, sampling)
+                wall = time.time() - t0
+                n_gen = sum(len(g[1]) for grp in groups for g in grp)
+                scores, samples, sampled = score_sampled(task, [[g[0] for g in grp] for grp in groups],
+                                                         [[g[1] for g in grp] for grp in groups], prompts_text,
+                                                         [target_of(p) for p in task.problems], sampling)
             else:
-                gens = hf_runner.greedy_generate(model, tok, prompts, budgets[task.name], stops, k=k)
-            wall = time.time() - t0
-            n_gen = sum(len(g[1]) for g in gens)
-            scores, samples = score_rows(task, [g[0] for g in gens], prompts_text)
+                if engine == "vllm":
+                    gens = vllm_engine.generate(prompts, budgets[task.name], stops)
+                else:
+                    gens = hf_runner.greedy_generate(model, tok, prompts, budgets[task.name], stops, k=k)
+                wall = time.time() - t0
+                n_gen = sum(len(g[1]) for g in gens)
+                scores, samples = score_rows(task, [g[0] for g in gens], prompts_text)
             teacher_forced = None
             if answer_nll:  # one more prefill of every prompt + answer (lm-eval computes no such thing)
                 answers = [answer_ids(tok, p["answer"]) for p in task.problems]
@@ -217,7 +235,7 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
             dump_jsonl(samples, out / f"samples_{task.name}.jsonl")
             results["tasks"][task.name] = {
                 "n": len(task.problems), "setup": task.setup(), "max_new_tokens": budgets[task.name],
-                "scores": scores, "teacher_forced": teacher_forced,
+                "scores": scores, "teacher_forced": teacher_forced, **({"sampled": sampled} if sampled else {}),
                 "wall_s": wall, "generated_tokens": n_gen, "generated_tokens_per_s": n_gen / wall if wall > 0 else None,
             }
             if progress:
@@ -235,6 +253,7 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
             results["harness"] = run_harness(model_dir, harness_tasks, out / "harness", harness_tm, engine=engine,
                                              vllm_engine=vllm_engine, limit=limit, max_length=L,
                                              max_gen_toks=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                                             sampling_seed=sampling.seed,
                                              trust_remote_code=trust_remote_code)
             if progress:
                 for t, m in results["harness"].items():

@@ -56,7 +56,8 @@ def write_local_tasks(dest: Path, *, gsm8k_path: str | None, synthetic_settings=
     if gdir is not None:
         load_gsm8k(gdir)  # one-line error if train/test are missing
         files = {"train": str((gdir / "train.jsonl").resolve()), "test": str((gdir / "test.jsonl").resolve())}
-        for name, src in (("gsm8k", "gsm8k.yaml"), ("gsm8k_cot", "gsm8k-cot.yaml")):
+        for name, src in (("gsm8k", "gsm8k.yaml"), ("gsm8k_cot", "gsm8k-cot.yaml"),
+                          ("gsm8k_cot_self_consistency", "gsm8k-cot-self-consistency.yaml")):
             # lm-eval's own task, unchanged but for where its data comes from (JSON strings are YAML).
             (dest / f"{name}.yaml").write_text(
                 f"include: {json.dumps(str(gsm8k_yamls / src))}\ntask: {name}\ndataset_path: json\n"
@@ -78,7 +79,7 @@ def write_local_tasks(dest: Path, *, gsm8k_path: str | None, synthetic_settings=
 
 
 def make_lm(engine: str, model_dir: str | Path, *, vllm_engine=None, max_length: int | None = None,
-            trust_remote_code: bool = False):
+            trust_remote_code: bool = False, sampling_seed: int = 0):
     """The lm-eval LM object for an engine name."""
     _lm_eval()
     if engine == "hf":
@@ -86,7 +87,8 @@ def make_lm(engine: str, model_dir: str | Path, *, vllm_engine=None, max_length:
 
         return HFLM(pretrained=str(model_dir), device="cpu", dtype="float32", batch_size=8,
                     trust_remote_code=trust_remote_code, max_length=max_length)
-    return DipnetVllmLM(model_dir, vllm_engine, max_length or 2048, trust_remote_code=trust_remote_code)
+    return DipnetVllmLM(model_dir, vllm_engine, max_length or 2048, trust_remote_code=trust_remote_code,
+                        sampling_seed=sampling_seed)
 
 
 def _dipnet_vllm_lm_class():
@@ -95,12 +97,12 @@ def _dipnet_vllm_lm_class():
     class DipnetVllmLM(TemplateLM):
         """dipnet's VllmEngine behind lm-eval's LM API (generation and log-likelihoods)."""
 
-        def __init__(self, model_dir, engine, max_length: int, trust_remote_code: bool = False):
+        def __init__(self, model_dir, engine, max_length: int, trust_remote_code: bool = False, sampling_seed: int = 0):
             super().__init__()
             from dipnet.pipeline.models import load_tokenizer
 
             self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
-            self.engine, self.max_length = engine, max_length
+            self.engine, self.max_length, self.sampling_seed = engine, max_length, sampling_seed
 
         @property
         def eot_token_id(self) -> int:
@@ -150,16 +152,37 @@ def _dipnet_vllm_lm_class():
             out = [""] * len(requests)
             for key, idx in groups.items():
                 kw = json.loads(key)
-                if kw.get("do_sample") or (kw.get("temperature") or 0) > 0:
-                    raise UsageError("harness task asks for sampling; dipnet's harness runs are greedy")
                 stops = handle_stop_sequences(kw.get("until"), eos=eos)
                 # lm-eval keeps the last max_length - max_gen_toks prompt tokens; a model whose
                 # context is shorter than max_gen_toks keeps half of it for the prompt.
                 new = min(int(kw.get("max_gen_toks", 256)), self.max_length // 2)
+                if kw.get("do_sample") or (kw.get("temperature") or 0) > 0:
+                    self._sample(requests, idx, kw, new, stops, out)
+                    continue
                 prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - new):] for i in idx]
                 for i, (text, _) in zip(idx, self.engine.generate(prompts, new, stops)):
                     out[i] = text
             return out
+
+        def _sample(self, requests, idx, kw: dict, new: int, stops: list[str], out: list) -> None:
+            """A sampled task (lm-eval's `repeats`, e.g. gsm8k_cot_self_consistency's 64) arrives as
+            identical requests: one n-sampled call per prompt, so its prefill is paid once."""
+            from dipnet.eval.sampling import Sampling
+
+            by_prompt: dict[str, list[int]] = {}
+            for i in idx:
+                by_prompt.setdefault(requests[i].args[0], []).append(i)
+            by_count: dict[int, list[str]] = {}
+            for text, where in by_prompt.items():
+                by_count.setdefault(len(where), []).append(text)
+            for n, texts in by_count.items():
+                sampling = Sampling(n=n, temperature=float(kw.get("temperature") or 1.0),
+                                    top_p=float(kw.get("top_p") or 1.0), top_k=int(kw.get("top_k") or 0),
+                                    seed=self.sampling_seed)
+                prompts = [self.tok_encode(t)[-(self.max_length - new):] for t in texts]
+                for text, group in zip(texts, self.engine.sample(prompts, new, stops, sampling)):
+                    for i, (completion, _) in zip(by_prompt[text], group):
+                        out[i] = completion
 
     return DipnetVllmLM
 
@@ -196,14 +219,15 @@ def prepare_harness(task_names: list[str], out_dir: Path, *, gsm8k_path: str | N
 
 def run_harness(model_dir: str | Path, task_names: list[str], out_dir: Path, task_manager, *, engine: str = "vllm",
                 vllm_engine=None, limit: int | None = None, max_length: int | None = None,
-                max_gen_toks: int = 256, trust_remote_code: bool = False) -> dict:
+                max_gen_toks: int = 256, trust_remote_code: bool = False, sampling_seed: int = 0) -> dict:
     """Run lm-eval tasks on model_dir; lm-eval's files under out_dir; returns {task: {metric: value}}.
 
     `max_gen_toks` other than lm-eval's 256 (eval.max_new_tokens) overrides the tasks' budget."""
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
 
-    lm = make_lm(engine, model_dir, vllm_engine=vllm_engine, max_length=max_length, trust_remote_code=trust_remote_code)
+    lm = make_lm(engine, model_dir, vllm_engine=vllm_engine, max_length=max_length, trust_remote_code=trust_remote_code,
+                 sampling_seed=sampling_seed)
     tracker = EvaluationTracker(output_path=str(out_dir))
     try:
         res = simple_evaluate(model=lm, tasks=list(task_names), task_manager=task_manager, limit=limit,

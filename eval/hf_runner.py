@@ -53,14 +53,39 @@ def embedding_noise(model, sigma: float, seed: int):
 
 
 @torch.no_grad()
+def sample_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stops: list[str], sampling,
+                    batch_size: int = 32) -> list[list[tuple[str, list[int]]]]:
+    """`sampling.n` sampled completions per prompt (temperature, top-k, top-p), seeded."""
+    flat = greedy_generate(model, tokenizer, [p for p in prompts for _ in range(sampling.n)], max_new_tokens, stops,
+                           batch_size=batch_size, sampling=sampling)
+    return [flat[i * sampling.n:(i + 1) * sampling.n] for i in range(len(prompts))]
+
+
+def _sample_next(logits: torch.Tensor, sampling, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from softmax(logits / T), restricted to the top-k, then to the smallest
+    set whose probability reaches top-p (vLLM's and transformers' order)."""
+    logits = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = F.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs >= sampling.top_p  # keep the first token that crosses top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+
 def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stops: list[str],
-                    *, k: int = 1, batch_size: int = 32, seed: int = 0) -> list[tuple[str, list[int]]]:
-    """(text, generated ids) per prompt. k > 1 averages k trajectories' probabilities per step."""
+                    *, k: int = 1, batch_size: int = 32, seed: int = 0, sampling=None) -> list[tuple[str, list[int]]]:
+    """(text, generated ids) per prompt. k > 1 averages k trajectories' probabilities per step;
+    `sampling` (eval.sampling.Sampling): sample instead of taking the argmax."""
     model.eval()
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     torch.manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(sampling.seed) if sampling is not None else None
     results: list[tuple[str, list[int]]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -86,6 +111,8 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
             if k > 1:
                 probs = F.softmax(logits, -1).view(len(chunk), k, -1).mean(1)
                 nxt = probs.argmax(-1)
+            elif sampling is not None:
+                nxt = _sample_next(logits, sampling, generator)
             else:
                 nxt = logits.argmax(-1)
             for i, t in enumerate(nxt.tolist()):

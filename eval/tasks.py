@@ -31,7 +31,7 @@ from pathlib import Path
 from dipnet.pipeline.errors import UsageError
 from dipnet.pipeline.readers import read_jsonl, require_text
 
-TASKS = ("gsm8k", "gsm8k_cot", "gsm8k-perturbed", "arith-id", "arith-ood", "arith-perturbed", "arith-val")
+TASKS = ("gsm8k", "gsm8k_cot", "gsm8k_cot_self_consistency", "gsm8k-perturbed", "arith-id", "arith-ood", "arith-perturbed", "arith-val")
 SHOT_SEED = 1234
 GSM8K_STOPS = ["Question:", "</s>", "<|im_end|>"]
 COT_STOPS = ["Q:", "</s>", "<|im_end|>"]
@@ -39,6 +39,10 @@ FLEXIBLE = (r"(-?[$0-9.,]{2,})|(-?[0-9]+)", -1)
 FILTERS = {
     "gsm8k": {"strict-match": (r"#### (\-?[0-9\.\,]+)", 0), "flexible-extract": FLEXIBLE},
     "gsm8k_cot": {"strict-match": (r"The answer is (\-?[0-9\.\,]+).", 0), "flexible-extract": FLEXIBLE},
+    # lm-eval's gsm8k-cot-self-consistency.yaml: strict-match is its one regex ("score-first" on the
+    # first sample; its maj@64 and maj@8 are eval.samples' maj@k over this filter).
+    "gsm8k_cot_self_consistency": {"strict-match": (r"The answer is (\-?[0-9\.\,]*[0-9]+)", 0),
+                                   "flexible-extract": FLEXIBLE},
 }
 DEFAULT_MAX_NEW_TOKENS = 256  # lm-eval's max_gen_toks: the GSM8K tasks' own budget
 ARITH_MAX_NEW_TOKENS = 48  # the arithmetic tasks' answers: at most three worked steps, ~30 tokens
@@ -212,13 +216,16 @@ def build_task(name: str, *, shots: int = 0, limit: int | None = None, synthetic
         raise UsageError(f"unknown task '{name}'; expected one of {', '.join(TASKS)}")
     if chat not in (None, "single", "multiturn"):
         raise UsageError(f"chat rendering must be none, single or multiturn, got {chat!r}")
-    if name == "gsm8k_cot":
+    if name.startswith("gsm8k_cot"):
         _, test = load_gsm8k(gsm8k_path)
         problems = [{"question": r["question"], "answer": r["answer"]} for r in test][:limit or None]
         n = shots if shots else len(COT_EXEMPLARS)
         if n > len(COT_EXEMPLARS):
             raise UsageError(f"task gsm8k_cot: {n} shots asked, it has {len(COT_EXEMPLARS)} exemplars")
         fixed = [{"question": q, "target": a} for q, a in COT_EXEMPLARS[:n]]
+        if name == "gsm8k_cot_self_consistency":  # its own stops: sampled chains end at a blank line
+            return Task(name=name, problems=problems, shot_sets=[fixed] * len(problems), stops=["Q:", "\n\n"],
+                        question_format="Q: {question}\nA:", filters=dict(FILTERS[name]), chat=chat, version="2.0")
         return Task(name=name, problems=problems, shot_sets=[fixed] * len(problems), stops=list(COT_STOPS),
                     question_format="Q: {question}\nA:", filters=dict(FILTERS["gsm8k_cot"]), chat=chat)
     if name.startswith("gsm8k"):

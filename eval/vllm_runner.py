@@ -218,8 +218,12 @@ class VllmEngine:
                                      explicit=tensor_parallel_size is not None))
         else:
             # Eager on CPU: compiling took 60 s more per engine start for 5-10% faster steps
-            # (SmolLM2-135M); a study starts one engine per model.
-            kwargs.update(enforce_eager=True, max_num_seqs=MAX_NUM_SEQS_CPU)
+            # (SmolLM2-135M); a study starts one engine per model. No chunked prefill: a seeded
+            # sampled request whose prefill is split rewinds its generator's offset, which a CPU
+            # generator does not have ("CPU Generator does not use offset"); whole prefills only
+            # (as vLLM's CPU platform runs MLA models).
+            kwargs.update(enforce_eager=True, max_num_seqs=MAX_NUM_SEQS_CPU, enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(max_model_len, 8192))
         failure = None
         with engine_output_to(self.log):
             try:
@@ -257,6 +261,20 @@ class VllmEngine:
             outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
                                      lora_request=self.lora_request)
         return [(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in outs]
+
+    def sample(self, prompts: list[list[int]], max_new_tokens: int, stops: list[str], sampling) -> list[list[tuple[str, list[int]]]]:
+        """`sampling.n` completions per prompt (one prefill each: vLLM's n-sampling), seeded: the
+        same seed gives the same samples on the same engine."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                top_k=sampling.top_k, seed=sampling.seed, max_tokens=max_new_tokens, stop=stops,
+                                skip_special_tokens=False, spaces_between_special_tokens=False)
+        with engine_output_to(self.log):
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
+                                     lora_request=self.lora_request)
+        return [[(c.text, list(c.token_ids)) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
 
     def prompt_logprobs(self, seqs: list[list[int]]) -> list[list[tuple[float, int]]]:
         """Per sequence: (logprob, rank) of each token after the first, given the tokens before

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tasks", default=None, help="dipnet tasks (default arith-id,arith-ood; none with --harness-tasks)"), s.add_argument("--engine", default="vllm")
     s.add_argument("--out", required=True), s.add_argument("--shots", type=int, default=0)
     s.add_argument("--limit", type=int, default=None), s.add_argument("--max-new-tokens", type=int, default=None)
+    s.add_argument("--samples", type=int, default=1, help="completions per problem (needs --temperature > 0)")
+    s.add_argument("--temperature", type=float, default=0.0), s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0), s.add_argument("--sampling-seed", type=int, default=0)
+    s.add_argument("--k", default="", help="comma-separated k of maj@k and pass@k (default 1 and --samples)")
     s.add_argument("--chat", default="none", help="none | single (lm-eval --apply_chat_template) | multiturn "
                    "(with --fewshot_as_multiturn)")
     s.add_argument("--gsm8k-path", default=None)
@@ -303,10 +307,14 @@ def cmd_eval(a) -> int:
                                      "max_new_tokens": a.max_new_tokens, "dip_mode": a.dip_mode,
                                      "noise_sigmas": _float_list(a.noise_sigmas, "--noise-sigmas"),
                                      "gsm8k_path": a.gsm8k_path, "chat": a.chat, "dtype": a.dtype,
+                                     "samples": a.samples, "temperature": a.temperature, "top_p": a.top_p,
+                                     "top_k": a.top_k, "sampling_seed": a.sampling_seed,
+                                     "k": [int(x) if x.strip().isdigit() else x for x in a.k.split(",") if x.strip()],
                                      "harness_tasks": [t.strip() for t in a.harness_tasks.split(",") if t.strip()]},
                       {"chat": "--chat", "harness_tasks": "--harness-tasks", "engine": "--engine", "shots": "--shots", "limit": "--limit", "max_new_tokens": "--max-new-tokens",
                        "dip_mode": "--dip-mode", "noise_sigmas": "--noise-sigmas", "gsm8k_path": "--gsm8k-path",
-                       "dtype": "--dtype"})
+                       "dtype": "--dtype", "samples": "--samples", "temperature": "--temperature", "top_p": "--top-p",
+                       "top_k": "--top-k", "sampling_seed": "--sampling-seed", "k": "--k"})
         if e.gsm8k_path and not Path(e.gsm8k_path).is_dir():
             raise UsageError(f"--gsm8k-path {e.gsm8k_path}: no such directory")
         with output_dir(a.out, "eval", inputs=[a.model_dir]) as tmp:
@@ -315,9 +323,14 @@ def cmd_eval(a) -> int:
                                  gsm8k_path=e.gsm8k_path, dip_mode=e.dip_mode, noise_sigmas=list(e.noise_sigmas),
                                  harness_tasks=list(e.harness_tasks), answer_nll=not a.no_answer_nll, dtype=e.dtype,
                                  context_bound=e.max_model_len, tensor_parallel_size=e.tensor_parallel_size,
-                                 gpu_memory_utilization=e.gpu_memory_utilization)
+                                 gpu_memory_utilization=e.gpu_memory_utilization, sampling=e.sampling())
     for t, r in res["tasks"].items():
         print(f"{t}: " + "  ".join(f"{k} {v['accuracy']:.4f}" for k, v in r["scores"].items()) + f"  (n={r['n']})")
+        if r.get("sampled"):
+            s = r["sampled"]
+            print(f"{t}: " + "  ".join(f"{k} {v['accuracy']:.4f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+                                       for k, v in s["metrics"].items() if k.startswith("flexible"))
+                  + f"  distinct answers {s['diversity']['distinct_answers']:.2f}/{s['n']}")
     for t, m in res.get("harness", {}).items():
         print(f"{t} (lm-eval): " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
     print(f"results: {Path(a.out) / 'results.json'}")

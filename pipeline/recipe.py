@@ -347,7 +347,8 @@ class ExportSettings(_Section):
                                                "false: write a PEFT adapter directory for the base (full runs export whole).")
 
 
-EvalTask = Literal["arith-id", "arith-ood", "arith-perturbed", "arith-val", "gsm8k", "gsm8k_cot", "gsm8k-perturbed"]
+EvalTask = Literal["arith-id", "arith-ood", "arith-perturbed", "arith-val", "gsm8k", "gsm8k_cot",
+                   "gsm8k_cot_self_consistency", "gsm8k-perturbed"]
 
 
 class EvalSettings(_Section):
@@ -375,11 +376,33 @@ class EvalSettings(_Section):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM on GPUs: the share of each GPU's memory "
                                           "the engine may take (weights, activations, KV cache).")
     eval_base: bool = Field(True, description="Also evaluate the base model.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0: greedy, the default).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest set of tokens reaching this probability.")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens (0: all).")
+    samples: int = Field(1, ge=1, le=1024, description="Completions per problem (n); > 1 adds maj@k, pass@k and diversity.")
+    sampling_seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the sampled completions (same seed, same "
+                                                                "engine: the same samples).")
+    k: list[int] = Field(default_factory=list, description="The k of maj@k and pass@k (default: 1 and eval.samples).")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Inference precision. auto: the precision dipnet trained the model in (export.json), "
                             "bfloat16 only where it runs natively (a GPU, or a CPU with AVX512-BF16/AMX); a model "
                             "dipnet did not train: vLLM in bfloat16 on a GPU, float32 otherwise. bfloat16 on a CPU "
                             "with AVX512-BF16/AMX: vLLM ~1.7x faster (SmolLM2-135M, bench/eval_throughput.py).")
+
+    @model_validator(mode="after")
+    def _sampling(self):
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"eval.samples {self.samples} needs eval.temperature > 0 (greedy samples are all the same)")
+        bad = [k for k in self.k if not 1 <= k <= self.samples]
+        if bad:
+            raise ValueError(f"eval.k: {bad[0]} is not between 1 and eval.samples ({self.samples})")
+        return self
+
+    def sampling(self):
+        from dipnet.eval.sampling import Sampling
+
+        return Sampling(n=self.samples, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                        seed=self.sampling_seed, k=tuple(self.k))
 
     @field_validator("dip_mode")
     @classmethod

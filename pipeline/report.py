@@ -121,11 +121,16 @@ def lambda_drift(entries: dict) -> dict:
     return out
 
 
-def paired_difference(data: dict, variant: str, baseline: str, task: str, resamples: int) -> dict | None:
-    """variant − baseline on one task: accuracy (flexible-extract) and answer NLL, paired bootstrap
+def paired_difference(data: dict, variant: str, baseline: str, task: str, resamples: int, score=None) -> dict | None:
+    """variant − baseline on one task: accuracy (flexible-extract; sampled: each problem's share of
+    correct samples, or `score` of a sample row, e.g. its maj@k vote) and answer NLL, paired bootstrap
     over problems and seeds, with the minimum detectable effect and the seeds the observed one needs."""
-    a = [[float(s["correct"]["flexible-extract"]) for s in e["samples"].get(task, [])] for e in data[variant].values()]
-    b = [[float(s["correct"]["flexible-extract"]) for s in e["samples"].get(task, [])] for e in data[baseline].values()]
+    score = score or (lambda s: s["correct"]["flexible-extract"])
+    try:
+        a = [[float(score(s)) for s in e["samples"].get(task, [])] for e in data[variant].values()]
+        b = [[float(score(s)) for s in e["samples"].get(task, [])] for e in data[baseline].values()]
+    except KeyError:
+        return None
     if not a or not b or not a[0] or len(a[0]) != len(b[0]):
         return None
     d, lo, hi = paired_bootstrap(a, b, resamples=resamples)
@@ -147,7 +152,7 @@ def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000, da
     data = collect(run_dir) if data is None else data
     tasks = sorted({t for v in data.values() for e in v.values() for t in e["results"]["tasks"]})
     report = {"run_dir": str(run_dir), "baseline": baseline, "tasks": tasks, "variants": {}, "differences": {},
-              "cost": {}, "smoothness": {}, "noise_sweep": {}, "harness": {}, "lambda_drift": {}}
+              "cost": {}, "smoothness": {}, "noise_sweep": {}, "harness": {}, "lambda_drift": {}, "sampled": {}}
     for variant, entries in data.items():
         vrep = {}
         for t in tasks:
@@ -179,6 +184,17 @@ def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000, da
             report["harness"][variant] = {
                 t: {m: {"mean": mean(h[t][m] for h in harness if t in h), "std": std(h[t][m] for h in harness if t in h),
                         "seeds": sum(t in h for h in harness)} for m in harness[0][t]} for t in harness[0]}
+        sampled = {t: [e["results"]["tasks"][t]["sampled"] for e in entries.values()
+                       if e["results"]["tasks"].get(t, {}).get("sampled")] for t in tasks}
+        if any(sampled.values()):  # maj@k, pass@k and diversity, mean ± std over seeds
+            report["sampled"][variant] = {t: {
+                "n": runs[0]["n"], "temperature": runs[0]["temperature"], "seeds": len(runs),
+                "metrics": {m: {"mean": mean(r["metrics"][m]["accuracy"] for r in runs),
+                                "std": std(r["metrics"][m]["accuracy"] for r in runs)}
+                            for m in runs[0]["metrics"] if m.startswith("flexible-extract")},
+                "distinct_answers": mean(r["diversity"]["distinct_answers"] for r in runs),
+                "pairwise_token_overlap": mean(r["diversity"]["pairwise_token_overlap"] for r in runs)}
+                for t, runs in sampled.items() if runs}
         sweeps = [e["results"].get("noise_sweep") for e in entries.values() if e["results"].get("noise_sweep")]
         if sweeps:
             report["noise_sweep"][variant] = {t: {s: mean(sw[t][s] for sw in sweeps) for s in sweeps[0][t]} for t in sweeps[0]}
@@ -196,6 +212,12 @@ def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000, da
                 continue
             report["differences"][variant] = {t: d for t in tasks
                                               if (d := paired_difference(data, variant, baseline, t, resamples))}
+            for t in tasks:  # self-consistency: the majority vote's correctness per problem, paired the same way
+                for key in sorted({k for e in data[variant].values() for s in e["samples"].get(t, [])[:1]
+                                   for k in s.get("vote_correct", {}) if k.startswith("flexible-extract")}):
+                    d = paired_difference(data, variant, baseline, t, resamples, score=lambda s: s["vote_correct"][key])
+                    if d:
+                        report["differences"][variant][f"{t} {key.split(',')[1]}"] = d
     # The control that tells learned from fixed noise: the same projections with λ frozen.
     if "dip" in data and "dip_fixed" in data and baseline != "dip_fixed":
         report["learned_vs_fixed"] = {t: d for t in tasks
@@ -322,6 +344,18 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
             for t, metrics in per.items():
                 for m, x in metrics.items():
                     lines.append(f"| {v} | {t} | {m} | {x['mean']:.4f} ± {x['std']:.4f} | {x['seeds']} |")
+    if report.get("sampled"):
+        lines += ["", "## Sampled answers: self-consistency (maj@k), pass@k and diversity (flexible-extract, %, "
+                  "mean ± std over seeds)", "",
+                  "Distinct answers: extracted final answers per problem; overlap: mean Jaccard of the token sets of "
+                  "a problem's samples (lower: more varied chains). Paired differences of maj@k are in the table above.",
+                  "", "| variant | task | n, T | metric | value | distinct answers | overlap |", "|---|---|---|---|---|---|---|"]
+        for v, per in report["sampled"].items():
+            for t, r in per.items():
+                for m, x in r["metrics"].items():
+                    lines.append(f"| {v} | {t} | {r['n']}, {r['temperature']:g} | {m.split(',')[1]} | "
+                                 f"{_fmt(x['mean'])} ± {_fmt(x['std'])} | {r['distinct_answers']:.2f} | "
+                                 f"{r['pairwise_token_overlap']:.2f} |")
     if report["noise_sweep"]:
         lines += ["", "## Embedding-noise sweep (flexible-extract accuracy, %)", ""]
         for v, per in report["noise_sweep"].items():

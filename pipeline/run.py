@@ -576,7 +576,7 @@ class Run:
                                    dip_mode=e.dip_mode, noise_sigmas=list(e.noise_sigmas), progress=self.progress,
                                    harness_tasks=list(e.harness_tasks), answer_nll=e.answer_nll, dtype=e.dtype,
                                    context_bound=e.max_model_len, tensor_parallel_size=e.tensor_parallel_size,
-                                   gpu_memory_utilization=e.gpu_memory_utilization,
+                                   gpu_memory_utilization=e.gpu_memory_utilization, sampling=e.sampling(),
                                    label=name, trust_remote_code=self.recipe.model.trust_remote_code)
                     write_json_atomic(tmp / "inputs.json", {"key": key})
             except DipnetError as exc:

@@ -147,6 +147,31 @@ def test_vllm_and_hf_agree_and_results_complete(exported, vllm_fp32, tmp_path):
     assert rv["tasks"]["arith-id"]["teacher_forced"]["answer_nll"] < 1.5
 
 
+def test_vllm_sampling_is_seeded_and_runs_lm_eval_self_consistency(exported, vllm_fp32, tmp_path):
+    """n-sampling on the vLLM engine: the same seed, the same samples; another seed, others. And
+    lm-eval's gsm8k_cot_self_consistency (64 sampled chains per problem, its maj@64/maj@8 filters)
+    runs on the same engine from the local GSM8K copy, one n=64 request per problem."""
+    from dipnet.eval.evaluate import evaluate_model
+    from dipnet.eval.sampling import Sampling
+
+    outs = {}
+    for seed, name in [(0, "a"), (0, "b"), (1, "c")]:
+        evaluate_model(exported, ["arith-id"], tmp_path / name, engine="vllm", vllm_engine=vllm_fp32, limit=6,
+                       answer_nll=False, progress=False, sampling=Sampling(n=4, temperature=0.9, seed=seed, k=(1, 4)))
+        outs[name] = [json.loads(line)["outputs"] for line in (tmp_path / name / "samples_arith-id.jsonl").open()]
+    assert outs["a"] == outs["b"] != outs["c"] and all(len(o) == 4 for o in outs["a"])
+    if not (SHARED_GSM8K / "test.jsonl").is_file():
+        pytest.skip(f"no GSM8K data at {SHARED_GSM8K}")
+    r = evaluate_model(exported, [], tmp_path / "sc", engine="vllm", vllm_engine=vllm_fp32, limit=2,
+                       harness_tasks=["gsm8k_cot_self_consistency"], gsm8k_path=str(SHARED_GSM8K), progress=False)
+    assert {"exact_match,score-first", "exact_match,maj@64", "exact_match,maj@8"} <= set(
+        r["harness"]["gsm8k_cot_self_consistency"])
+    files = list((tmp_path / "sc" / "harness").rglob("samples_gsm8k_cot_self_consistency_*.jsonl"))
+    rows = [row for line in files[0].open() if (row := json.loads(line))["filter"] == "maj@64"]  # a row per filter
+    assert len(rows) == 2 and all(len(row["resps"][0]) == 64 for row in rows)
+    assert all(len(set(row["resps"][0])) > 1 for row in rows)  # sampled, not one greedy chain 64 times
+
+
 @pytest.mark.slow
 def test_bfloat16_eval_runs_in_bfloat16_on_both_engines(exported, vllm_fp32, tmp_path):
     """eval.dtype bfloat16 reaches both engines: answer NLLs move by bfloat16 rounding (not 0,

@@ -193,3 +193,49 @@ def test_harness_tasks_run_from_local_data_on_our_engine(tmp_path, tiny_base_dir
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def sampled_outputs(task, n: int) -> list[list[str]]:
+    """Chains a sampling model could write, per problem: votes that win, tie, split on '1,000' vs
+    '1000', and invalid ones."""
+    outs = []
+    for i, p in enumerate(task.problems):
+        gold = p["answer"].split("#### ")[-1].strip()
+        wrong = str(int(gold.replace(",", "")) + 1)
+        pool = [f"So the total is {gold}. The answer is {gold}.", f"The answer is {wrong}.", "I am not sure.",
+                f"The answer is {gold.replace(',', '')}", f"Thus {wrong}. The answer is {wrong}.",
+                f"The answer is {gold}.\n\nQ: more"]
+        outs.append([pool[(i * 7 + j * (i % 3 + 1)) % len(pool)] for j in range(n)])
+    return outs
+
+
+def test_votes_and_scores_equal_lm_eval_self_consistency_filters(task_manager):
+    """lm-eval 0.4.13's gsm8k_cot_self_consistency, its own filter objects and metric on the same
+    recorded chains: score-first is our maj@1, its maj@8 and maj@64 (over the 8 given) our maj@8."""
+    from dipnet.eval.sampling import Sampling, score_sampled
+    from dipnet.eval.tasks import target_of
+
+    n, limit = 8, 24
+    theirs = task_manager.load(["gsm8k_cot_self_consistency"])["tasks"]["gsm8k_cot_self_consistency"]
+    theirs.build_all_requests(limit=limit, rank=0, world_size=1)
+    inst = sorted(theirs.instances, key=lambda x: x.doc_id)
+    ours = build_task("gsm8k_cot_self_consistency", limit=limit, gsm8k_path=str(SHARED_GSM8K))
+    assert ours.prompt(0) == inst[0].args[0] and ours.stops == inst[0].args[1]["until"]
+    assert inst[0].args[1]["do_sample"] and inst[0].repeats == 64
+    outs = sampled_outputs(ours, n)
+    for x in inst:
+        x.resps = list(outs[x.doc_id])
+    theirs.apply_filters()
+    _, rows, sampled = score_sampled(ours, outs, [[[1, 2]] * n] * limit, [""] * limit,
+                                     [target_of(p) for p in ours.problems], Sampling(n=n, temperature=0.2, k=(1, 8)))
+    exact = lambda x, f: bool(theirs.process_results(x.doc, [x.filtered_resps[f]])["exact_match"])  # noqa: E731
+    for x in inst:
+        row = rows[x.doc_id]
+        assert row["votes"]["strict-match,maj@1"] == x.filtered_resps["score-first"]
+        assert row["votes"]["strict-match,maj@8"] == x.filtered_resps["maj@8"] == x.filtered_resps["maj@64"]
+        assert row["vote_correct"]["strict-match,maj@1"] == exact(x, "score-first")
+        assert row["vote_correct"]["strict-match,maj@8"] == exact(x, "maj@8")
+    ties = sum(len({c for c in row["extracted"]["strict-match"]}) > 1 for row in rows)
+    assert ties > limit // 2  # the votes were contested, not unanimous
+    maj8 = sum(exact(x, "maj@8") for x in inst) / limit
+    assert sampled["metrics"]["strict-match,maj@8"]["accuracy"] == pytest.approx(maj8)
