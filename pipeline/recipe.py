@@ -391,11 +391,10 @@ class EvalSettings(_Section):
 
     @model_validator(mode="after")
     def _sampling(self):
-        if self.samples > 1 and self.temperature == 0:
-            raise ValueError(f"eval.samples {self.samples} needs eval.temperature > 0 (greedy samples are all the same)")
-        bad = [k for k in self.k if not 1 <= k <= self.samples]
-        if bad:
-            raise ValueError(f"eval.k: {bad[0]} is not between 1 and eval.samples ({self.samples})")
+        try:
+            self.sampling().check()
+        except UsageError as exc:  # one rule, the engine's: pydantic reports a ValueError
+            raise ValueError(str(exc)) from None
         return self
 
     def sampling(self):
