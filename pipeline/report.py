@@ -138,7 +138,8 @@ def paired_difference(data: dict, variant: str, baseline: str, task: str, resamp
     # the bootstrap interval; the seeds that would make the observed effect detectable, if the SE
     # shrinks as 1/sqrt(seeds) (seed variance dominating).
     mde = 2.8 * (hi - lo) / 3.92
-    need = math.ceil(len(a) * (mde / abs(d)) ** 2) if d else None
+    # A difference of float noise (the paired sums cancel to ~1e-17) needs no count of seeds: none.
+    need = math.ceil(len(a) * (mde / abs(d)) ** 2) if abs(d) > 1e-9 else None
     out = {"accuracy": {"diff": d, "ci95": [lo, hi], "mde": mde, "seeds_needed": need}, "answer_nll": None}
     na = [[s.get("answer_nll") for s in e["samples"][task]] for e in data[variant].values()]
     nb = [[s.get("answer_nll") for s in e["samples"][task]] for e in data[baseline].values()]
@@ -265,7 +266,7 @@ def _difference_cells(d: dict) -> str:
     nll = f"{n['diff']:+.3f} | [{n['ci95'][0]:+.3f}, {n['ci95'][1]:+.3f}]" if n else "— | —"
     need = a.get("seeds_needed")
     return (f"{a['diff'] * 100:+.1f} | [{a['ci95'][0] * 100:+.1f}, {a['ci95'][1] * 100:+.1f}] | "
-            f"±{a.get('mde', 0) * 100:.1f} | {need if need is not None else '—'} | {nll}")
+            f"±{a.get('mde', 0) * 100:.1f} | {'—' if need is None else f'> 10,000' if need > 10_000 else need} | {nll}")
 
 
 def render_markdown(report: dict, plots: list[Path]) -> str:

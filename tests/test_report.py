@@ -107,3 +107,34 @@ def test_validation_curves_of_every_variant_side_by_side(tmp_path):
         data[v][0]["metrics"][1]["val_nll"] = nll
     paths = make_plots(tmp_path, r, data)
     assert (tmp_path / "report" / "validation.png") in paths and (tmp_path / "report" / "validation.png").stat().st_size > 0
+
+
+def _sampled_entry(frac: float, seed: int, n: int = 40, k: int = 4) -> dict:
+    """A sampled eval's results and samples: each problem's share of correct samples and its vote."""
+    e = _entry(frac, seed, None, n)
+    rng = random.Random(seed)
+    for t, rows in e["samples"].items():
+        for row in rows:
+            share = sum(rng.random() < frac for _ in range(k)) / k
+            row["correct"] = {"flexible-extract": share, "strict-match": share}
+            row["vote_correct"] = {f"flexible-extract,maj@{k}": share > 0.5, f"strict-match,maj@{k}": share > 0.5}
+        e["results"]["tasks"][t]["sampled"] = {
+            "n": k, "temperature": 0.7, "metrics": {
+                f"flexible-extract,maj@{k}": {"accuracy": sum(r["vote_correct"][f"flexible-extract,maj@{k}"] for r in rows) / n},
+                f"flexible-extract,pass@{k}": {"accuracy": 0.9}},
+            "diversity": {"distinct_answers": 2.5, "pairwise_token_overlap": 0.4}}
+    return e
+
+
+def test_report_sampled_metrics_and_a_difference_of_nothing(tmp_path):
+    """maj@k gets its paired difference beside greedy's, the sampled table its rows; two variants
+    with the same per-problem results differ by float noise, which needs no count of seeds."""
+    data = {"sft": {s: _sampled_entry(0.4, s) for s in range(3)}, "dip": {s: _sampled_entry(0.4, s) for s in range(3)}}
+    r = build_report(tmp_path, data=data, resamples=300)
+    same = r["differences"]["dip"]["arith-id"]["accuracy"]
+    assert abs(same["diff"]) < 1e-9 and same["seeds_needed"] is None
+    assert "arith-id maj@4" in r["differences"]["dip"]
+    md = render_markdown(r, [])
+    assert "## Sampled answers: self-consistency (maj@k)" in md and "| dip | arith-id | 4, 0.7 | maj@4 |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| dip | arith-id | +0.0 |"))
+    assert row.split(" | ")[5] == "—"
