@@ -186,6 +186,13 @@ def log_tail(log: Path, n: int = 20) -> str:
         return ""
 
 
+def _seed_worker(worker, seed: int) -> None:
+    """Runs on each vLLM worker: its global torch generator, which unseeded requests sample from."""
+    import torch
+
+    torch.manual_seed(seed)
+
+
 class VllmEngine:
     """One engine per model directory; `generate` takes token-id prompts. Everything the engine
     prints goes to `workdir/engine.log` (its last 20 lines are shown if it fails to start)."""
@@ -218,12 +225,8 @@ class VllmEngine:
                                      explicit=tensor_parallel_size is not None))
         else:
             # Eager on CPU: compiling took 60 s more per engine start for 5-10% faster steps
-            # (SmolLM2-135M); a study starts one engine per model. No chunked prefill: a seeded
-            # sampled request whose prefill is split rewinds its generator's offset, which a CPU
-            # generator does not have ("CPU Generator does not use offset"); whole prefills only
-            # (as vLLM's CPU platform runs MLA models).
-            kwargs.update(enforce_eager=True, max_num_seqs=MAX_NUM_SEQS_CPU, enable_chunked_prefill=False,
-                          max_num_batched_tokens=max(max_model_len, 8192))
+            # (SmolLM2-135M); a study starts one engine per model.
+            kwargs.update(enforce_eager=True, max_num_seqs=MAX_NUM_SEQS_CPU)
         failure = None
         with engine_output_to(self.log):
             try:
@@ -268,9 +271,17 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        # On a CPU, a per-request seed crashes vLLM when a prefill is split into chunks (it rewinds
+        # the request's generator, and a CPU generator has no offset: "CPU Generator does not use
+        # offset"); turning chunked prefill off instead ran SmolLM2's whole-prompt logits out of
+        # memory. So the engine's own generator is reset to the seed before the batch: the same
+        # seed and the same requests give the same samples on the same engine.
+        cpu = not _has_cuda()
         params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                top_k=sampling.top_k, seed=sampling.seed, max_tokens=max_new_tokens, stop=stops,
-                                skip_special_tokens=False, spaces_between_special_tokens=False)
+                                top_k=sampling.top_k, seed=None if cpu else sampling.seed, max_tokens=max_new_tokens,
+                                stop=stops, skip_special_tokens=False, spaces_between_special_tokens=False)
+        if cpu:
+            self.llm.collective_rpc(_seed_worker, args=(sampling.seed,))
         with engine_output_to(self.log):
             outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
                                      lora_request=self.lora_request)
