@@ -52,7 +52,6 @@ def embedding_noise(model, sigma: float, seed: int):
         h.remove()
 
 
-@torch.no_grad()
 def sample_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stops: list[str], sampling,
                     batch_size: int = 32) -> list[list[tuple[str, list[int]]]]:
     """`sampling.n` sampled completions per prompt (temperature, top-k, top-p), seeded."""
@@ -76,6 +75,7 @@ def _sample_next(logits: torch.Tensor, sampling, generator: torch.Generator) -> 
     return torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
 
+@torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stops: list[str],
                     *, k: int = 1, batch_size: int = 32, seed: int = 0, sampling=None) -> list[tuple[str, list[int]]]:
     """(text, generated ids) per prompt. k > 1 averages k trajectories' probabilities per step;

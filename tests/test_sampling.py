@@ -5,6 +5,7 @@ import json
 from itertools import combinations
 
 import pytest
+import torch
 from conftest import cli_in_process
 
 from dipnet.eval.sampling import Sampling, majority_vote, pass_at_k
@@ -51,3 +52,17 @@ def test_sampled_eval_is_seeded(tmp_path, tiny_base_dir):
         assert m["ci95"][0] <= m["accuracy"] <= m["ci95"][1]
     p1, p4 = s["metrics"]["flexible-extract,pass@1"]["accuracy"], s["metrics"]["flexible-extract,pass@4"]["accuracy"]
     assert p1 <= p4 and 1 <= s["diversity"]["distinct_answers"] <= 4 and 0 <= s["diversity"]["pairwise_token_overlap"] <= 1
+
+
+def test_generation_keeps_no_autograd_graph(tiny_base_dir):
+    """Greedy and sampled generation run without gradients (a KV cache with an autograd graph grew
+    SmolLM2's 20-prompt eval to 24 GB when a decorator slipped to another function)."""
+    from dipnet.eval.hf_runner import greedy_generate, load_hf, sample_generate
+
+    model, tok = load_hf(tiny_base_dir)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(torch.is_grad_enabled()))
+    prompts = [tok("Question: 2 + 3?\nAnswer:").input_ids]
+    greedy_generate(model, tok, prompts, 4, [])
+    sample_generate(model, tok, prompts, 4, [], Sampling(n=2, temperature=1.0))
+    assert seen and not any(seen)
