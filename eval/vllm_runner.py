@@ -273,9 +273,9 @@ class VllmEngine:
 
         # On a CPU, a per-request seed crashes vLLM when a prefill is split into chunks (it rewinds
         # the request's generator, and a CPU generator has no offset: "CPU Generator does not use
-        # offset"); turning chunked prefill off instead ran SmolLM2's whole-prompt logits out of
-        # memory. So the engine's own generator is reset to the seed before the batch: the same
-        # seed and the same requests give the same samples on the same engine.
+        # offset"). Turning chunked prefill off also avoids it, but reschedules every greedy
+        # request of a shared engine too. So the engine's own generator is reset to the seed before
+        # the batch: the same seed and the same requests give the same samples on the same engine.
         cpu = not _has_cuda()
         params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                 top_k=sampling.top_k, seed=None if cpu else sampling.seed, max_tokens=max_new_tokens,
