@@ -131,7 +131,7 @@ def eval_metrics(results: dict) -> dict:
 # ----------------------------------------------------------------------------- one run per tracker
 
 class WandbRun:
-    def __init__(self, names: dict, run_name: str, params: dict | None, out: Path, resume: bool = False):
+    def __init__(self, names: dict, run_name: str, params: dict | None, out: Path):
         import wandb
 
         self.wandb = wandb
@@ -152,13 +152,12 @@ class WandbRun:
 
 
 class MlflowRun:
-    def __init__(self, names: dict, run_name: str, params: dict | None, out: Path, resume: bool = False):
+    def __init__(self, names: dict, run_name: str, params: dict | None, out: Path):
         # MLflow prints each run's URL, built from MLFLOW_TRACKING_URI (which may carry a password):
         # not into dipnet's logs unless the user asks for it.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         import mlflow
 
-        self.mlflow = mlflow
         client = mlflow.MlflowClient()
         exp = mlflow.set_experiment(names["mlflow_experiment"])
         tag = f"tags.dipnet_study = '{names['key']}'"
@@ -200,7 +199,7 @@ class MlflowRun:
 
 
 class TrackioRun:
-    def __init__(self, names: dict, run_name: str, params: dict | None, out: Path, resume: bool = False):
+    def __init__(self, names: dict, run_name: str, params: dict | None, out: Path):
         import trackio
 
         self.trackio = trackio
