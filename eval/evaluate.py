@@ -71,6 +71,15 @@ def score_rows(task: Task, outputs: list[str], prompts_text: list[str]) -> tuple
     return scores, samples
 
 
+def spread(done: list, keep: list[int], n: int, empty) -> list:
+    """The results of the problems that ran (`keep`, in order) back at their places among `n`;
+    a problem that did not run gets `empty`."""
+    full = [empty] * n
+    for i, v in zip(keep, done):
+        full[i] = v
+    return full
+
+
 def answer_ids(tok, answer: str) -> list[int]:
     """The reference answer's tokens as they follow a prompt (`Answer:` + target delimiter)."""
     return tok(" " + answer.strip(), add_special_tokens=False).input_ids
@@ -147,14 +156,24 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
     if engine == "hf" or noise_sigmas or (answer_nll and nll_engine == "hf"):
         model, _ = hf_runner.load_hf(model_dir, dip_mode="sample" if k > 1 else "mean",
                                      trust_remote_code=trust_remote_code, dtype=hf_dtype)
-    encoded, budgets = {}, {}
-    for task in tasks:  # every prompt must fit: a silently cut few-shot prompt is another task
+    encoded, budgets, fits = {}, {}, {}
+    for task in tasks:  # a prompt is never cut: a silently cut few-shot prompt is another task
         texts = [task.prompt(i, tok) for i in range(len(task.problems))]
         ids = [encode_prompt(tok, t) for t in texts]
-        longest = max(len(x) for x in ids)
+        # A prompt that fills the context on its own is not run: it is scored wrong and named in
+        # its sample row and results (`over_long`), so every model is scored on the same problems.
+        fits[task.name] = keep = [i for i, x in enumerate(ids) if len(x) < L]
+        over = len(ids) - len(keep)
+        if not keep:
+            raise UsageError(f"task {task.name}: every prompt has {L} tokens or more, the model's whole context "
+                             "(use fewer shots or a model with a longer context)")
+        if over:
+            print(f"  note: task {task.name}: {over} of {len(ids)} prompts have {L} tokens or more (the model's "
+                  "context); they are scored wrong, not cut (over_long in results.json)", file=sys.stderr)
+        longest = max(len(ids[i]) for i in keep)
         budgets[task.name] = budget = max_new_tokens or task.max_new_tokens
         if longest + budget > L:
-            if max_new_tokens is not None or L - longest < 1:
+            if max_new_tokens is not None:
                 raise UsageError(f"task {task.name}: the longest prompt has {longest} tokens; with max_new_tokens "
                                  f"{budget} it exceeds the model's context of {L} tokens (use fewer shots or "
                                  "fewer new tokens)")
@@ -192,11 +211,14 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
             stops = stops_with_eos(task, tok)
             t0 = time.time()
             sampled = None
+            keep = fits[task.name]
+            run = [prompts[i] for i in keep]
             if not sampling.greedy:
                 if engine == "vllm":
-                    groups = vllm_engine.sample(prompts, budgets[task.name], stops, sampling)
+                    groups = vllm_engine.sample(run, budgets[task.name], stops, sampling)
                 else:
-                    groups = hf_runner.sample_generate(model, tok, prompts, budgets[task.name], stops, sampling)
+                    groups = hf_runner.sample_generate(model, tok, run, budgets[task.name], stops, sampling)
+                groups = spread(groups, keep, len(prompts), [("", [])] * sampling.n)
                 wall = time.time() - t0
                 n_gen = sum(len(g[1]) for grp in groups for g in grp)
                 scores, samples, sampled = score_sampled(task, [[g[0] for g in grp] for grp in groups],
@@ -204,38 +226,42 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
                                                          [target_of(p) for p in task.problems], sampling)
             else:
                 if engine == "vllm":
-                    gens = vllm_engine.generate(prompts, budgets[task.name], stops)
+                    gens = vllm_engine.generate(run, budgets[task.name], stops)
                 else:
-                    gens = hf_runner.greedy_generate(model, tok, prompts, budgets[task.name], stops, k=k)
+                    gens = hf_runner.greedy_generate(model, tok, run, budgets[task.name], stops, k=k)
+                gens = spread(gens, keep, len(prompts), ("", []))
                 wall = time.time() - t0
                 n_gen = sum(len(g[1]) for g in gens)
                 scores, samples = score_rows(task, [g[0] for g in gens], prompts_text)
             teacher_forced = None
             if answer_nll:  # one more prefill of every prompt + answer (lm-eval computes no such thing)
-                answers = [answer_ids(tok, p["answer"]) for p in task.problems]
+                answers = [answer_ids(tok, task.problems[i]["answer"]) for i in keep]
                 t1 = time.time()
                 if nll_engine == "vllm":
-                    tf = vllm_engine.score(prompts, answers)
+                    tf = vllm_engine.score(run, answers)
                 elif k == 1:
-                    tf = hf_runner.teacher_forced(model, tok, prompts, answers, L)
+                    tf = hf_runner.teacher_forced(model, tok, run, answers, L)
                 else:  # average:k: the NLL of each of k noisy passes, averaged (not one pass's)
                     import torch
 
                     passes = []
                     for j in range(k):
                         torch.manual_seed(j)
-                        passes.append(hf_runner.teacher_forced(model, tok, prompts, answers, L))
+                        passes.append(hf_runner.teacher_forced(model, tok, run, answers, L))
                     tf = [{"nll": sum(p[i]["nll"] for p in passes) / k,
-                           "token_acc": sum(p[i]["token_acc"] for p in passes) / k} for i in range(len(prompts))]
-                for s, t in zip(samples, tf):
-                    s["answer_nll"], s["answer_token_acc"] = t["nll"], t["token_acc"]
+                           "token_acc": sum(p[i]["token_acc"] for p in passes) / k} for i in range(len(run))]
+                for i, t in zip(keep, tf):
+                    samples[i]["answer_nll"], samples[i]["answer_token_acc"] = t["nll"], t["token_acc"]
                 teacher_forced = {"answer_nll": sum(t["nll"] for t in tf) / len(tf),
                                   "answer_token_acc": sum(t["token_acc"] for t in tf) / len(tf),
-                                  "engine": nll_engine, "wall_s": time.time() - t1}
+                                  "n": len(tf), "engine": nll_engine, "wall_s": time.time() - t1}
+            for i in sorted(set(range(len(prompts))) - set(keep)):
+                samples[i]["over_long"] = {"prompt_tokens": len(prompts[i]), "context": L}
             dump_jsonl(samples, out / f"samples_{task.name}.jsonl")
             results["tasks"][task.name] = {
                 "n": len(task.problems), "setup": task.setup(), "max_new_tokens": budgets[task.name],
                 "scores": scores, "teacher_forced": teacher_forced, **({"sampled": sampled} if sampled else {}),
+                "over_long": sorted(set(range(len(prompts))) - set(keep)),
                 "wall_s": wall, "generated_tokens": n_gen, "generated_tokens_per_s": n_gen / wall if wall > 0 else None,
             }
             if progress:
@@ -245,7 +271,10 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
                       f"({len(task.problems)} problems, {wall:.1f}s)", flush=True)
         if noise_sigmas:  # on the first task (its first 100 problems): hf generation per σ is the cost
             texts, ids = encoded[tasks[0].name]
-            results["noise_sweep"] = noise_sweep(model, tok, tasks[0], ids[:100], noise_sigmas, budgets[tasks[0].name])
+            fit = fits[tasks[0].name][:100]
+            sub = Task(name=tasks[0].name, problems=[tasks[0].problems[i] for i in fit], filters=tasks[0].filters)
+            results["noise_sweep"] = noise_sweep(model, tok, sub, [ids[i] for i in fit], noise_sigmas,
+                                                 budgets[tasks[0].name])
         if harness_tasks:  # lm-eval's tasks, on the same engine (its files under out/harness)
             from dipnet.eval.harness import run_harness
 

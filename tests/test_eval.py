@@ -405,6 +405,31 @@ def test_context_is_the_models_own_bounded_by_the_recipe():
         Recipe.model_validate(apply_overrides({}, {"eval.gpu_memory_utilization": 1.5}))
 
 
+def test_a_prompt_longer_than_the_context_is_reported_per_problem(tmp_path, tiny_base_dir):
+    """The first 8 GSM8K test questions take 60 to 278 tokens on the embedded model (context 256):
+    the ones that fit run, the one that does not is scored wrong, never cut, and named in its
+    sample row, in results.json and in one note."""
+    if not (SHARED_GSM8K / "test.jsonl").is_file():
+        pytest.skip(f"no GSM8K data at {SHARED_GSM8K}")
+    res = cli_in_process("eval", tiny_base_dir, "--tasks", "gsm8k", "--engine", "hf", "--limit", "8",
+                         "--max-new-tokens", "8", "--gsm8k-path", SHARED_GSM8K, "--out", tmp_path / "e")
+    assert res.returncode == 0, res.stderr[-1500:]
+    task = json.loads((tmp_path / "e" / "results.json").read_text())["tasks"]["gsm8k"]
+    rows = [json.loads(line) for line in (tmp_path / "e" / "samples_gsm8k.jsonl").read_text().splitlines()]
+    over = [i for i, r in enumerate(rows) if "over_long" in r]
+    assert 0 < len(over) < 8 and task["over_long"] == over and task["n"] == 8
+    for i, r in enumerate(rows):
+        if i in over:
+            assert r["over_long"]["prompt_tokens"] >= 256 == r["over_long"]["context"]
+            assert r["output"] == "" and not any(r["correct"].values()) and "answer_nll" not in r
+        else:
+            assert r["output"] and "answer_nll" in r
+    assert task["teacher_forced"]["n"] == 8 - len(over) and task["scores"]["flexible-extract"]["n"] == 8
+    notes = [line for line in res.stderr.splitlines() if "note:" in line]
+    assert notes == [f"  note: task gsm8k: {len(over)} of 8 prompts have 256 tokens or more (the model's context); "
+                     "they are scored wrong, not cut (over_long in results.json)"]
+
+
 def test_plain_eval_works_on_the_embedded_model(tmp_path, tiny_base_dir):
     """Each task brings its own budget (gsm8k: lm-eval's 256; arithmetic: 48), and a default that
     the model's context cannot hold is capped with one note, not refused (an explicit one is:
