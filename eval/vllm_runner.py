@@ -141,6 +141,33 @@ def inspect_models_in_process() -> None:
         registry._run_in_subprocess = lambda fn: fn()
 
 
+def model_class_problem(config: dict) -> str | None:
+    """Why vLLM cannot load this model's class, in the import's own words. A multimodal class
+    (Gemma3ForConditionalGeneration) imports transformers' image processor, which needs
+    torchvision: the CPU stack has none (its PyPI builds need CUDA), so such a model is evaluated
+    with engine hf there."""
+    import importlib
+
+    try:
+        from vllm.model_executor.models.registry import ModelRegistry
+    except ImportError:
+        return None
+    if not isinstance(config, dict):
+        return None
+    for arch in config.get("architectures") or []:
+        module = getattr(getattr(ModelRegistry, "models", {}).get(arch), "module_name", None)
+        if not isinstance(module, str):
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            why = f"vLLM's {arch} cannot be imported here ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+            if "torchvision" in str(exc):
+                why += "; without torchvision (this CPU stack has none) evaluate it with --engine hf (eval.engine: hf)"
+            return why
+    return None
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -247,6 +274,8 @@ class VllmEngine:
                     self.llm = LLM(**kwargs)
                 except Exception as exc:  # the engine's own reason, in one line
                     msg = " ".join(str(exc).split())[:300] or type(exc).__name__
+                    if "failed to be inspected" in msg:  # vLLM logs the cause and says only this
+                        msg = model_class_problem(config) or msg
                     failure = RunError(f"vLLM engine failed to start for {model_dir}: {msg}")
         if failure is not None:
             if isinstance(failure, RunError):

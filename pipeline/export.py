@@ -259,7 +259,7 @@ def _write_adapter(ckpt: Path, state: dict, model_dir: Path, out: Path, torch_dt
     from safetensors.torch import save_file
     from transformers.pytorch_utils import Conv1D
 
-    from dipnet.pipeline.models import copy_tokenizer_files, meta_model
+    from dipnet.pipeline.models import copy_tokenizer_files, file_key_names, meta_model
 
     recipe = state["recipe_obj"]
     trained = trained_tensors(ckpt, state["zero_stage"])
@@ -269,7 +269,10 @@ def _write_adapter(ckpt: Path, state: dict, model_dir: Path, out: Path, torch_dt
         raise RunError(f"{ckpt}: '{other[0]}' trained outside the LoRA adapters, which an adapter cannot carry; "
                        "export merged (export.merge_lora: true)")
     keys = base_keys(model_dir)
-    unknown = sorted(m + ".weight" for m in lora if m + ".weight" not in keys)
+    # The adapter keeps the loaded model's module names (peft applies it to that model); the
+    # files' names only check that each module is one of the base's.
+    in_files = file_key_names(model_dir, [m + ".weight" for m in lora], keys, trust_remote_code)
+    unknown = sorted(m + ".weight" for m in lora if in_files[m + ".weight"] not in keys)
     if unknown:
         raise RunError(f"{ckpt}: '{unknown[0]}' is not a tensor of the base model {model_dir} ({len(unknown)} unexpected)")
     meta = meta_model(model_dir, trust_remote_code)
@@ -290,26 +293,52 @@ def _write_adapter(ckpt: Path, state: dict, model_dir: Path, out: Path, torch_dt
             "lambda_mean": {k: float(v.float().exp().mean()) for k, v in sorted(lam.items())}}
 
 
+def _drop_tied_aliases(by_hf: dict, keys: dict, model_dir: Path, trust_remote_code: bool) -> None:
+    """A tied weight (lm_head = embed_tokens in Gemma, SmolLM2) trains as one tensor, but a full
+    fine-tune's ZeRO-3 checkpoint names it under both names; the base's files hold it once. The
+    name the files lack is dropped: its tensor is written under the other."""
+    from dipnet.pipeline.models import file_key_names, meta_model
+
+    meta = meta_model(model_dir, trust_remote_code)
+    groups: dict[int, list[str]] = {}
+    for n, p in meta.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(n)
+    del meta
+    for group in (g for g in groups.values() if len(g) > 1):
+        in_files = list(file_key_names(model_dir, group, keys, trust_remote_code).values())
+        if any(f in keys for f in in_files):
+            for f in in_files:
+                if f not in keys:
+                    by_hf.pop(f, None)
+
+
 def _write_weights(ckpt: Path, state: dict, model_dir: Path, out: Path, torch_dtype, max_shard_bytes: int,
                    trust_remote_code: bool) -> dict:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from dipnet.pipeline.models import meta_model
-    from dipnet.pipeline.models import copy_tokenizer_files
+    from dipnet.pipeline.models import copy_tokenizer_files, file_key_names, meta_model
 
     recipe = state["recipe_obj"]
     trained = trained_tensors(ckpt, state["zero_stage"])
     by_hf, lora = _split_trained(trained, state, ckpt)
 
     keys = base_keys(model_dir)
+    # Written under the names the base's files use (a multimodal Gemma 3 loads under other names).
+    names = file_key_names(model_dir, [k for k in by_hf if not dipmod.is_dip_key(k)] + [m + ".weight" for m in lora],
+                           keys, trust_remote_code)
+    by_hf = {names.get(k, k): v for k, v in by_hf.items()}
+    lora = {names[m + ".weight"][:-len(".weight")]: ab for m, ab in lora.items()}
     conv1d = set()
     if lora:  # GPT-2's Conv1D stores W transposed: its LoRA delta is too (peft's fan_in_fan_out)
         from transformers.pytorch_utils import Conv1D
 
         meta = meta_model(model_dir, trust_remote_code)
-        conv1d = {n for n, mod in meta.named_modules() if isinstance(mod, Conv1D)}
+        conv1d = {names.get(n + ".weight", n + ".weight")[:-len(".weight")]
+                  for n, mod in meta.named_modules() if isinstance(mod, Conv1D)}
         del meta
+    if any(k not in keys and not dipmod.is_dip_key(k) for k in by_hf):
+        _drop_tied_aliases(by_hf, keys, model_dir, trust_remote_code)
     unknown = sorted(k for k in by_hf if k not in keys and not dipmod.is_dip_key(k))
     unknown += sorted(m + ".weight" for m in lora if m + ".weight" not in keys)
     if unknown:

@@ -26,7 +26,7 @@ from dipnet.pipeline.readers import read_json_object
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
-                   "added_tokens.json")
+                   "added_tokens.json", "preprocessor_config.json", "processor_config.json")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
                "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 MAX_HEADER = 100 * 2**20
@@ -97,6 +97,26 @@ def meta_model(model_dir: str | Path, trust_remote_code: bool = False):
     except Exception as exc:
         raise UsageError(f"{model_dir}: cannot build the model from config.json "
                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+
+
+def file_key_names(model_dir: str | Path, names: list[str], keys, trust_remote_code: bool = False) -> dict[str, str]:
+    """Each parameter name of the loaded model -> the name its weight files use. transformers
+    renames some checkpoints' keys while loading (a multimodal Gemma 3's files say
+    `language_model.model.layers.*`, the loaded model `model.language_model.layers.*`); its own
+    reverse mapping, the one `save_pretrained` writes with, gives the file's name back. A name the
+    files already use maps to itself."""
+    import torch
+
+    renamed = {n: n for n in names if n in keys}
+    rest = [n for n in names if n not in keys]
+    if rest:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        meta = meta_model(model_dir, trust_remote_code)
+        for n in rest:
+            back = list(revert_weight_conversion(meta, {n: torch.empty(0, device="meta")}))
+            renamed[n] = back[0] if len(back) == 1 else n
+    return renamed
 
 
 def check_weights_match(model, files: list[Path], where: Path) -> None:
