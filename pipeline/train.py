@@ -589,6 +589,16 @@ def build_engine(recipe: Recipe, model_dir, tokenizer, ds_config: dict, name: st
     model, dip_config = setup_model(recipe, model_dir, trust_remote_code=recipe.model.trust_remote_code,
                                     dtype=torch.bfloat16 if t.precision == "bf16" else torch.float32)
     check_vocab(model, tokenizer, model_dir)
+    if t.precision == "bf16":
+        # One dtype for everything that trains, as ZeRO-1/2 make it themselves (they cast the whole
+        # module to bf16). ZeRO-3 flattens the trained partitions into one buffer and refuses mixed
+        # dtypes, which a full fine-tune would hand it: weights loaded in bf16, λ created in float32
+        # after loading. λ keeps its resolution in bf16 through the offset parameterisation
+        # (dip.DistributionalInputProjection); its float32 master lives in the optimizer.
+        if len({p.dtype for p in model.parameters() if p.requires_grad}) > 1:
+            for p in model.parameters():
+                if p.requires_grad and p.dtype != torch.bfloat16:
+                    p.data = p.data.to(torch.bfloat16)
     # What trains, by name: checkpoints hold only these (frozen weights come from model_dir),
     # and export checks that every one of them is in the checkpoint.
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

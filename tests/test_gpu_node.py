@@ -126,3 +126,26 @@ def test_install_target_is_an_explicit_switch(extra):
     assert f"-c requirements/constraints-{extra}.txt" in res.stdout and f"'.[{extra},test]'" in res.stdout
     res = subprocess.run(["make", "-n", "install", "EXTRA=tpu"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode != 0 and "EXTRA must be cpu or gpu, got 'tpu'" in res.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
+    """`bench/gpu_check.sh --cpu`: the GPU check's own driver, every step at toy sizes on the CPU,
+    so the script a lent GPU machine runs once cannot have rotted by then."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    res = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--cpu", "--out", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(report) == {"env", "smollm2_lora", "gemma3_zero3", "width_7b", "dip_overhead"}
+    assert all(v["ok"] for v in report.values()), report
+    s, g, w = report["smollm2_lora"], report["gemma3_zero3"], report["width_7b"]
+    assert s["resumed"] and s["resumed_at"] == 3 and s["steps"] == 5 and s["lora_merged"] == 2 * 4
+    for r in (s, g):
+        assert r["loss_finite"] and r["lambda_moved"] and r["export_max_logit_diff"] <= r["export_tolerance"], r
+    assert len(w["rows (without, with checkpointing)"]) == 4
+    assert w["max_grad_diff_checkpointing"] <= max(1e-6, w["max_grad_diff_same_step_repeated"]), w

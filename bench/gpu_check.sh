@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# The GPU check of the 8-GPU-node issue, one short run (about 5 minutes) for a lent GPU machine:
-#   1. nvidia-smi: the GPU's name, memory and driver;
-#   2. bench/dip_overhead.py --device cuda: DIP's step time and memory against sft, bf16, a ~125M
-#      Llama at sequence 512 (m = 1, 2, 4), interleaved rounds;
-#   3. bench/gpu_smoke.py: a ~125M random Llama through the real pipeline on one GPU: DIP
-#      conversion, a DeepSpeed ZeRO-2 bf16 run of pipeline/train.py, bf16 export with the logit
-#      check; step time, tokens/s, peak GPU memory.
+# The GPU check of the 8-GPU-node issue: one command, about 5 minutes, one JSON (bench/gpu_check.py
+# says what each step measures: versions and SDPA kernels; SmolLM2-shape LoRA + DIP under ZeRO-2
+# with a resume and a verified export; Gemma-3-270M-shape full fine-tune + DIP under ZeRO-3 and
+# export; two Qwen2.5-7B-width blocks with and without DIP and gradient checkpointing;
+# bench/dip_overhead.py on the GPU).
 #
-# A GPU machine reaches no package registry and lacks deepspeed, pydantic and dipnet itself.
+# A GPU machine may reach no package registry and lack deepspeed, pydantic and dipnet itself.
 # Here, once, fetch and build those wheels into .whl/ (ignored by git; under 10 MB):
-#     bash bench/gpu_smoke.sh --prepare
+#     bash bench/gpu_check.sh --prepare
 # then, through the device tool:
-#     run(command="bash bench/gpu_smoke.sh", carry=[".whl"], timeout_s=540)
+#     run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=480)
+# and on any machine, at toy sizes on the CPU with this checkout's venv (make test runs it):
+#     bash bench/gpu_check.sh --cpu [--out DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,13 +32,15 @@ if [ "${1:-}" = "--prepare" ]; then
   exit 0
 fi
 
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 DIPNET_CACHE=/tmp/dipnet-cache
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+if [ "${1:-}" = "--cpu" ]; then
+  if [ "${2:-}" = "--out" ] && [ -n "${3:-}" ]; then out=$3; else out=$(mktemp -d -t dipnet-gpu-check-XXXXXX); fi
+  exec "${PYTHON:-.venv/bin/python}" bench/gpu_check.py --cpu --out "$out"
+fi
+
+export DIPNET_CACHE=/tmp/dipnet-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site
-python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"
-echo "== DIP overhead (bf16, ~125M Llama, seq 512)"
-timeout 200 python3 bench/dip_overhead.py --device cuda --rounds 3 || echo "dip_overhead failed or timed out ($?)"
-echo "== 1-GPU DeepSpeed ZeRO-2 bf16 run with DIP, then export"
-timeout 240 python3 bench/gpu_smoke.py --out /tmp/smoke || { echo "gpu_smoke failed ($?)"; tail -40 /tmp/smoke/train/train.log; }
+timeout 420 python3 bench/gpu_check.py --out /tmp/gpu-check || {
+  rc=$?; echo "gpu_check exited $rc"; tail -30 /tmp/gpu-check/*-run/train.log 2>/dev/null || true; exit $rc; }
