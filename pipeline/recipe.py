@@ -370,7 +370,7 @@ class EvalSettings(_Section):
     noise_sigmas: list[float] = Field(default_factory=list, description="Embedding-noise sweep σ values (hf engine).")
     dip_mode: str = Field("mean", description="mean | average:k (hf engine only).")
     max_model_len: Optional[int] = Field(None, gt=0, description="Bound on the context the engine serves (default: the "
-                                         "model's own, from its config); a prompt that does not fit is refused, never cut.")
+                                         "model's own, from its config); a prompt that fills it is scored wrong and named (over_long), never cut.")
     tensor_parallel_size: Optional[int] = Field(None, gt=0, description="vLLM on GPUs: GPUs per engine (default: every GPU "
                                                 "this process sees, the most that divides the model's attention and KV heads).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM on GPUs: the share of each GPU's memory "
