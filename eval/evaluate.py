@@ -212,6 +212,7 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
             t0 = time.time()
             sampled = None
             keep = fits[task.name]
+            over_long = sorted(set(range(len(prompts))) - set(keep))
             run = [prompts[i] for i in keep]
             if not sampling.greedy:
                 if engine == "vllm":
@@ -255,13 +256,13 @@ def evaluate_model(model_dir: str | Path, task_names: list[str], out_dir: str | 
                 teacher_forced = {"answer_nll": sum(t["nll"] for t in tf) / len(tf),
                                   "answer_token_acc": sum(t["token_acc"] for t in tf) / len(tf),
                                   "n": len(tf), "engine": nll_engine, "wall_s": time.time() - t1}
-            for i in sorted(set(range(len(prompts))) - set(keep)):
+            for i in over_long:
                 samples[i]["over_long"] = {"prompt_tokens": len(prompts[i]), "context": L}
             dump_jsonl(samples, out / f"samples_{task.name}.jsonl")
             results["tasks"][task.name] = {
                 "n": len(task.problems), "setup": task.setup(), "max_new_tokens": budgets[task.name],
                 "scores": scores, "teacher_forced": teacher_forced, **({"sampled": sampled} if sampled else {}),
-                "over_long": sorted(set(range(len(prompts))) - set(keep)),
+                "over_long": over_long,
                 "wall_s": wall, "generated_tokens": n_gen, "generated_tokens_per_s": n_gen / wall if wall > 0 else None,
             }
             if progress:

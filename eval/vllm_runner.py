@@ -155,6 +155,8 @@ def model_class_problem(config: dict) -> str | None:
     if not isinstance(config, dict):
         return None
     for arch in config.get("architectures") or []:
+        if not isinstance(arch, str):  # config.json is the model's, not ours: vLLM names the problem
+            continue
         module = getattr(getattr(ModelRegistry, "models", {}).get(arch), "module_name", None)
         if not isinstance(module, str):
             continue

@@ -110,8 +110,10 @@ def file_key_names(model_dir: str | Path, names: list[str], keys, trust_remote_c
     renamed = {n: n for n in names if n in keys}
     rest = [n for n in names if n not in keys]
     if rest:
-        from transformers.core_model_loading import revert_weight_conversion
-
+        try:  # transformers 5's own reverse of its load-time renaming; without it, names stay
+            from transformers.core_model_loading import revert_weight_conversion
+        except ImportError:
+            return {**renamed, **{n: n for n in rest}}
         meta = meta_model(model_dir, trust_remote_code)
         for n in rest:
             back = list(revert_weight_conversion(meta, {n: torch.empty(0, device="meta")}))

@@ -984,3 +984,24 @@ def test_push_to_hub_checks_the_repo_first_and_keeps_the_export_when_the_hub_is_
     assert f"the export in {tmp_path / 'out'} is complete" in line
     assert "hf_dipnetTestTokenNeverPrinted" not in out + err
     assert (tmp_path / "out" / "README.md").is_file() and json.loads((tmp_path / "out" / "export.json").read_text())
+
+
+def test_processor_files_travel_only_as_regular_files(tmp_path):
+    """Convert and export copy a model dir's processor configs beside its tokenizer; a symlinked
+    one (which would copy whatever it points at into our output) is left behind, a directory named
+    like one is ignored, and a config.json whose `architectures` is not a list of names does not
+    crash the explanation of a failed vLLM start."""
+    from dipnet.eval.vllm_runner import model_class_problem
+    from dipnet.pipeline.models import copy_tokenizer_files
+
+    src, dst = tmp_path / "model", tmp_path / "out"
+    src.mkdir(), dst.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the export")
+    (src / "processor_config.json").write_text('{"processor_class": "Gemma3Processor"}')
+    (src / "preprocessor_config.json").symlink_to(secret)
+    (src / "tokenizer.json").mkdir()
+    copy_tokenizer_files(src, dst)
+    assert sorted(p.name for p in dst.iterdir()) == ["processor_config.json"]
+    assert model_class_problem({"architectures": [["LlamaForCausalLM"], {"x": 1}, 3]}) is None
+    assert model_class_problem(["not", "a", "dict"]) is None
