@@ -92,6 +92,12 @@ class DistributionalInputProjection(nn.Module):
         self.base_log_variance = math.log(init_variance)
         self.log_variance_offset = nn.Parameter(torch.zeros(hidden_size), requires_grad=learnable)
         self.mode = "sample"
+        # Antithetic pairs: the batch holds two trajectories (dim 0 = [first; second]) and the second
+        # gets −ε where the first got ε. The gradient on ln λ is then the NLL's second-order change
+        # only: the first-order term, zero in expectation but most of the single-sample variance,
+        # cancels within the pair (tests/test_dip_learns.py: the λ the data asks for is reached in
+        # a fraction of the steps).
+        self.antithetic = False
         # (sum λ, sum ln λ, count) from the last sampling forward, for the prior. Recorded inside
         # forward because ZeRO-3 only gathers a partitioned parameter while its module runs.
         self.prior_terms: tuple[torch.Tensor, torch.Tensor, int] | None = None
@@ -122,7 +128,13 @@ class DistributionalInputProjection(nn.Module):
         if self.log_variance_offset.requires_grad and torch.is_grad_enabled():
             self.prior_terms = (log_var.exp().sum(), log_var.sum(), log_var.numel())
         std = torch.exp(0.5 * log_var).to(v.dtype)
-        noise = torch.randn_like(v) * std
+        if self.antithetic:
+            if v.shape[0] % 2:
+                raise RuntimeError("antithetic DIP noise needs a batch of two trajectories (an even first dimension)")
+            eps = torch.randn_like(v[: v.shape[0] // 2])
+            noise = torch.cat([eps, -eps]) * std
+        else:
+            noise = torch.randn_like(v) * std
         if self.scale == "relative":
             noise = noise * v.detach().pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
         return v + noise
@@ -184,10 +196,12 @@ class DipConfig:
 
     @classmethod
     def from_settings(cls, dip) -> "DipConfig":
+        alpha, beta, reduction = dip.prior_weights()
         return cls(method=dip.method, placement=dip.placement, scale=dip.scale, init_variance=dip.init_variance,
                    layers=list(dip.layers) if dip.layers is not None else None,
                    noise_scale=default_noise_scale(dip.method, dip.noise_scale),
-                   trajectories=dip.trajectories, alpha=dip.alpha, beta=dip.beta, gamma=dip.gamma)
+                   trajectories=dip.trajectories, alpha=alpha, beta=beta, gamma=dip.gamma,
+                   extra={"prior_reduction": reduction})
 
 
 def default_noise_scale(method: str, value: float | None) -> float:

@@ -202,7 +202,9 @@ def model_card(summary: dict, state: dict, name: str) -> str:
                 f"{s.path} ({s.format}" + (f", weight {s.weight:g})" if len(data) > 1 else ")") for s in data)), ("exported dtype", summary.get("dtype")),
             ("dipnet", dipnet_version)]
     if r.dip.method in ("dip", "dip_fixed", "input_noise"):
-        rows[3:3] = [("λ0, scale", f"{r.dip.init_variance:g}, {r.dip.scale}"), ("prior α, β", f"{r.dip.alpha:g}, {r.dip.beta:g}")]
+        prior = (("prior κ, λp", f"{r.dip.prior_strength:g} nats, {r.dip.prior_variance:g}") if r.dip.prior_strength
+                 else ("prior α, β", f"{r.dip.alpha:g}, {r.dip.beta:g}"))
+        rows[3:3] = [("λ0, scale", f"{r.dip.init_variance:g}, {r.dip.scale}"), prior]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {flat(name)}", "",
              f"Fine-tuned from `{flat(base)}` with dipnet (Distributional Input Projection Networks, "
              "arXiv 2506.04690). " + ("This is a LoRA adapter (peft) for the base model named in "

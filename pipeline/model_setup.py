@@ -39,6 +39,8 @@ def setup_model(recipe: Recipe, model_dir: str, *, trust_remote_code: bool, dtyp
         dipmod.load_dip(model, model_dir)
     else:
         dipmod.attach_dip(model, config)
+    for _, proj in dipmod.projections(model):
+        proj.antithetic = recipe.dip.antithetic
     if recipe.train.method == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -104,11 +104,18 @@ DipMethod = Literal["none", "input_noise", "neftune", "dip_fixed", "dip"]
 class DipSettings(_Section):
     method: DipMethod = Field("dip", description="none (plain fine-tuning) | input_noise | neftune | dip_fixed | dip.")
     trajectories: int = Field(1, ge=1, description="m: noisy trajectories per example, run as one batch.")
+    antithetic: bool = Field(False, description="With an even m: the second half of the trajectories gets −ε where the first "
+                                                "got ε, which cancels most of the noise in λ's gradient (recipes/README.md).")
     alpha: float = Field(1e-2, ge=0, description="Weight of Σλ in the loss (keeps variances from growing).")
     beta: float = Field(1e-4, ge=0, description="Weight of −Σ ln λ (keeps variances from collapsing); prior minimum at λ = β/α.")
     prior_reduction: Literal["sum", "mean"] = Field(
         "sum", description="sum: Σ over all N variances (the ELBO's form; each λ's pull independent of model size); "
                            "mean: divided by N (pre-0.3 behaviour: α, β fade as 1/N).")
+    prior_strength: Optional[float] = Field(
+        None, gt=0, description="κ, in nats: with prior_variance, the prior is κ·mean over features of "
+                                "(λ/λp − ln(λ/λp) − 1) and replaces alpha/beta/prior_reduction. Each λ settles at "
+                                "λp / (1 + ΔNLL(λp)·c/κ), c its feature's share of the curvature (recipes/README.md).")
+    prior_variance: Optional[float] = Field(None, gt=0, description="λp: the variance the prior centres λ on (with prior_strength).")
     gamma: float = Field(0.0, ge=0, description="Weight of the variance across trajectories of the target log-probability (needs m ≥ 2).")
     init_variance: float = Field(3e-3, gt=0, description="Initial λ for every feature (chosen by recipes/sweep-lambda.yaml).")
     scale: Literal["absolute", "relative"] = Field("relative", description="relative: noise × per-token RMS of the input; absolute: λ in hidden-state units.")
@@ -124,12 +131,33 @@ class DipSettings(_Section):
     def _check(self):
         if self.gamma > 0 and self.trajectories < 2:
             raise ValueError("dip.gamma > 0 needs dip.trajectories >= 2 (a variance across one trajectory is zero)")
+        if self.antithetic and self.trajectories % 2:
+            raise ValueError(f"dip.antithetic pairs trajectories: dip.trajectories must be even, got {self.trajectories}")
+        if (self.prior_strength is None) != (self.prior_variance is None):
+            raise ValueError("dip.prior_strength and dip.prior_variance go together (κ in nats, λp the prior's centre)")
+        # A recipe round-trips through to_dict (variants, matching) with every field set, so the test
+        # is "changed from its default", not "present".
+        both = sorted(k for k in ("alpha", "beta", "prior_reduction") if getattr(self, k) != type(self).model_fields[k].default)
+        if self.prior_strength is not None and both:
+            raise ValueError(f"dip.{both[0]}: dip.prior_strength/prior_variance replace alpha, beta and prior_reduction; "
+                             "set one form")
         if self.layers is not None:
             if len(set(self.layers)) != len(self.layers):
                 raise ValueError(f"dip.layers lists a block twice: {self.layers}")
             if any(i < 0 for i in self.layers):
                 raise ValueError(f"dip.layers: block indices are >= 0, got {self.layers}")
         return self
+
+    def prior_weights(self) -> tuple[float, float, str]:
+        """(α, β, reduction) for dip_prior. κ, λp are the `mean` form with α = κ/λp, β = κ: per
+        feature (κ/N)·(λ/λp − ln λ) up to a constant, against the NLL's ½·h·λ (h: the loss's
+        curvature in that feature, which shrinks as 1/N too), so the balance does not depend on the
+        width and κ is read against the NLL the noise costs. The `sum` form is the same prior with
+        κ = N·β, a strength that grows with the model (0.05 nats on the tiny model's 512 variances,
+        1.7 on SmolLM2's 17,280)."""
+        if self.prior_strength is not None:
+            return self.prior_strength / self.prior_variance, self.prior_strength, "mean"
+        return self.alpha, self.beta, self.prior_reduction
 
 
 DataFormat = Literal["gsm8k", "alpaca", "chat", "sharegpt", "prompt_completion", "text"]

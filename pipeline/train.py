@@ -430,6 +430,7 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     engine.train()
     first = collate([examples[i] for i in batch_indices(len(examples), recipe.run.seed, start_step,
                                                          t.micro_batch_size, accum, rank, world)[0]], pad)
+    first = dipmod.repeat_for_trajectories(first, recipe.dip.trajectories)  # the shape training runs
     output_layer = choose_output_layer(engine, {k: v.to(device) for k, v in first.items()}, world)
     if is_main:
         print(f"{out.name}: logits computed at {'counted positions only' if output_layer is not None else 'every position'}",
@@ -656,7 +657,7 @@ def train_step(engine, batches: list[dict], recipe: Recipe, output_layer, device
     device (one host sync per step): loss, NLL share, prior, variance share, tokens, counted tokens."""
     t, d = recipe.train, recipe.dip
     m = d.trajectories
-    alpha, beta = (d.alpha, d.beta) if d.method == "dip" else (0.0, 0.0)  # only learned λ has a prior
+    alpha, beta, reduction = d.prior_weights() if d.method == "dip" else (0.0, 0.0, "sum")  # only learned λ has a prior
     counted = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
     # The NLL is the mean over every counted token of the global batch (m trajectories each).
     step_tokens = (step_token_count(counted, device, world) * m).clamp_min(1).to(torch.float32)
@@ -667,7 +668,7 @@ def train_step(engine, batches: list[dict], recipe: Recipe, output_layer, device
 
         def objective(forward, batch=batch, module=engine.module):
             lp, mask = next_token_logprobs(forward, batch, output_layer)
-            return dipmod.objective_terms(lp, mask, m, module, alpha, beta, d.gamma, d.prior_reduction,
+            return dipmod.objective_terms(lp, mask, m, module, alpha, beta, d.gamma, reduction,
                                           step_tokens=step_tokens.to(lp.device), micro_batches=len(batches) * world)
 
         sam_saved = (sam_perturb(engine.module, lambda module=engine.module: objective(module)["loss"], t.sam_rho, world)
