@@ -58,7 +58,11 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "gpt_neox": ("gpt_neox.layers", "input_layernorm", "post_attention_layernorm"),
     "gpt2": ("transformer.h", "ln_1", "ln_2"),
 }
-METHODS = ("none", "input_noise", "neftune", "dip_fixed", "dip")
+# Controls at matched noise (#24): λ fixed at a dip run's final values, with its learned structure
+# removed: `dip_matched` gives every feature of a projection that projection's mean λ (the same
+# total noise variance), `dip_shuffled` permutes the per-feature λ within each projection.
+CONTROLS = ("dip_matched", "dip_shuffled")
+METHODS = ("none", "input_noise", "neftune", "dip_fixed", "dip") + CONTROLS
 
 
 class DistributionalInputProjection(nn.Module):
@@ -299,7 +303,9 @@ def attach_dip(model: nn.Module, config: DipConfig) -> list[str]:
             raise UsageError("dip.noise_scale must be > 0 for method input_noise")
     else:
         chosen = list(range(len(layers))) if config.layers is None else list(config.layers)
-        variance, learnable, placement = config.init_variance, config.method == "dip", config.placement
+        # A control's λ are parameters at learning rate 0 (model_setup.build_optimizer): fixed, and
+        # carried by checkpoints and export like dip's.
+        variance, learnable, placement = config.init_variance, config.method in ("dip",) + CONTROLS, config.placement
     if len(set(chosen)) != len(chosen):
         raise UsageError(f"dip.layers lists a block twice: {chosen}")
     bad = [i for i in chosen if not 0 <= i < len(layers)]
@@ -485,6 +491,35 @@ def initial_dip_state(model: nn.Module) -> dict[str, torch.Tensor]:
             for n, p in projections(model)}
 
 
+def control_state(method: str, source: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """A control's ln λ from a dip run's final ln λ (`source`, per projection): `dip_matched` sets
+    every feature to ln(mean λ) of its projection, `dip_shuffled` permutes them (seeded)."""
+    if method not in CONTROLS:
+        raise ValueError(f"not a control method: {method!r}")
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(source):
+        log_var = source[name].float()
+        if method == "dip_matched":
+            out[name] = torch.full_like(log_var, float(log_var.exp().mean().log()))
+        else:
+            out[name] = log_var[torch.randperm(log_var.numel(), generator=gen)].contiguous()
+    return out
+
+
+def set_dip_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Set every projection's ln λ from `state` ({'3.dip_input': tensor}); a missing, extra or
+    wrong-shaped entry is an error naming it."""
+    mods = {_short(n): p for n, p in projections(model)}
+    missing, extra = sorted(set(mods) - set(state)), sorted(set(state) - set(mods))
+    if missing or extra:
+        raise UsageError(f"{where}: projections do not match the model's (missing {missing}, unexpected {extra})")
+    for k, mod in mods.items():
+        if state[k].shape != mod.log_variance_offset.shape:
+            raise UsageError(f"{where}: '{k}' has shape {tuple(state[k].shape)}, expected {tuple(mod.log_variance_offset.shape)}")
+        mod.set_log_variance(state[k])
+
+
 def same_noise(a: DipConfig, b: DipConfig) -> bool:
     """Whether two configs attach the same projections with the same initial λ."""
     keys = ("method", "placement", "scale", "init_variance", "layers", "noise_scale")
@@ -579,16 +614,7 @@ def load_dip(model: nn.Module, model_dir: str | Path) -> list[str]:
     names = attach_dip(model, config)
     if config.method == "none" or not projections(model):
         return names
-    wpath = Path(model_dir) / DIP_SUBDIR / DIP_WEIGHTS
-    state = read_dip_state(model_dir)
-    mods = {_short(n): p for n, p in projections(model)}
-    missing, extra = sorted(set(mods) - set(state)), sorted(set(state) - set(mods))
-    if missing or extra:
-        raise UsageError(f"{wpath}: projections do not match dip_config.json (missing {missing}, unexpected {extra})")
-    for k, mod in mods.items():
-        if state[k].shape != mod.log_variance_offset.shape:
-            raise UsageError(f"{wpath}: '{k}' has shape {tuple(state[k].shape)}, expected {tuple(mod.log_variance_offset.shape)}")
-        mod.set_log_variance(state[k])
+    set_dip_state(model, read_dip_state(model_dir), str(Path(model_dir) / DIP_SUBDIR / DIP_WEIGHTS))
     return names
 
 

@@ -201,7 +201,7 @@ def model_card(summary: dict, state: dict, name: str) -> str:
             ("seed", r.run.seed), ("training data", " + ".join(
                 f"{s.path} ({s.format}" + (f", weight {s.weight:g})" if len(data) > 1 else ")") for s in data)), ("exported dtype", summary.get("dtype")),
             ("dipnet", dipnet_version)]
-    if r.dip.method in ("dip", "dip_fixed", "input_noise"):
+    if r.dip.method in ("dip", "dip_fixed", "input_noise", *dipmod.CONTROLS):
         prior = (("prior κ, λp", f"{r.dip.prior_strength:g} nats, {r.dip.prior_variance:g}") if r.dip.prior_strength
                  else ("prior α, β", f"{r.dip.alpha:g}, {r.dip.beta:g}"))
         rows[3:3] = [("λ0, scale", f"{r.dip.init_variance:g}, {r.dip.scale}"), prior]

@@ -12,14 +12,15 @@ from dipnet.pipeline.recipe import Recipe
 
 def unfreeze_lambda(model, method: str) -> None:
     """peft freezes every non-adapter parameter; DIP's λ train alongside the adapters."""
-    learn = method == "dip"
+    learn = method in ("dip",) + dipmod.CONTROLS  # a control's λ ride at learning rate 0
     for _, p in dipmod.projections(model):
         p.log_variance_offset.requires_grad_(learn)
 
 
-def setup_model(recipe: Recipe, model_dir: str, *, trust_remote_code: bool, dtype=None):
+def setup_model(recipe: Recipe, model_dir: str, *, trust_remote_code: bool, dtype=None, initial_lambda=None):
     """Base weights + the recipe's noise method (+ LoRA). λ come from model_dir/dip when the
-    converted directory was made with the same DIP settings, else from dip.init_variance.
+    converted directory was made with the same DIP settings, else from dip.init_variance; a
+    control's (dip_matched, dip_shuffled) from `initial_lambda` ({projection: ln λ}, their file).
     `trust_remote_code` is the caller's decision (the user's recipe or flag), never a file's."""
     from dipnet.pipeline.models import check_attn_implementation, load_causal_lm
 
@@ -41,6 +42,8 @@ def setup_model(recipe: Recipe, model_dir: str, *, trust_remote_code: bool, dtyp
         dipmod.attach_dip(model, config)
     for _, proj in dipmod.projections(model):
         proj.antithetic = recipe.dip.antithetic
+    if initial_lambda is not None:  # a control's λ (train.py); export's check loads them from the checkpoint
+        dipmod.set_dip_state(model, *initial_lambda)
     if recipe.train.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -63,7 +66,9 @@ def build_optimizer(model, recipe: Recipe):
     t = recipe.train
     groups = [{"params": rest, "lr": t.lr, "weight_decay": t.weight_decay, "base_lr": t.lr}]
     if lam:
-        lr = t.lr * recipe.dip.lr_scale
+        # A control (dip_matched, dip_shuffled) keeps its λ at learning rate 0: fixed, yet carried by
+        # checkpoints (resume) and read by export where dip's trained λ are.
+        lr = 0.0 if recipe.dip.method in dipmod.CONTROLS else t.lr * recipe.dip.lr_scale
         groups.append({"params": lam, "lr": lr, "weight_decay": 0.0, "base_lr": lr})
     if t.offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam

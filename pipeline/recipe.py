@@ -98,11 +98,15 @@ class ModelSettings(_Section):
         return v
 
 
-DipMethod = Literal["none", "input_noise", "neftune", "dip_fixed", "dip"]
+DipMethod = Literal["none", "input_noise", "neftune", "dip_fixed", "dip", "dip_matched", "dip_shuffled"]
+CONTROL_METHODS = ("dip_matched", "dip_shuffled")  # = dip.CONTROLS (this module does not import torch)
 
 
 class DipSettings(_Section):
-    method: DipMethod = Field("dip", description="none (plain fine-tuning) | input_noise | neftune | dip_fixed | dip.")
+    method: DipMethod = Field("dip", description="none (plain fine-tuning) | input_noise | neftune | dip_fixed | dip | "
+                                                 "dip_matched | dip_shuffled (controls at a dip run's noise: dip.source).")
+    source: Optional[str] = Field(None, description="dip_matched/dip_shuffled: the dip run whose final λ they replay: a variant "
+                                                    "of this recipe (same seed), or a model directory holding dip/.")
     trajectories: int = Field(1, ge=1, description="m: noisy trajectories per example, run as one batch.")
     antithetic: bool = Field(False, description="With an even m: the second half of the trajectories gets −ε where the first "
                                                 "got ε, which cancels most of the noise in λ's gradient (recipes/README.md).")
@@ -133,6 +137,9 @@ class DipSettings(_Section):
             raise ValueError("dip.gamma > 0 needs dip.trajectories >= 2 (a variance across one trajectory is zero)")
         if self.antithetic and self.trajectories % 2:
             raise ValueError(f"dip.antithetic pairs trajectories: dip.trajectories must be even, got {self.trajectories}")
+        if (self.method in CONTROL_METHODS) != (self.source is not None):
+            raise ValueError("dip.source names the dip run a control replays: set it for dip_matched/dip_shuffled only"
+                             f" (method {self.method}, source {self.source!r})")
         if (self.prior_strength is None) != (self.prior_variance is None):
             raise ValueError("dip.prior_strength and dip.prior_variance go together (κ in nats, λp the prior's centre)")
         # A recipe round-trips through to_dict (variants, matching) with every field set, so the test

@@ -32,7 +32,7 @@ import yaml
 
 from dipnet.pipeline.errors import DipnetError, RunError, UsageError
 from dipnet.pipeline.outputs import assert_inside, claim_run_dir, output_dir
-from dipnet.pipeline.recipe import Recipe, expand_runs
+from dipnet.pipeline.recipe import CONTROL_METHODS as CONTROLS, Recipe, expand_runs
 
 STAGES = ("base", "convert", "preprocess", "train", "export", "eval", "report")
 
@@ -386,12 +386,15 @@ class Run:
         model_dir = self.inside(self.manifest.outputs("convert").get("model_dir"), "convert model_dir")
         data = dict(self.manifest.outputs("preprocess"))
         data["path"] = self.inside(data.get("path"), "preprocess path")
-        out, pending = {}, []
-        for variant, seed, r in self.runs:
+        out, pending, keys = {}, [], {}
+        # A control (dip_matched, dip_shuffled) replays a dip run's final λ: its key includes that
+        # run's, and it trains after it (below). Sources come before their controls in this order.
+        for variant, seed, r in sorted(self.runs, key=lambda run: run[2].dip.method in CONTROLS):
             run_id = f"{variant}-s{seed}"
             r = self.matched(r, variant)
             d = self.dir / "train" / run_id
-            key = _hash([r.section_hash("train", "dip", "run", "data", "model"), model_dir, data["key"]])
+            key = keys[run_id] = _hash([r.section_hash("train", "dip", "run", "data", "model"), model_dir, data["key"],
+                                        self.control_key(r, seed, keys) if r.dip.method in CONTROLS else None])
             inputs = d / "inputs.json"
             if inputs.is_file() and _read_key(inputs) != key:
                 assert_inside(d, self.dir / "train", "train directory")
@@ -411,6 +414,60 @@ class Run:
                 check_trackers(list(report_to))
         if not pending:
             return out
+        first = [p for p in pending if p[3].dip.method not in CONTROLS]
+        self._launch_runs(first, model_dir, data)
+        controls = [p for p in pending if p[3].dip.method in CONTROLS]
+        for run_id, variant, seed, r, d, key in controls:
+            self.write_control_lambda(r, seed, d)
+        self._launch_runs(controls, model_dir, data)
+        for run_id, variant, seed, r, d, key in pending:
+            if not (d / "train_summary.json").is_file():
+                raise RunError(f"training of {run_id} did not finish (see {self.dir / 'train' / 'train.log'})")
+            self._say_trained(run_id, d)
+            out[run_id] = self._train_outputs(d, variant, seed, key)
+        return out
+
+    def control_source(self, r: Recipe, seed: int) -> tuple[Path, str | None]:
+        """Where a control's source λ are: (the file, the source's run id when it is a variant of
+        this recipe, trained here at the same seed; None for a model directory holding dip/)."""
+        from dipnet.pipeline.dip import DIP_SUBDIR, DIP_WEIGHTS
+        from dipnet.pipeline.train import LAMBDA_FILE
+
+        source = r.dip.source
+        if source in (self.recipe.variants or {}):
+            method = next(rr.dip.method for v, s, rr in self.runs if v == source and s == seed)
+            if method != "dip":
+                raise UsageError(f"dip.source '{source}': a control replays a dip run; variant '{source}' has "
+                                 f"dip.method {method}")
+            return self.dir / "train" / f"{source}-s{seed}" / LAMBDA_FILE, f"{source}-s{seed}"
+        path = Path(source).expanduser() / DIP_SUBDIR / DIP_WEIGHTS
+        if not path.is_file():
+            raise UsageError(f"dip.source '{source}': neither a variant of this recipe nor a model directory with "
+                             f"{DIP_SUBDIR}/{DIP_WEIGHTS}")
+        return path, None
+
+    def control_key(self, r: Recipe, seed: int, keys: dict) -> str:
+        path, run_id = self.control_source(r, seed)
+        return keys[run_id] if run_id else hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def write_control_lambda(self, r: Recipe, seed: int, d: Path) -> None:
+        """The control's λ (dip_matched: each projection's mean; dip_shuffled: permuted) from its
+        source's final λ, into the run's directory, where train.py reads it."""
+        from dipnet.pipeline.dip import control_state, read_dip_state
+        from dipnet.pipeline.train import LAMBDA_INIT_FILE, read_lambda_file, write_lambda_file
+
+        path, run_id = self.control_source(r, seed)
+        if run_id and not path.is_file():
+            raise RunError(f"dip.source '{r.dip.source}': {path} is missing (a run trained before dipnet recorded "
+                           "final λ: retrain it)")
+        source = read_lambda_file(path) if run_id else read_dip_state(path.parent.parent)
+        write_lambda_file(d / LAMBDA_INIT_FILE, control_state(r.dip.method, source, seed))
+
+    def _launch_runs(self, pending: list, model_dir: str, data: dict) -> None:
+        """One launch for `pending`; with study.match=time the baseline first, whose wall time is
+        then every other run's budget (one launch each)."""
+        if not pending:
+            return
         if self.recipe.study.match == "time":
             base = [p for p in pending if p[1] == self.recipe.report.baseline]
             rest = [p for p in pending if p[1] != self.recipe.report.baseline]
@@ -424,12 +481,6 @@ class Run:
                 self._launch([p], model_dir, data, budget)
         else:
             self._launch(pending, model_dir, data, None)
-        for run_id, variant, seed, r, d, key in pending:
-            if not (d / "train_summary.json").is_file():
-                raise RunError(f"training of {run_id} did not finish (see {self.dir / 'train' / 'train.log'})")
-            self._say_trained(run_id, d)
-            out[run_id] = self._train_outputs(d, variant, seed, key)
-        return out
 
     def _say_trained(self, run_id: str, d: Path) -> None:
         """One console line per finished run, printed once (live while the launch goes on)."""

@@ -304,9 +304,9 @@ def warmup_steps(train, steps: int) -> int:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def gather_lambda_stats(model, zero_stage: int) -> dict:
-    """Per-projection λ statistics from the optimizer's float32 master values (the forward pass
-    may see a bf16 copy). All ranks call: under ZeRO-3 the master is gathered."""
+def gather_log_variances(model, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Per projection, ln λ from the optimizer's float32 master values (the forward pass may see a
+    bf16 copy), on the CPU. All ranks call: under ZeRO-3 the master is gathered."""
     projs = dipmod.projections(model)
     if not projs:
         return {}
@@ -324,9 +324,43 @@ def gather_lambda_stats(model, zero_stage: int) -> dict:
                     master = off.detach().float().clone()
             else:
                 master = off.detach().float()
-        lam = (master.float().cpu() + p.base_log_variance).exp()
-        out[dipmod._short(name)] = {"mean": lam.mean().item(), "min": lam.min().item(), "max": lam.max().item()}
+        out[dipmod._short(name)] = master.float().cpu() + p.base_log_variance
     return out
+
+
+def gather_lambda_stats(model, zero_stage: int) -> dict:
+    """Per-projection mean/min/max λ (float32 masters; every rank calls)."""
+    return {k: {"mean": lam.mean().item(), "min": lam.min().item(), "max": lam.max().item()}
+            for k, lam in ((k, v.exp()) for k, v in gather_log_variances(model, zero_stage).items())}
+
+
+LAMBDA_FILE = "lambda.safetensors"            # a run's final ln λ per projection (a control's source)
+LAMBDA_INIT_FILE = "lambda_init.safetensors"  # a control's λ, written by the run stage
+
+
+def write_lambda_file(path: Path, log_variances: dict[str, torch.Tensor]) -> None:
+    """ln λ per projection, written whole or not at all (temporary name, then renamed)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in log_variances.items()}, str(tmp), metadata={"content": "ln λ per projection"})
+    os.replace(tmp, path)
+
+
+def read_lambda_file(path: Path) -> dict[str, torch.Tensor]:
+    """ln λ per projection from a dipnet-written file: finite 1-D float tensors, else one line."""
+    from safetensors.torch import load_file
+
+    from dipnet.pipeline.models import check_safetensors
+
+    if not path.is_file():
+        raise RunError(f"{path}: missing")
+    check_safetensors(path)
+    state = load_file(str(path))
+    for k, v in state.items():
+        if v.dim() != 1 or not v.is_floating_point() or not torch.isfinite(v).all():
+            raise RunError(f"{path}: '{k}' must be a finite 1-D float tensor")
+    return state
 
 
 def peak_memory_mb() -> float:
@@ -422,8 +456,11 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     warmup = warmup_steps(t, steps)
     ds_config = build_ds_config(t, world, device.type, accum=accum)
     resume, universal = plan_resume(ckpt_root, world, ds_config, is_main)
+    initial_lambda = None
+    if d.method in dipmod.CONTROLS:  # written by the run stage from the dip.source run's final λ
+        initial_lambda = (read_lambda_file(out / LAMBDA_INIT_FILE), str(out / LAMBDA_INIT_FILE))
     engine, optimizer, dip_config, trainable, zero3_init = build_engine(recipe, model_dir, tokenizer, ds_config,
-                                                                        out.name, world, is_main)
+                                                                        out.name, world, is_main, initial_lambda)
     start_step, tokens_seen, tracking = restore(engine, ckpt_root, resume, universal, is_main)
     log = StepLog(out, steps, start_step, recipe) if is_main else None
     faults = Faults.from_env()
@@ -511,6 +548,9 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
         if done >= steps:
             break
 
+    final_lambda = gather_log_variances(engine.module, t.zero_stage)  # every rank: ZeRO-3 gathers
+    if is_main and final_lambda:
+        write_lambda_file(out / LAMBDA_FILE, final_lambda)
     if log:
         summary = {"steps": steps, "resumed_from": start_step, "tokens_seen": tokens_seen, "world_size": world,
                    "wall_s": time.time() - t_loop, "last": log.last, "step_time": step_time_stats(timed),
@@ -571,7 +611,8 @@ def plan_resume(ckpt_root: Path, world: int, ds_config: dict, is_main: bool) -> 
     return resume, universal
 
 
-def build_engine(recipe: Recipe, model_dir, tokenizer, ds_config: dict, name: str, world: int, is_main: bool):
+def build_engine(recipe: Recipe, model_dir, tokenizer, ds_config: dict, name: str, world: int, is_main: bool,
+                 initial_lambda=None):
     """The model (+ DIP, + LoRA) wrapped in a DeepSpeed engine. Returns (engine, optimizer,
     dip_config, trainable parameter names, the ZeRO-3 loading context to keep alive)."""
     import deepspeed
@@ -588,7 +629,8 @@ def build_engine(recipe: Recipe, model_dir, tokenizer, ds_config: dict, name: st
 
         zero3_init = HfDeepSpeedConfig(ds_config)
     model, dip_config = setup_model(recipe, model_dir, trust_remote_code=recipe.model.trust_remote_code,
-                                    dtype=torch.bfloat16 if t.precision == "bf16" else torch.float32)
+                                    dtype=torch.bfloat16 if t.precision == "bf16" else torch.float32,
+                                    initial_lambda=initial_lambda)
     check_vocab(model, tokenizer, model_dir)
     if t.precision == "bf16":
         # One dtype for everything that trains, as ZeRO-1/2 make it themselves (they cast the whole
