@@ -461,14 +461,31 @@ class EvalSettings(_Section):
         return v
 
 
+class Comparison(_Section):
+    variant: str
+    against: str
+    task: str
+
+
 class ReportSettings(_Section):
     baseline: str = Field("sft", description="Variant every other is compared against.")
     bootstrap: int = Field(2000, gt=0, description="Bootstrap resamples for CIs.")
     smoothness: bool = Field(True, description="Measure input smoothness of each trained model.")
+    primary: Optional[Comparison] = Field(
+        None, description="The study's one declared comparison (variant − against, on task, paired by seed): read "
+                          "unadjusted; every other comparison's p-value is Holm-adjusted.")
+    compare: list[tuple[str, str]] = Field(default_factory=list, description="More [variant, against] pairs, on "
+                                                                            "every task, beside each variant − baseline.")
+    equivalence_margin: float = Field(0.05, gt=0, le=1, description="± accuracy (a fraction) within which an "
+                                                                   "equivalence test (TOST) may call two variants equal.")
+    lambda_diagnostics: bool = Field(True, description="For runs with DIP projections: the noise's cost (ΔNLL), λ's "
+                                                       "agreement across seeds and with the loss's curvature, λ histograms.")
 
 
 class StudySettings(_Section):
     match: Literal["steps", "tokens", "time"] = Field("steps", description="What is held equal across variants.")
+    tuned_by: Optional[str] = Field(None, description="The sweep recipe whose validation runs chose these settings: "
+                                                      "a seed shared with it is refused (selection on the reported runs).")
 
 
 SECTIONS = ("run", "model", "dip", "data", "train", "launch", "export", "eval", "report", "study")
@@ -666,8 +683,40 @@ def validate_dict(raw: dict, source: str) -> Recipe:
             raise UsageError(f"{source} (variant '{name}'): {exc}") from None
     if recipe.variants and recipe.report.baseline not in recipe.variants and len(recipe.variants) > 1:
         raise UsageError(f"{source}: 'report.baseline': '{recipe.report.baseline}' is not one of the variants {sorted(recipe.variants)}")
+    named = [("report.primary", (recipe.report.primary.variant, recipe.report.primary.against))] if recipe.report.primary else []
+    for where, names in named + [("report.compare", pair) for pair in recipe.report.compare]:
+        unknown = [n for n in names if n not in recipe.variants and n != "base"]
+        if unknown:
+            raise UsageError(f"{source}: '{where}': '{unknown[0]}' is not one of the variants {sorted(recipe.variants)}")
+    if recipe.report.primary and recipe.report.primary.task not in recipe.eval.tasks:
+        raise UsageError(f"{source}: 'report.primary.task': '{recipe.report.primary.task}' is not one of eval.tasks "
+                         f"{list(recipe.eval.tasks)}")
+    if recipe.study.tuned_by:
+        check_fresh_seeds(recipe, source)
     _check_paths(recipe, source)
     return recipe
+
+
+def check_fresh_seeds(recipe: Recipe, source: str) -> None:
+    """A study must not report the runs its settings were chosen on: the seeds of `study.tuned_by`
+    (the sweep; a path relative to the working directory, else to this recipe's) and this
+    recipe's must not meet."""
+    path = Path(recipe.study.tuned_by).expanduser()
+    if not path.is_absolute() and not path.is_file():
+        path = Path(source).parent / path
+    if not path.is_file():
+        raise UsageError(f"{source}: 'study.tuned_by': {recipe.study.tuned_by} is not a recipe file")
+    sweep = read_yaml(path)
+    seeds = None
+    if isinstance(sweep, dict):
+        run = sweep.get("run") if isinstance(sweep.get("run"), dict) else {}
+        seeds = sweep.get("seeds") or [run.get("seed", 0)]
+    if not isinstance(seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise UsageError(f"{path}: 'seeds': expected a list of integers")
+    shared = sorted(set(seeds) & set(recipe.seeds or [recipe.run.seed]))
+    if shared:
+        raise UsageError(f"{source}: 'seeds': {shared} were also the seeds of {recipe.study.tuned_by}, which chose this "
+                         "recipe's settings on them: report fresh seeds")
 
 
 def _check_paths(recipe: Recipe, source: str) -> None:

@@ -89,12 +89,14 @@ def _cost(entries: dict) -> dict:
         if rows:
             mems.append(max(r["peak_mem_mb"] for r in rows))
         if e["summary"]:
-            tokens_seen.append(e["summary"]["tokens_seen"])
+            # Compute in forward/backward passes: SAM runs two per micro-batch (runs from before
+            # the summary recorded it: one).
+            tokens_seen.append(e["summary"]["tokens_seen"] * e["summary"].get("passes_per_step", 1))
             walls.append(e["summary"]["wall_s"])
     return {"step_time_s": median(steps) if steps else None,
             "step_time_range_s": [min(steps), max(steps)] if steps else None,
             "tokens_per_s": median([t for t in toks if t]) if any(toks) else None,
-            "peak_mem_mb": mean(mems) if mems else None, "tokens_seen": mean(tokens_seen) if tokens_seen else None,
+            "peak_mem_mb": mean(mems) if mems else None, "tokens_computed": mean(tokens_seen) if tokens_seen else None,
             "train_wall_s": mean(walls) if walls else None}
 
 
@@ -149,7 +151,55 @@ def paired_difference(data: dict, variant: str, baseline: str, task: str, resamp
     return out
 
 
-def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000, data: dict | None = None) -> dict:
+def seed_differences(data: dict, variant: str, against: str, task: str) -> list[float] | None:
+    """Per seed both variants ran: accuracy(variant) − accuracy(against) on the same problems."""
+    try:
+        seeds = sorted(set(data[variant]) & set(data[against]))
+    except KeyError:
+        return None
+    out = []
+    for seed in seeds:
+        a = [float(s["correct"]["flexible-extract"]) for s in data[variant][seed]["samples"].get(task, [])]
+        b = [float(s["correct"]["flexible-extract"]) for s in data[against][seed]["samples"].get(task, [])]
+        if not a or len(a) != len(b):
+            return None
+        out.append(mean(a) - mean(b))
+    return out or None
+
+
+def seed_paired_comparisons(data: dict, tasks: list[str], baseline: str, primary=None, compare=(),
+                            margin: float = 0.05) -> dict:
+    """Every variant − baseline and each `compare` pair, on every task, and the declared primary:
+    the per-seed paired t interval (n − 1 df), its p-value, Holm's adjustment over all comparisons
+    but the primary, the TOST equivalence p-value against ±margin, and the effect 80% power would
+    detect at these seeds ((t_.975 + t_.8)·SE)."""
+    from dipnet.eval.stats import holm, paired_t, t_ppf, tost
+
+    pairs = [(v, baseline) for v in data if v not in (baseline, "base")] + [tuple(p) for p in compare]
+    wanted = [(v, a, t) for v, a in dict.fromkeys(pairs) for t in tasks]
+    if primary is not None and (primary.variant, primary.against, primary.task) not in wanted:
+        wanted.append((primary.variant, primary.against, primary.task))
+    out = {}
+    for v, a, t in wanted:
+        diffs = seed_differences(data, v, a, t)
+        res = paired_t(diffs) if diffs else None
+        if res is None:
+            continue
+        is_primary = primary is not None and (v, a, t) == (primary.variant, primary.against, primary.task)
+        out[f"{v} − {a} @ {t}"] = {**res, "variant": v, "against": a, "task": t, "primary": is_primary,
+                                   "tost_p": tost(diffs, margin), "margin": margin,
+                                   "mde": (t_ppf(0.975, res["df"]) + t_ppf(0.8, res["df"])) * res["se"],
+                                   "per_seed": diffs}
+    adjusted = holm({k: c["p"] for k, c in out.items() if not c["primary"]})
+    for k, c in out.items():
+        c["p_holm"] = None if c["primary"] else adjusted[k]
+    return out
+
+
+def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000, data: dict | None = None,
+                 settings=None) -> dict:
+    """report.json's content. `settings`: the recipe's report section (primary comparison,
+    extra pairs, equivalence margin); None compares every variant with the baseline only."""
     data = collect(run_dir) if data is None else data
     tasks = sorted({t for v in data.values() for e in v.values() for t in e["results"]["tasks"]})
     report = {"run_dir": str(run_dir), "baseline": baseline, "tasks": tasks, "variants": {}, "differences": {},
@@ -204,9 +254,11 @@ def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000, da
         if base_cost:
             c["relative"] = {k: (c[k] / base_cost[k]) if c.get(k) and base_cost.get(k) else None
                              for k in ("step_time_s", "tokens_per_s", "peak_mem_mb", "train_wall_s")}
-            # Training FLOPs ≈ 6 · parameters · tokens processed (same model for every variant,
-            # and DIP's m trajectories are counted in tokens_seen), so the ratio is the token ratio.
-            c["relative"]["flops"] = (c["tokens_seen"] / base_cost["tokens_seen"]) if c.get("tokens_seen") and base_cost.get("tokens_seen") else None
+            # Training FLOPs ≈ 6 · parameters · tokens through forward and backward (same model for
+            # every variant; DIP's m trajectories are in tokens_seen, SAM's second pass in the
+            # passes per step), so the ratio is the ratio of tokens computed.
+            c["relative"]["flops"] = (c["tokens_computed"] / base_cost["tokens_computed"]
+                                      if c.get("tokens_computed") and base_cost.get("tokens_computed") else None)
     if baseline in data:
         for variant in data:
             if variant in (baseline, "base"):
@@ -223,22 +275,47 @@ def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000, da
     if "dip" in data and "dip_fixed" in data and baseline != "dip_fixed":
         report["learned_vs_fixed"] = {t: d for t in tasks
                                       if (d := paired_difference(data, "dip", "dip_fixed", t, resamples))}
+    report["comparisons"] = seed_paired_comparisons(
+        data, tasks, baseline, getattr(settings, "primary", None), getattr(settings, "compare", ()),
+        getattr(settings, "equivalence_margin", 0.05))
     report["summary"] = summary_sentences(report)
     return report
+
+
+def _comparison_sentence(key: str, c: dict) -> str:
+    lo, hi = c["ci"]
+    verdict = ("the interval excludes zero" if lo > 0 or hi < 0 else
+               f"equivalent within ±{c['margin'] * 100:.0f} points (TOST p = {c['tost_p']:.3f})"
+               if c["tost_p"] is not None and c["tost_p"] < 0.05 else
+               f"not distinguishable from zero, nor shown equivalent within ±{c['margin'] * 100:.0f} points "
+               f"(TOST p = {c['tost_p']:.2f}); {c['seeds']} seeds detect ±{c['mde'] * 100:.1f}")
+    p = f"p = {c['p']:.3f}" + ("" if c["primary"] else f", Holm-adjusted {c['p_holm']:.3f}")
+    return (f"{key}: {c['diff'] * 100:+.1f} points, 95% t-interval [{lo * 100:+.1f}, {hi * 100:+.1f}] over "
+            f"{c['seeds']} seeds paired by seed ({p}); {verdict}.")
 
 
 def summary_sentences(report: dict) -> list[str]:
     lines = []
     base = report["baseline"]
+    comparisons = report.get("comparisons") or {}
+    for key, c in comparisons.items():
+        if c["primary"]:
+            lines.append("Primary comparison (declared in the recipe, read unadjusted): " + _comparison_sentence(key, c))
+    for key, c in comparisons.items():
+        if not c["primary"]:
+            lines.append(_comparison_sentence(key, c))
+    paired = {(c["variant"], c["task"]) for c in comparisons.values() if c["against"] == base}
     for variant, per_task in report["differences"].items():
         for t, d in per_task.items():
+            if (variant, t) in paired:  # said above, paired by seed; the bootstrap's interval is in the table
+                continue
             acc, nll = d["accuracy"], d["answer_nll"]
             excl = acc["ci95"][0] > 0 or acc["ci95"][1] < 0
             sign = "higher" if acc["diff"] > 0 else "lower" if acc["diff"] < 0 else "equal"
             lines.append(
                 f"{variant} vs {base} on {t}: accuracy {sign} by {abs(acc['diff']) * 100:.1f} points "
                 f"(95% CI {acc['ci95'][0] * 100:+.1f} to {acc['ci95'][1] * 100:+.1f}; "
-                f"{'excludes zero' if excl else 'includes zero: no detectable effect'})" + (
+                f"{'excludes zero' if excl else 'includes zero: not distinguishable from zero'})" + (
                     f"; answer NLL {nll['diff']:+.3f} nats (CI {nll['ci95'][0]:+.3f} to {nll['ci95'][1]:+.3f}"
                     f"{', excludes zero' if nll['ci95'][0] > 0 or nll['ci95'][1] < 0 else ', includes zero'})"
                     if nll else "") + ".")
@@ -295,6 +372,20 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
     for v, per in report["differences"].items():
         for t, d in per.items():
             lines.append(f"| {v} | {t} | {_difference_cells(d)} |")
+    if report.get("comparisons"):
+        margin = next(iter(report["comparisons"].values()))["margin"]
+        lines += ["", "## Paired by seed (per-seed accuracy differences, t-interval on n − 1 df)", "",
+                  "The seed is the unit: it fixes data order and noise for every variant alike. p-values are "
+                  "Holm-adjusted over every comparison but the primary one (marked ★); TOST tests equivalence "
+                  f"within ±{margin * 100:.0f} points; 'detectable' is the effect 80% power finds at these seeds.", "",
+                  "| comparison | Δ accuracy (points) | 95% CI | p | p (Holm) | TOST p | detectable | seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, c in report["comparisons"].items():
+            holm_p = "—" if c["p_holm"] is None else f"{c['p_holm']:.3f}"
+            tost_p = "—" if c["tost_p"] is None else f"{c['tost_p']:.3f}"
+            lines.append(f"| {'★ ' if c['primary'] else ''}{key} | {c['diff'] * 100:+.1f} | "
+                         f"[{c['ci'][0] * 100:+.1f}, {c['ci'][1] * 100:+.1f}] | {c['p']:.3f} | {holm_p} | {tost_p} | "
+                         f"±{c['mde'] * 100:.1f} | {c['seeds']} |")
     if report.get("learned_vs_fixed"):
         lines += ["", "## Learned vs fixed noise: `dip` − `dip_fixed` (same projections, λ frozen at init)", "",
                   "| task | Δ accuracy (points) | CI | detectable (80% power) | seeds for this Δ | Δ answer NLL | CI |",
@@ -338,6 +429,18 @@ def render_markdown(report: dict, plots: list[Path]) -> str:
                 ch = "n/a" if d["change"] is None else f"{d['change'] * 100:+.0f}%"
                 lines.append(f"| {v} | {layer} | {d['start']:.3g} | {d['end']:.3g} | {ch} | "
                              f"{d['end_min']:.3g} – {d['end_max']:.3g} | {d['seeds']} |")
+    if report.get("lambda_diagnostics"):
+        lines += ["", "## What the noise costs and where λ went (final λ, on training batches)", "",
+                  "ΔNLL: NLL with the noise − on the mean path (nats; mean ± std over seeds). Cross-seed r: Pearson "
+                  "correlation of per-feature ln λ between seeds (1: the same structure every seed; learned λ only). "
+                  "ρ(λ, curvature): Spearman, per projection, of λ with the loss's curvature in that feature "
+                  "(negative: less noise where the loss is sensitive).", "",
+                  "| variant | method | seeds | mean λ | ΔNLL | cross-seed r | ρ(λ, curvature) |", "|---|---|---|---|---|---|---|"]
+        f = lambda x, fmt: "—" if x is None else format(x, fmt)  # noqa: E731
+        for v, d in report["lambda_diagnostics"].items():
+            lines.append(f"| {v} | {d['method']} | {d['seeds']} | {f(d['lambda_mean'], '.3g')} | "
+                         f"{d['noise_cost']:.4f} ± {d['noise_cost_std']:.4f} | {f(d['cross_seed_r'], '.2f')} | "
+                         f"{f(d['curvature_rho'], '+.2f')} |")
     if report.get("harness"):
         lines += ["", "## lm-evaluation-harness tasks (lm-eval 0.4.13's own metrics, mean ± std over seeds)", "",
                   "| variant | task | metric | value | seeds |", "|---|---|---|---|---|"]
@@ -454,8 +557,12 @@ def write_report(run_dir: str | Path, recipe=None, *, smoothness: bool | None = 
     if do_smooth:
         _measure_smoothness(run_dir, recipe)
     data = collect(run_dir)  # every results and samples file, read once
-    report = build_report(run_dir, baseline, resamples, data)
+    report = build_report(run_dir, baseline, resamples, data, recipe.report if recipe is not None else None)
     plots = make_plots(run_dir, report, data)
+    if recipe is None or recipe.report.lambda_diagnostics:
+        diag = measure_lambda_diagnostics(run_dir, recipe)
+        report["lambda_diagnostics"] = diag["variants"]
+        plots += plot_lambda_histograms(run_dir, diag["states"])
     report["plots"] = [str(p) for p in plots]
     for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", render_markdown(report, plots))):
         tmp = run_dir / f"{name}.tmp"
@@ -467,25 +574,126 @@ def write_report(run_dir: str | Path, recipe=None, *, smoothness: bool | None = 
 
 def _measure_smoothness(run_dir: Path, recipe) -> None:
     from dipnet.eval.evaluate import model_fingerprint
-    from dipnet.pipeline.base_model import cache_root
     from dipnet.pipeline.smoothness import measure_smoothness
 
     out = run_dir / "report" / "smoothness"
     out.mkdir(parents=True, exist_ok=True)
-    # Models are loaded only from the run directory, the base-model cache or the recipe's base.
-    roots = [run_dir.resolve(), (cache_root() / "base").resolve()]
-    if recipe is not None and Path(recipe.model.base).expanduser().is_dir():
-        roots.append(Path(recipe.model.base).expanduser().resolve())
+    roots = _model_dir_roots(run_dir, recipe)
     for name, m in eval_entries(run_dir).items():
-        md = Path(str(m.get("model_dir"))).resolve()
-        if not any(md == r or r in md.parents for r in roots):
-            raise UsageError(f"{run_dir / 'manifest.json'}: model_dir of {name} ({md}) is outside the run directory")
+        _checked_model_dir(run_dir, name, m, roots)
         p = out / f"{name}.json"
         fp = model_fingerprint(m["model_dir"])
         if p.is_file() and json.loads(p.read_text()).get("fingerprint") == fp:
             continue
         res = measure_smoothness(m["model_dir"], synthetic_settings=recipe.data.synthetic if recipe else None)
         p.write_text(json.dumps({**res, "fingerprint": fp}, indent=2))
+
+
+def _model_dir_roots(run_dir: Path, recipe) -> list[Path]:
+    from dipnet.pipeline.base_model import cache_root
+
+    # Models are loaded only from the run directory, the base-model cache or the recipe's base.
+    roots = [run_dir.resolve(), (cache_root() / "base").resolve()]
+    if recipe is not None and Path(recipe.model.base).expanduser().is_dir():
+        roots.append(Path(recipe.model.base).expanduser().resolve())
+    return roots
+
+
+def _checked_model_dir(run_dir: Path, name: str, m: dict, roots: list[Path]) -> Path:
+    md = Path(str(m.get("model_dir"))).resolve()
+    if not any(md == r or r in md.parents for r in roots):
+        raise UsageError(f"{run_dir / 'manifest.json'}: model_dir of {name} ({md}) is outside the run directory")
+    return md
+
+
+NOISE_METHODS = ("dip", "dip_fixed", "dip_matched", "dip_shuffled")
+
+
+def measure_lambda_diagnostics(run_dir: Path, recipe, batches: int = 8) -> dict:
+    """Per variant with DIP projections (dip, dip_fixed and the controls): the NLL the noise of
+    its final λ costs on training batches (ΔNLL), and for learned λ how alike the seeds' per-
+    feature ln λ are (Pearson, mean over pairs of seeds and over projections) and how λ follows
+    the loss's curvature (Spearman ρ(λ, h) per projection, mean; negative: less noise where the
+    loss is more sensitive). One JSON per model under report/dip/ (reused while the model is unchanged)."""
+    import torch
+
+    from dipnet.eval.evaluate import model_fingerprint
+    from dipnet.pipeline.dip import read_dip_config, read_dip_state
+    from dipnet.pipeline.dip_diagnostics import (cross_seed_correlation, noise_cost_and_curvature, spearman,
+                                                 training_batches)
+    from dipnet.pipeline.models import load_causal_lm, load_tokenizer
+    from dipnet.pipeline.run import Manifest
+
+    out = run_dir / "report" / "dip"
+    roots = _model_dir_roots(run_dir, recipe)
+    data_path = (Manifest(run_dir).entry("preprocess").get("outputs") or {}).get("path")
+    if isinstance(data_path, str) and run_dir.resolve() not in Path(data_path).resolve().parents:
+        raise UsageError(f"{run_dir / 'manifest.json'}: preprocess path {data_path} is outside the run directory")
+    states: dict = defaultdict(dict)
+    per_model: dict = defaultdict(dict)
+    shared_batches = None
+    for name, m in eval_entries(run_dir).items():
+        md = _checked_model_dir(run_dir, name, m, roots)
+        cfg = read_dip_config(md)
+        if cfg is None or cfg.method not in NOISE_METHODS or not isinstance(data_path, str):
+            continue
+        state = read_dip_state(md)
+        states[m["variant"]][m["seed"]] = state
+        p = out / f"{name}.json"
+        fp = model_fingerprint(md)
+        if p.is_file() and json.loads(p.read_text()).get("fingerprint") == fp:
+            per_model[m["variant"]][m["seed"]] = json.loads(p.read_text())
+            continue
+        trust = bool(recipe.model.trust_remote_code) if recipe is not None else False
+        model = load_causal_lm(md, trust_remote_code=trust, dtype=torch.float32)
+        if shared_batches is None:
+            micro = recipe.train.micro_batch_size if recipe is not None else 8
+            shared_batches = training_batches(data_path, load_tokenizer(md, trust).pad_token_id or 0, batches, micro)
+        res = noise_cost_and_curvature(model, shared_batches)
+        del model
+        rho = {k: spearman(state[k].exp(), h) for k, h in res["curvature"].items() if k in state}
+        row = {"noise_cost": res["noise_cost"], "nll_mean": res["nll_mean"], "curvature_rho": rho,
+               "method": cfg.method, "fingerprint": fp}
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(json.dumps(row, indent=2))
+        os.replace(tmp, p)
+        per_model[m["variant"]][m["seed"]] = row
+    summary = {}
+    for variant, rows in per_model.items():
+        lam = [float(v.exp().mean()) for st in states[variant].values() for v in st.values()]
+        method = next(iter(rows.values()))["method"]
+        cross = cross_seed_correlation(states[variant]) if method == "dip" and len(states[variant]) > 1 else {}
+        finite = [r for r in cross.values() if r == r]
+        rhos = [x for r in rows.values() for x in r["curvature_rho"].values() if x == x]
+        summary[variant] = {
+            "method": method, "seeds": len(rows), "noise_cost": mean(r["noise_cost"] for r in rows.values()),
+            "noise_cost_std": std(r["noise_cost"] for r in rows.values()), "lambda_mean": mean(lam) if lam else None,
+            "cross_seed_r": mean(finite) if finite else None,
+            "cross_seed_r_per_projection": {k: (r if r == r else None) for k, r in cross.items()},
+            "curvature_rho": mean(rhos) if method == "dip" and rhos else None}
+    return {"variants": summary, "states": states}
+
+
+def plot_lambda_histograms(run_dir: Path, states: dict) -> list[Path]:
+    """ln λ across features, one panel per learned-λ variant (its first seed), one line per projection."""
+    plt = _plt()
+    paths = []
+    for variant, per_seed in states.items():
+        seed = min(per_seed)
+        st = per_seed[seed]
+        if all(float(v.std()) == 0 for v in st.values()):
+            continue  # uniform λ (dip_fixed, dip_matched): nothing to show
+        names = sorted(st, key=lambda k: (int(k.split(".")[0]) if k.split(".")[0].isdigit() else 0, k))
+        if len(names) > 8:
+            names = names[:3] + names[len(names) // 2:len(names) // 2 + 1] + names[-3:]
+        fig, ax = plt.subplots(figsize=(6.5, 3.6))
+        for k in names:
+            ax.hist((st[k] / 2.302585).tolist(), bins=40, histtype="step", label=k)
+        ax.set_xlabel("log10 λ"), ax.set_ylabel("features"), ax.legend(fontsize=6)
+        ax.set_title(f"λ per feature: {variant} (seed {seed})")
+        paths.append(_save(fig, run_dir / "report" / f"lambda_hist_{variant}.png"))
+    return paths
 
 
 def headline_table(report_path: str | Path) -> str:

@@ -20,6 +20,7 @@ CONTROLS = {
     "dip": {"lr_scale": 300.0, "trajectories": 2, "antithetic": True},
     "train": {"max_steps": 6, "micro_batch_size": 4, "save_every": 6, "log_every": 1, "zero_stage": 1},
     "launch": {"launcher": "single"},
+    "eval": {"engine": "hf", "tasks": ["arith-id"], "limit": 8, "max_new_tokens": 16, "eval_base": False},
     "report": {"smoothness": False, "baseline": "dip"},
 }
 VARIANTS = {"dip": {}, "matched": {"dip.method": "dip_matched", "dip.source": "dip"},
@@ -33,8 +34,7 @@ def test_controls_replay_the_dip_runs_final_lambda(tmp_path, tiny_base_dir):
     raw["variants"] = VARIANTS
     p.write_text(json.dumps(raw))
     recipe = load_recipe(p)
-    for stage in ("base", "convert", "preprocess", "train", "export"):
-        run_pipeline(recipe, only=stage, progress=False)
+    run_pipeline(recipe, progress=False)
     train, export = tmp_path / "controls" / "train", tmp_path / "controls" / "export"
 
     dip = load_file(str(train / "dip-s0" / "lambda.safetensors"))
@@ -54,6 +54,16 @@ def test_controls_replay_the_dip_runs_final_lambda(tmp_path, tiny_base_dir):
         assert all(torch.allclose(exported[k], init[k], atol=1e-6) for k in init), run
         cfg = json.loads((export / f"{run}-s0" / "dip" / "dip_config.json").read_text())
         assert cfg["method"] == {"matched": "dip_matched", "shuffled": "dip_shuffled"}[run]
+
+    # The report reads what the noise costs: the controls carry dip's total variance per projection,
+    # and λ's structure is dip's alone (the curvature correlation is only asked of learned λ).
+    report = json.loads((tmp_path / "controls" / "report.json").read_text())["lambda_diagnostics"]
+    assert set(report) == {"dip", "matched", "shuffled"}
+    assert report["matched"]["lambda_mean"] == pytest.approx(report["dip"]["lambda_mean"], rel=1e-5)
+    assert report["shuffled"]["lambda_mean"] == pytest.approx(report["dip"]["lambda_mean"], rel=1e-5)
+    assert report["dip"]["curvature_rho"] is not None and report["matched"]["curvature_rho"] is None
+    assert all(d["noise_cost"] == d["noise_cost"] for d in report.values())
+    assert (tmp_path / "controls" / "report" / "lambda_hist_dip.png").is_file()
 
     # A control names a dip run: a variant that is not one is refused in one line, before training.
     raw["variants"]["matched"]["dip.source"] = "shuffled"

@@ -98,3 +98,41 @@ def test_learned_lambda_settles_where_the_data_and_prior_balance():
     # Frozen λ (dip_fixed): nothing moves.
     fixed = train_lambda(w, tiny_recipe(["dip.method=dip_fixed", "train.lr=1e-3"]), steps=5)
     assert torch.equal(fixed, torch.full((N,), LAMBDA_P))
+
+
+def test_noise_cost_agrees_with_the_curvature_estimate(exported):
+    """The report's diagnostics on a trained model: the curvature estimated from λ's gradient
+    predicts the NLL the noise costs (ΔNLL ≈ ½·Σ λ_j·h_j, second order), at two noise levels."""
+    import math
+
+    from dipnet.pipeline.dip_diagnostics import noise_cost_and_curvature
+    from dipnet.pipeline.models import load_causal_lm
+
+    from dipnet.pipeline.dip_diagnostics import training_batches
+    from dipnet.pipeline.models import load_tokenizer
+
+    model = load_causal_lm(exported)
+    data = next((exported.parent / "_preprocessed").glob("*/examples.safetensors"))  # what it was trained on
+    batches = training_batches(data, load_tokenizer(exported).pad_token_id, n_batches=4, micro=8)
+    costs = []
+    for lam in (3e-3, 3e-2):
+        for _, p in dip.projections(model):
+            p.set_log_variance(torch.full_like(p.log_variance_offset, math.log(lam)))
+        res = noise_cost_and_curvature(model, batches)
+        predicted = 0.5 * sum(lam * h.sum().item() for h in res["curvature"].values())
+        assert res["noise_cost"] > 0 and 0.7 < predicted / res["noise_cost"] < 1.4, (lam, predicted, res["noise_cost"])
+        costs.append(res["noise_cost"])
+    assert 5 < costs[1] / costs[0] < 20  # ten times the variance, about ten times the cost
+
+
+def test_cross_seed_correlation():
+    from dipnet.pipeline.dip_diagnostics import cross_seed_correlation
+
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randn(64, generator=gen)
+    same = {s: {"0.dip_input": shared + 0.1 * torch.randn(64, generator=gen)} for s in range(3)}
+    unrelated = {s: {"0.dip_input": torch.randn(64, generator=gen)} for s in range(3)}
+    assert cross_seed_correlation(same)["0.dip_input"] > 0.95
+    assert abs(cross_seed_correlation(unrelated)["0.dip_input"]) < 0.3
+    uniform = {s: {"0.dip_input": torch.zeros(64)} for s in range(2)}
+    assert cross_seed_correlation(uniform)["0.dip_input"] != cross_seed_correlation(uniform)["0.dip_input"]  # NaN

@@ -138,3 +138,44 @@ def test_report_sampled_metrics_and_a_difference_of_nothing(tmp_path):
     assert "## Sampled answers: self-consistency (maj@k)" in md and "| dip | arith-id | 4, 0.7 | maj@4 |" in md
     row = next(line for line in md.splitlines() if line.startswith("| dip | arith-id | +0.0 |"))
     assert row.split(" | ")[5] == "—"
+
+
+def test_comparisons_are_paired_by_seed_with_holm_and_tost(tmp_path):
+    """Per-seed paired t against scipy's ttest_rel; the primary comparison unadjusted, every other
+    Holm-adjusted (statsmodels); equivalence said only when TOST shows it; SAM's two passes per
+    step in the FLOPs ratio."""
+    import numpy as np
+    import scipy.stats
+    from statsmodels.stats.multitest import multipletests
+
+    from dipnet.pipeline.recipe import Comparison, ReportSettings
+
+    data = {"sft": {s: _entry(0.5, s, None) for s in range(5)},
+            "dip": {s: _entry(0.6, 10 + s, 6e-3) for s in range(5)},
+            "dip_matched": {s: _entry(0.6, 10 + s, 6e-3) for s in range(5)},  # dip's results exactly
+            "sam": {s: _entry(0.5, 30 + s, None) for s in range(5)}}
+    for v, passes in (("sft", 1), ("dip", 1), ("dip_matched", 1), ("sam", 2)):
+        for e in data[v].values():
+            e["summary"] = {"tokens_seen": 1000, "wall_s": 1.0, "passes_per_step": passes}
+    settings = ReportSettings(primary=Comparison(variant="dip", against="dip_matched", task="arith-id"),
+                              compare=[("dip", "sam")], equivalence_margin=0.05)
+    r = build_report(tmp_path, data=data, resamples=100, settings=settings)
+    c = r["comparisons"]
+    acc = lambda v, t: [data[v][s]["results"]["tasks"][t]["scores"]["flexible-extract"]["accuracy"] for s in range(5)]  # noqa: E731
+    ref = scipy.stats.ttest_rel(acc("dip", "arith-id"), acc("sft", "arith-id"))
+    assert c["dip − sft @ arith-id"]["p"] == pytest_approx(ref.pvalue)
+    assert list(c["dip − sft @ arith-id"]["ci"]) == pytest_approx(list(ref.confidence_interval()))
+    primary = c["dip − dip_matched @ arith-id"]
+    assert primary["primary"] and primary["p_holm"] is None and primary["diff"] == 0
+    others = [k for k in c if not c[k]["primary"]]
+    assert len(others) == 8  # dip, dip_matched, sam − sft and dip − sam, on two tasks each
+    _, holm, _, _ = multipletests(np.array([c[k]["p"] for k in others]), method="holm")
+    assert [c[k]["p_holm"] for k in others] == pytest_approx(list(holm))
+    assert r["summary"][0].startswith("Primary comparison (declared in the recipe, read unadjusted): dip − dip_matched")
+    assert "equivalent within ±5 points" in r["summary"][0]  # identical results: TOST shows equivalence
+    said = {s.split(":")[0]: s for s in r["summary"]}
+    assert said["dip − sft @ arith-id"].endswith("the interval excludes zero.")
+    assert "not distinguishable from zero, nor shown equivalent within ±5 points" in said["sam − sft @ arith-id"]
+    assert r["cost"]["sam"]["relative"]["flops"] == 2.0 and r["cost"]["dip"]["relative"]["flops"] == 1.0
+    md = render_markdown(r, [])
+    assert "| ★ dip − dip_matched @ arith-id | +0.0 |" in md and "## Paired by seed" in md
