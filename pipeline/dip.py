@@ -85,13 +85,21 @@ class DistributionalInputProjection(nn.Module):
     tensor object, not v + 0·ε, so mean-path logits equal the base model's bit for bit).
     """
 
-    def __init__(self, hidden_size: int, init_variance: float, scale: str = "relative", learnable: bool = True):
+    def __init__(self, hidden_size: int, init_variance: float, scale: str = "relative", learnable: bool = True,
+                 rms_clip: float | None = None):
         super().__init__()
         if scale not in ("absolute", "relative"):
             raise ValueError(f"scale must be 'absolute' or 'relative', got {scale!r}")
         if not (init_variance > 0 and math.isfinite(init_variance)):
             raise ValueError(f"init_variance must be a positive number, got {init_variance}")
         self.scale = scale
+        # relative scale: each token's RMS capped at rms_clip × the median token RMS of its sequence.
+        # Attention-sink tokens (BOS in Llama/Qwen/Gemma) carry massive activations, 40-190x the
+        # other tokens' RMS in SmolLM2's blocks 11-29 (bench/sink_tokens.py); uncapped they get that
+        # much more noise in every feature.
+        if rms_clip is not None and not (rms_clip > 0 and math.isfinite(rms_clip)):
+            raise ValueError(f"rms_clip must be a positive number, got {rms_clip}")
+        self.rms_clip = rms_clip
         self.init_variance = float(init_variance)
         self.base_log_variance = math.log(init_variance)
         self.log_variance_offset = nn.Parameter(torch.zeros(hidden_size), requires_grad=learnable)
@@ -140,11 +148,15 @@ class DistributionalInputProjection(nn.Module):
         else:
             noise = torch.randn_like(v) * std
         if self.scale == "relative":
-            noise = noise * v.detach().pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
+            rms = v.detach().pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()  # [..., T, 1]
+            if self.rms_clip is not None and rms.dim() >= 2 and rms.shape[-2] > 1:
+                rms = torch.minimum(rms, rms.median(dim=-2, keepdim=True).values * self.rms_clip)
+            noise = noise * rms
         return v + noise
 
     def extra_repr(self) -> str:
         return (f"hidden={self.log_variance_offset.numel()}, init_variance={self.init_variance:g}, scale={self.scale}, "
+                + (f"rms_clip={self.rms_clip:g}, " if self.rms_clip is not None else "") +
                 f"learnable={self.log_variance_offset.requires_grad}")
 
 
@@ -188,6 +200,7 @@ class DipConfig:
     method: str = "dip"
     placement: str = "block_input"
     scale: str = "relative"
+    rms_clip: Optional[float] = None
     init_variance: float = 1e-2
     layers: Optional[list[int]] = None
     noise_scale: float = INPUT_NOISE_SIGMA  # σ of input_noise; α of neftune (NEFTUNE_ALPHA by default)
@@ -201,7 +214,8 @@ class DipConfig:
     @classmethod
     def from_settings(cls, dip) -> "DipConfig":
         alpha, beta, reduction = dip.prior_weights()
-        return cls(method=dip.method, placement=dip.placement, scale=dip.scale, init_variance=dip.init_variance,
+        return cls(method=dip.method, placement=dip.placement, scale=dip.scale, rms_clip=dip.rms_clip,
+                   init_variance=dip.init_variance,
                    layers=list(dip.layers) if dip.layers is not None else None,
                    noise_scale=default_noise_scale(dip.method, dip.noise_scale),
                    trajectories=dip.trajectories, alpha=alpha, beta=beta, gamma=dip.gamma,
@@ -319,7 +333,7 @@ def attach_dip(model: nn.Module, config: DipConfig) -> list[str]:
     for i in chosen:
         layer = layers[i]
         if placement == "block_input":
-            layer.dip_input = DistributionalInputProjection(hidden, variance, config.scale, learnable)
+            layer.dip_input = DistributionalInputProjection(hidden, variance, config.scale, learnable, config.rms_clip)
             model._dip_hooks.append(_replace_first_arg(layer, layer.dip_input))
             names.append(f"{i}.dip_input")
         else:
@@ -327,7 +341,7 @@ def attach_dip(model: nn.Module, config: DipConfig) -> list[str]:
                 norm = getattr(layer, norm_name, None)
                 if norm is None:
                     raise UsageError(f"placement attn_mlp: block {i} of {family} has no '{norm_name}'")
-                proj = DistributionalInputProjection(hidden, variance, config.scale, learnable)
+                proj = DistributionalInputProjection(hidden, variance, config.scale, learnable, config.rms_clip)
                 setattr(layer, tag, proj)
                 model._dip_hooks.append(_replace_first_arg(norm, proj))
                 names.append(f"{i}.{tag}")
@@ -522,7 +536,7 @@ def set_dip_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) 
 
 def same_noise(a: DipConfig, b: DipConfig) -> bool:
     """Whether two configs attach the same projections with the same initial λ."""
-    keys = ("method", "placement", "scale", "init_variance", "layers", "noise_scale")
+    keys = ("method", "placement", "scale", "rms_clip", "init_variance", "layers", "noise_scale")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
@@ -572,6 +586,7 @@ def dip_config_from_dict(raw: dict, where: str) -> DipConfig:
         "method": lambda v: v in METHODS, "placement": lambda v: v in ("block_input", "attn_mlp"),
         "scale": lambda v: v in ("absolute", "relative"), "init_variance": lambda v: _finite_number(v) and v > 0,
         "noise_scale": lambda v: _finite_number(v) and v >= 0,
+        "rms_clip": lambda v: v is None or (_finite_number(v) and v > 0),
         "layers": lambda v: v is None or (isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool)
                                                                      and i >= 0 for i in v) and len(set(v)) == len(v)),
         "trajectories": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,

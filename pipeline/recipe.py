@@ -123,6 +123,9 @@ class DipSettings(_Section):
     gamma: float = Field(0.0, ge=0, description="Weight of the variance across trajectories of the target log-probability (needs m ≥ 2).")
     init_variance: float = Field(3e-3, gt=0, description="Initial λ for every feature (chosen by recipes/sweep-lambda.yaml).")
     scale: Literal["absolute", "relative"] = Field("relative", description="relative: noise × per-token RMS of the input; absolute: λ in hidden-state units.")
+    rms_clip: Optional[float] = Field(None, gt=0, description="relative scale: cap each token's RMS at this multiple of its "
+                                                              "sequence's median token RMS (attention-sink tokens carry "
+                                                              "40-190x the others' RMS in SmolLM2: bench/sink_tokens.py).")
     placement: Literal["block_input", "attn_mlp"] = Field(
         "block_input", description="block_input: every decoder block's input; attn_mlp: the input of the attention "
                                    "and MLP norms (noise reaches those branches only; the residual path stays clean).")

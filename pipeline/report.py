@@ -609,7 +609,7 @@ def _checked_model_dir(run_dir: Path, name: str, m: dict, roots: list[Path]) -> 
 NOISE_METHODS = ("dip", "dip_fixed", "dip_matched", "dip_shuffled")
 
 
-def measure_lambda_diagnostics(run_dir: Path, recipe, batches: int = 8) -> dict:
+def measure_lambda_diagnostics(run_dir: Path, recipe, batches: int = 4) -> dict:
     """Per variant with DIP projections (dip, dip_fixed and the controls): the NLL the noise of
     its final λ costs on training batches (ΔNLL), and for learned λ how alike the seeds' per-
     feature ln λ are (Pearson, mean over pairs of seeds and over projections) and how λ follows

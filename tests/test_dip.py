@@ -100,6 +100,30 @@ def test_sample_variance_matches_lambda(scale):
     assert torch.all((emp - proj.variance.detach()).abs() < tol)
 
 
+def test_rms_clip_caps_the_noise_of_massive_activation_tokens(tmp_path):
+    """An attention-sink token 100x the others' RMS: uncapped, its noise is 100x theirs; with
+    rms_clip 2 it is capped at 2x its sequence's median token RMS, and the other tokens' noise
+    does not change."""
+    torch.manual_seed(0)
+    v = torch.randn(64, 32, 256)
+    v[:, 0] *= 100.0
+    noise_std = {}
+    for clip in (None, 2.0):
+        proj = dip.DistributionalInputProjection(256, 0.01, "relative", rms_clip=clip)
+        torch.manual_seed(1)
+        d = proj(v) - v
+        noise_std[clip] = (d[:, 0].std().item(), d[:, 1:].std().item())
+    median_rms = v[:, 1:].pow(2).mean(-1).sqrt().median().item()
+    assert noise_std[None][0] == pytest.approx(100 * noise_std[None][1], rel=0.05)
+    assert noise_std[2.0][0] == pytest.approx(2 * 0.1 * median_rms, rel=0.05)
+    assert noise_std[2.0][1] == pytest.approx(noise_std[None][1], rel=1e-6)
+    with pytest.raises(ValueError, match="rms_clip must be a positive number"):
+        dip.DistributionalInputProjection(8, 0.01, rms_clip=0.0)
+    # It travels with the model (dip/dip_config.json), so sampled evaluation applies it too.
+    dip.save_dip(None, dip.DipConfig(rms_clip=2.0), tmp_path, state={"0.dip_input": torch.zeros(4)})
+    assert dip.read_dip_config(tmp_path).rms_clip == 2.0
+
+
 def test_mean_mode_returns_same_tensor():
     proj = dip.DistributionalInputProjection(8, 0.1)
     proj.mode = "mean"

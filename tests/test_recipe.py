@@ -38,7 +38,17 @@ BAD = [
     ({"train": {"micro_batch_size": -2}}, "'train.micro_batch_size': expected a value > 0, got -2"),
     ({"train": {"zero_stage": 4}}, "'train.zero_stage': expected a value <= 3, got 4"),
     ({"dip": {"gamma": 0.01}}, "dip.gamma > 0 needs dip.trajectories >= 2"),
-    ({"dip": {"method": "dipp"}}, "'dip.method': expected one of 'none', 'input_noise', 'neftune', 'dip_fixed' or 'dip', got 'dipp'"),
+    ({"dip": {"method": "dipp"}}, "'dip.method': expected one of 'none', 'input_noise', 'neftune', 'dip_fixed', 'dip', "
+                                  "'dip_matched' or 'dip_shuffled', got 'dipp'"),
+    ({"dip": {"prior_strength": 0.02}}, "dip.prior_strength and dip.prior_variance go together"),
+    ({"dip": {"prior_strength": 0.02, "prior_variance": 0.01, "alpha": 0.5}},
+     "dip.alpha: dip.prior_strength/prior_variance replace alpha, beta and prior_reduction; set one form"),
+    ({"dip": {"antithetic": True}}, "dip.antithetic pairs trajectories: dip.trajectories must be even, got 1"),
+    ({"dip": {"method": "dip_matched"}}, "dip.source names the dip run a control replays"),
+    ({"variants": {"sft": {}, "dip": {}}, "report": {"primary": {"variant": "dip", "against": "x", "task": "arith-id"}}},
+     "'report.primary': 'x' is not one of the variants ['dip', 'sft']"),
+    ({"variants": {"sft": {}, "dip": {}}, "report": {"primary": {"variant": "dip", "against": "sft", "task": "gsm8k"}}},
+     "'report.primary.task': 'gsm8k' is not one of eval.tasks"),
     ({"dip": {"scale": "log"}}, "'dip.scale': expected one of 'absolute' or 'relative', got 'log'"),
     ({"data": {"packing": "maybe"}}, "'data.packing': expected true or false, got 'maybe'"),
     ({"data": {"train": "/nonexistent/train.jsonl"}}, "'data.train': no such file: /nonexistent/train.jsonl"),
@@ -81,6 +91,22 @@ def test_bad_recipes_have_exact_messages(tmp_path, raw, message):
     text = str(e.value)
     assert message in text, text
     assert text.startswith(str(p)) and "\n" not in text
+
+
+def test_a_study_sharing_seeds_with_its_sweep_is_refused(tmp_path):
+    """study.tuned_by names the sweep that chose the settings: reporting its seeds would report the
+    runs the choice was made on."""
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"seeds": [0, 1, 2]}))
+    p = tmp_path / "study.yaml"
+    p.write_text(yaml.safe_dump({"study": {"tuned_by": "sweep.yaml"}, "seeds": [2, 3]}))
+    with pytest.raises(UsageError, match=r"'seeds': \[2\] were also the seeds of sweep.yaml, which chose this recipe's"):
+        load_recipe(p)
+    p.write_text(yaml.safe_dump({"study": {"tuned_by": "sweep.yaml"}, "seeds": [10, 11]}))
+    assert load_recipe(p).seeds == [10, 11]
+    p.write_text(yaml.safe_dump({"study": {"tuned_by": "nosuch.yaml"}, "seeds": [10]}))
+    with pytest.raises(UsageError, match="'study.tuned_by': nosuch.yaml is not a recipe file"):
+        load_recipe(p)
+    assert load_recipe(REPO / "recipes" / "study-arith.yaml").study.tuned_by  # the shipped study says what tuned it
 
 
 def test_invalid_yaml_names_line(tmp_path):
