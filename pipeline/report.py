@@ -298,6 +298,14 @@ def summary_sentences(report: dict) -> list[str]:
     lines = []
     base = report["baseline"]
     comparisons = report.get("comparisons") or {}
+    by_task = defaultdict(list)
+    for c in comparisons.values():
+        by_task[c["task"]].append(c)
+    if by_task:  # what the seeds can detect, before any difference is read
+        seeds = max(c["seeds"] for c in comparisons.values())
+        lines.append(f"What {seeds} seeds can detect (80% power, paired by seed; median over comparisons): "
+                     + ", ".join(f"±{median(c['mde'] for c in cs) * 100:.1f} points on {t}" for t, cs in by_task.items())
+                     + ". A smaller true difference would usually be missed.")
     for key, c in comparisons.items():
         if c["primary"]:
             lines.append("Primary comparison (declared in the recipe, read unadjusted): " + _comparison_sentence(key, c))
@@ -701,4 +709,7 @@ def headline_table(report_path: str | Path) -> str:
     text = Path(report_path).read_text()
     start = text.find("## Accuracy")
     end = text.find("## Paired")
-    return text[start:end].strip() if start != -1 else text[:2000]
+    table = text[start:end].strip() if start != -1 else text[:2000]
+    # What the seeds can detect comes first: no difference in the table is read without it.
+    detect = next((line[2:] for line in text.splitlines() if line.startswith("- What ") and "can detect" in line), None)
+    return f"{detect}\n\n{table}" if detect else table

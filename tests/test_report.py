@@ -171,8 +171,9 @@ def test_comparisons_are_paired_by_seed_with_holm_and_tost(tmp_path):
     assert len(others) == 8  # dip, dip_matched, sam − sft and dip − sam, on two tasks each
     _, holm, _, _ = multipletests(np.array([c[k]["p"] for k in others]), method="holm")
     assert [c[k]["p_holm"] for k in others] == pytest_approx(list(holm))
-    assert r["summary"][0].startswith("Primary comparison (declared in the recipe, read unadjusted): dip − dip_matched")
-    assert "equivalent within ±5 points" in r["summary"][0]  # identical results: TOST shows equivalence
+    assert r["summary"][0].startswith("What 5 seeds can detect (80% power, paired by seed")
+    assert r["summary"][1].startswith("Primary comparison (declared in the recipe, read unadjusted): dip − dip_matched")
+    assert "equivalent within ±5 points" in r["summary"][1]  # identical results: TOST shows equivalence
     said = {s.split(":")[0]: s for s in r["summary"]}
     assert said["dip − sft @ arith-id"].endswith("the interval excludes zero.")
     assert "not distinguishable from zero, nor shown equivalent within ±5 points" in said["sam − sft @ arith-id"]
