@@ -70,3 +70,25 @@ def test_controls_replay_the_dip_runs_final_lambda(tmp_path, tiny_base_dir):
     p.write_text(json.dumps(raw))
     with pytest.raises(UsageError, match="dip.source 'shuffled': a control replays a dip run"):
         run_pipeline(load_recipe(p), only="train", progress=False)
+
+
+def test_a_control_replays_a_model_directory(tmp_path):
+    """dip.source may name a model directory (an export) instead of a variant: its dip/ λ."""
+    from dipnet.pipeline import dip
+    from dipnet.pipeline.run import Run
+
+    src = tmp_path / "exported"
+    state = {"0.dip_input": torch.linspace(-7, -3, 16), "1.dip_input": torch.linspace(-6, -4, 16)}
+    dip.save_dip(None, dip.DipConfig(), src, state=state)
+    p = write_recipe(tmp_path, "c", CONTROLS, {"dip": {"method": "dip_shuffled", "source": str(src)}})
+    run = Run(load_recipe(p), progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    run.write_control_lambda(run.runs[0][2], 0, out)
+    got = load_file(str(out / "lambda_init.safetensors"))
+    assert all(torch.equal(got[k].sort().values, state[k].sort().values) and not torch.equal(got[k], state[k])
+               for k in state)
+    p = write_recipe(tmp_path, "c2", CONTROLS, {"dip": {"method": "dip_matched", "source": str(tmp_path / "nothing")}})
+    run = Run(load_recipe(p), progress=False)
+    with pytest.raises(UsageError, match="'.*nothing': neither a variant of this recipe nor a model directory"):
+        run.write_control_lambda(run.runs[0][2], 0, out)

@@ -157,6 +157,13 @@ def test_paper_recipes_validate_and_render(path):
 def test_sweep_recipe_validates():
     r = load_recipe(REPO / "recipes" / "sweep-lambda.yaml")
     assert len(expand_runs(r)) == 20 and r.dip.scale == "relative"
+    sweep = load_recipe(REPO / "recipes" / "sweep-arith.yaml")
+    assert len(expand_runs(sweep)) == 66 and sweep.eval.tasks == ["arith-val"]  # selection on validation only
+    study = load_recipe(REPO / "recipes" / "study-arith.yaml")
+    methods = {v: rr.dip.method for v, _, rr in expand_runs(study)}
+    assert {"dip_matched", "dip_shuffled", "dip_fixed", "dip"} <= set(methods.values())
+    assert not set(study.seeds) & set(sweep.seeds) and "arith-val" not in study.eval.tasks
+    assert study.report.primary.variant == "dip" and study.report.primary.against == "dip_matched"
 
 
 def test_real_model_recipe_validates():
