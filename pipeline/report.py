@@ -62,6 +62,7 @@ def collect(run_dir: Path) -> dict:
         tdir = run_dir / "train" / name
         entry["metrics"] = read_metrics(tdir / "metrics.jsonl")
         entry["summary"] = _load_json(tdir / "train_summary.json")
+        entry["recipe"] = _load_json(tdir / "recipe.json")
         entry["smoothness"] = _load_json(run_dir / "report" / "smoothness" / f"{name}.json")
         out[m["variant"]][m["seed"] if m["seed"] is not None else 0] = entry
     return out
@@ -69,6 +70,17 @@ def collect(run_dir: Path) -> dict:
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def compute_multiple(recipe: dict | None) -> int:
+    """Forward/backward tokens per training token, from the run's recipe.json: m trajectories
+    (the batch is repeated m times; tokens_seen counts it once) × SAM's two passes per step."""
+    if not isinstance(recipe, dict):
+        return 1
+    dip, train = recipe.get("dip") or {}, recipe.get("train") or {}
+    m = dip.get("trajectories", 1) if isinstance(dip, dict) else 1
+    m = m if isinstance(m, int) and not isinstance(m, bool) and m >= 1 else 1
+    return m * (2 if isinstance(train, dict) and train.get("optimizer") == "sam" else 1)
 
 
 def _cost(entries: dict) -> dict:
@@ -89,9 +101,7 @@ def _cost(entries: dict) -> dict:
         if rows:
             mems.append(max(r["peak_mem_mb"] for r in rows))
         if e["summary"]:
-            # Compute in forward/backward passes: SAM runs two per micro-batch (runs from before
-            # the summary recorded it: one).
-            tokens_seen.append(e["summary"]["tokens_seen"] * e["summary"].get("passes_per_step", 1))
+            tokens_seen.append(e["summary"]["tokens_seen"] * compute_multiple(e.get("recipe")))
             walls.append(e["summary"]["wall_s"])
     return {"step_time_s": median(steps) if steps else None,
             "step_time_range_s": [min(steps), max(steps)] if steps else None,
@@ -255,8 +265,8 @@ def build_report(run_dir: Path, baseline: str = "sft", resamples: int = 2000, da
             c["relative"] = {k: (c[k] / base_cost[k]) if c.get(k) and base_cost.get(k) else None
                              for k in ("step_time_s", "tokens_per_s", "peak_mem_mb", "train_wall_s")}
             # Training FLOPs ≈ 6 · parameters · tokens through forward and backward (same model for
-            # every variant; DIP's m trajectories are in tokens_seen, SAM's second pass in the
-            # passes per step), so the ratio is the ratio of tokens computed.
+            # every variant; m trajectories and SAM's second pass counted: compute_multiple), so
+            # the ratio is the ratio of tokens computed.
             c["relative"]["flops"] = (c["tokens_computed"] / base_cost["tokens_computed"]
                                       if c.get("tokens_computed") and base_cost.get("tokens_computed") else None)
     if baseline in data:

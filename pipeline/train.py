@@ -558,9 +558,7 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
                    "attn_implementation": engine.module.config._attn_implementation,
                    "gradient_checkpointing": t.gradient_checkpointing,
                    "checkpoint": str((t.keep_best and best_checkpoint(ckpt_root)) or latest_checkpoint(ckpt_root)),
-                   "validation": tracking or None, "data_mixture": data_mixture(data_path),
-                   # forward/backward passes per micro-batch: SAM's perturbed pass doubles the compute
-                   "passes_per_step": 2 if t.optimizer == "sam" else 1}
+                   "validation": tracking or None, "data_mixture": data_mixture(data_path)}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         log.close({"steps": steps, "tokens_seen": tokens_seen, "wall_s": summary["wall_s"]})
         from dipnet.pipeline.plots import plot_training

@@ -142,8 +142,8 @@ def test_report_sampled_metrics_and_a_difference_of_nothing(tmp_path):
 
 def test_comparisons_are_paired_by_seed_with_holm_and_tost(tmp_path):
     """Per-seed paired t against scipy's ttest_rel; the primary comparison unadjusted, every other
-    Holm-adjusted (statsmodels); equivalence said only when TOST shows it; SAM's two passes per
-    step in the FLOPs ratio."""
+    Holm-adjusted (statsmodels); equivalence said only when TOST shows it; m trajectories and SAM's
+    two passes per step in the FLOPs ratio."""
     import numpy as np
     import scipy.stats
     from statsmodels.stats.multitest import multipletests
@@ -154,9 +154,10 @@ def test_comparisons_are_paired_by_seed_with_holm_and_tost(tmp_path):
             "dip": {s: _entry(0.6, 10 + s, 6e-3) for s in range(5)},
             "dip_matched": {s: _entry(0.6, 10 + s, 6e-3) for s in range(5)},  # dip's results exactly
             "sam": {s: _entry(0.5, 30 + s, None) for s in range(5)}}
-    for v, passes in (("sft", 1), ("dip", 1), ("dip_matched", 1), ("sam", 2)):
+    for v, m, opt in (("sft", 1, "adamw"), ("dip", 2, "adamw"), ("dip_matched", 2, "adamw"), ("sam", 1, "sam")):
         for e in data[v].values():
-            e["summary"] = {"tokens_seen": 1000, "wall_s": 1.0, "passes_per_step": passes}
+            e["summary"] = {"tokens_seen": 1000, "wall_s": 1.0}
+            e["recipe"] = {"dip": {"trajectories": m}, "train": {"optimizer": opt}}
     settings = ReportSettings(primary=Comparison(variant="dip", against="dip_matched", task="arith-id"),
                               compare=[("dip", "sam")], equivalence_margin=0.05)
     r = build_report(tmp_path, data=data, resamples=100, settings=settings)
@@ -177,6 +178,6 @@ def test_comparisons_are_paired_by_seed_with_holm_and_tost(tmp_path):
     said = {s.split(":")[0]: s for s in r["summary"]}
     assert said["dip − sft @ arith-id"].endswith("the interval excludes zero.")
     assert "not distinguishable from zero, nor shown equivalent within ±5 points" in said["sam − sft @ arith-id"]
-    assert r["cost"]["sam"]["relative"]["flops"] == 2.0 and r["cost"]["dip"]["relative"]["flops"] == 1.0
+    assert r["cost"]["sam"]["relative"]["flops"] == 2.0 and r["cost"]["dip"]["relative"]["flops"] == 2.0
     md = render_markdown(r, [])
     assert "| ★ dip − dip_matched @ arith-id | +0.0 |" in md and "## Paired by seed" in md
