@@ -700,7 +700,7 @@ def plot_lambda_histograms(run_dir: Path, states: dict) -> list[Path]:
     for variant, per_seed in states.items():
         seed = min(per_seed)
         st = per_seed[seed]
-        if all(float(v.std()) == 0 for v in st.values()):
+        if all(float(v.max()) == float(v.min()) for v in st.values()):
             continue  # uniform λ (dip_fixed, dip_matched): nothing to show
         names = sorted(st, key=lambda k: (int(k.split(".")[0]) if k.split(".")[0].isdigit() else 0, k))
         if len(names) > 8:
