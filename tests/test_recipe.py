@@ -45,6 +45,8 @@ BAD = [
      "dip.alpha: dip.prior_strength/prior_variance replace alpha, beta and prior_reduction; set one form"),
     ({"dip": {"antithetic": True}}, "dip.antithetic pairs trajectories: dip.trajectories must be even, got 1"),
     ({"dip": {"method": "dip_matched"}}, "dip.source names the dip run a control replays"),
+    ({"variants": {"sft": {}, "m": {"dip.method": "dip_matched", "dip.source": "dipp"}}},
+     "'dip.source': 'dipp' is neither a variant of this recipe nor a model directory with dip/dip.safetensors"),
     ({"variants": {"sft": {}, "dip": {}}, "report": {"primary": {"variant": "dip", "against": "x", "task": "arith-id"}}},
      "'report.primary': 'x' is not one of the variants ['dip', 'sft']"),
     ({"variants": {"sft": {}, "dip": {}}, "report": {"primary": {"variant": "dip", "against": "sft", "task": "gsm8k"}}},
