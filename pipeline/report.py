@@ -27,6 +27,14 @@ def _load_json(p: Path):
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def _load_json_or_none(p: Path):
+    """A cache file we wrote: None when missing or unreadable (then it is measured again)."""
+    try:
+        return json.loads(p.read_text()) if p.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def _samples(p: Path) -> list[dict]:
     return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.is_file() else []
 
@@ -659,8 +667,9 @@ def measure_lambda_diagnostics(run_dir: Path, recipe, batches: int = 4) -> dict:
         states[m["variant"]][m["seed"]] = state
         p = out / f"{name}.json"
         fp = model_fingerprint(md)
-        if p.is_file() and json.loads(p.read_text()).get("fingerprint") == fp:
-            per_model[m["variant"]][m["seed"]] = json.loads(p.read_text())
+        cached = _load_json_or_none(p)
+        if isinstance(cached, dict) and cached.get("fingerprint") == fp and _finite(cached.get("noise_cost")):
+            per_model[m["variant"]][m["seed"]] = cached
             continue
         trust = bool(recipe.model.trust_remote_code) if recipe is not None else False
         model = load_causal_lm(md, trust_remote_code=trust, dtype=torch.float32)
