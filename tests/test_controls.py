@@ -88,7 +88,7 @@ def test_a_control_replays_a_model_directory(tmp_path):
     got = load_file(str(out / "lambda_init.safetensors"))
     assert all(torch.equal(got[k].sort().values, state[k].sort().values) and not torch.equal(got[k], state[k])
                for k in state)
+    # A source that is neither a variant nor a model directory: refused when the recipe is read.
     p = write_recipe(tmp_path, "c2", CONTROLS, {"dip": {"method": "dip_matched", "source": str(tmp_path / "nothing")}})
-    run = Run(load_recipe(p), progress=False)
-    with pytest.raises(UsageError, match="'.*nothing': neither a variant of this recipe nor a model directory"):
-        run.write_control_lambda(run.runs[0][2], 0, out)
+    with pytest.raises(UsageError, match="'dip.source': '.*nothing' is neither a variant of this recipe nor a model"):
+        load_recipe(p)
