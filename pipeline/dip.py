@@ -601,21 +601,40 @@ def dip_config_from_dict(raw: dict, where: str) -> DipConfig:
 
 def read_dip_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
     """dip/dip.safetensors: finite 1-D log-variances (NaN or inf is an error naming the tensor)."""
+    wpath = Path(model_dir) / DIP_SUBDIR / DIP_WEIGHTS
+    if not wpath.is_file():
+        raise UsageError(f"{wpath}: missing (dip_config.json names projections)")
+    return read_log_variances(wpath)
+
+
+def read_log_variances(path: Path) -> dict[str, torch.Tensor]:
+    """ln λ per projection from a safetensors file (dip/, a run's lambda.safetensors): finite 1-D
+    float tensors, else one line naming the tensor."""
     from safetensors.torch import load_file
 
     from dipnet.pipeline.models import check_safetensors
 
-    wpath = Path(model_dir) / DIP_SUBDIR / DIP_WEIGHTS
-    if not wpath.is_file():
-        raise UsageError(f"{wpath}: missing (dip_config.json names projections)")
-    check_safetensors(wpath)
-    state = load_file(str(wpath))
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: missing")
+    check_safetensors(path)
+    state = load_file(str(path))
     for k, v in state.items():
         if v.dim() != 1 or not v.is_floating_point():
-            raise UsageError(f"{wpath}: '{k}' must be a 1-D float tensor, got shape {tuple(v.shape)} {v.dtype}")
+            raise UsageError(f"{path}: '{k}' must be a 1-D float tensor, got shape {tuple(v.shape)} {v.dtype}")
         if not torch.isfinite(v).all():
-            raise UsageError(f"{wpath}: '{k}' holds non-finite log-variances")
+            raise UsageError(f"{path}: '{k}' holds non-finite log-variances")
     return state
+
+
+def write_log_variances(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """ln λ per projection, written whole or not at all (temporary name, then renamed)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"content": "ln λ per projection"})
+    os.replace(tmp, path)
 
 
 def load_dip(model: nn.Module, model_dir: str | Path) -> list[str]:

@@ -697,7 +697,11 @@ def validate_dict(raw: dict, source: str) -> Recipe:
     if recipe.study.tuned_by:
         check_fresh_seeds(recipe, source)
     # A control names the dip run it replays: a variant here, or a model directory that exists now.
-    for src in sorted({r.dip.source for _, _, r in expand_runs(recipe) if r.dip.method in CONTROL_METHODS}):
+    # (Expanding the runs is only paid by a recipe that has a control.)
+    has_control = recipe.dip.method in CONTROL_METHODS or any(
+        flatten_overrides(ov).get("dip.method") in CONTROL_METHODS for ov in recipe.variants.values())
+    for src in sorted({r.dip.source for _, _, r in expand_runs(recipe) if r.dip.method in CONTROL_METHODS}
+                      if has_control else ()):
         if src not in recipe.variants and not (Path(src).expanduser() / "dip" / "dip.safetensors").is_file():
             raise UsageError(f"{source}: 'dip.source': '{src}' is neither a variant of this recipe nor a model "
                              "directory with dip/dip.safetensors")

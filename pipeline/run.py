@@ -453,15 +453,14 @@ class Run:
     def write_control_lambda(self, r: Recipe, seed: int, d: Path) -> None:
         """The control's λ (dip_matched: each projection's mean; dip_shuffled: permuted) from its
         source's final λ, into the run's directory, where train.py reads it."""
-        from dipnet.pipeline.dip import control_state, read_dip_state
-        from dipnet.pipeline.train import LAMBDA_INIT_FILE, read_lambda_file, write_lambda_file
+        from dipnet.pipeline.dip import control_state, read_log_variances, write_log_variances
+        from dipnet.pipeline.train import LAMBDA_INIT_FILE
 
         path, run_id = self.control_source(r, seed)
         if run_id and not path.is_file():
             raise RunError(f"dip.source '{r.dip.source}': {path} is missing (a run trained before dipnet recorded "
                            "final λ: retrain it)")
-        source = read_lambda_file(path) if run_id else read_dip_state(path.parent.parent)
-        write_lambda_file(d / LAMBDA_INIT_FILE, control_state(r.dip.method, source, seed))
+        write_log_variances(d / LAMBDA_INIT_FILE, control_state(r.dip.method, read_log_variances(path), seed))
 
     def _launch_runs(self, pending: list, model_dir: str, data: dict) -> None:
         """One launch for `pending`; with study.match=time the baseline first, whose wall time is

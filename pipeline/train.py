@@ -338,31 +338,6 @@ LAMBDA_FILE = "lambda.safetensors"            # a run's final ln λ per projecti
 LAMBDA_INIT_FILE = "lambda_init.safetensors"  # a control's λ, written by the run stage
 
 
-def write_lambda_file(path: Path, log_variances: dict[str, torch.Tensor]) -> None:
-    """ln λ per projection, written whole or not at all (temporary name, then renamed)."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in log_variances.items()}, str(tmp), metadata={"content": "ln λ per projection"})
-    os.replace(tmp, path)
-
-
-def read_lambda_file(path: Path) -> dict[str, torch.Tensor]:
-    """ln λ per projection from a dipnet-written file: finite 1-D float tensors, else one line."""
-    from safetensors.torch import load_file
-
-    from dipnet.pipeline.models import check_safetensors
-
-    if not path.is_file():
-        raise RunError(f"{path}: missing")
-    check_safetensors(path)
-    state = load_file(str(path))
-    for k, v in state.items():
-        if v.dim() != 1 or not v.is_floating_point() or not torch.isfinite(v).all():
-            raise RunError(f"{path}: '{k}' must be a finite 1-D float tensor")
-    return state
-
-
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -458,7 +433,7 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
     resume, universal = plan_resume(ckpt_root, world, ds_config, is_main)
     initial_lambda = None
     if d.method in dipmod.CONTROLS:  # written by the run stage from the dip.source run's final λ
-        initial_lambda = (read_lambda_file(out / LAMBDA_INIT_FILE), str(out / LAMBDA_INIT_FILE))
+        initial_lambda = (dipmod.read_log_variances(out / LAMBDA_INIT_FILE), str(out / LAMBDA_INIT_FILE))
     engine, optimizer, dip_config, trainable, zero3_init = build_engine(recipe, model_dir, tokenizer, ds_config,
                                                                         out.name, world, is_main, initial_lambda)
     start_step, tokens_seen, tracking = restore(engine, ckpt_root, resume, universal, is_main)
@@ -550,7 +525,7 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
 
     final_lambda = gather_log_variances(engine.module, t.zero_stage)  # every rank: ZeRO-3 gathers
     if is_main and final_lambda:
-        write_lambda_file(out / LAMBDA_FILE, final_lambda)
+        dipmod.write_log_variances(out / LAMBDA_FILE, final_lambda)
     if log:
         summary = {"steps": steps, "resumed_from": start_step, "tokens_seen": tokens_seen, "world_size": world,
                    "wall_s": time.time() - t_loop, "last": log.last, "step_time": step_time_stats(timed),

@@ -346,6 +346,10 @@ def test_report_refuses_hostile_manifest_entries(capsys, tmp_path, sentinel):
     (run / "manifest.json").write_text(json.dumps({"stages": {"eval": {**done, "outputs": {
         "../x": {"results": str(run / "eval" / "x" / "results.json"), "variant": "x"}}}}}))
     refused(capsys, ["report", run, "--no-smoothness"], 2, "is not a valid name")
+    # The λ diagnostics read training batches only from the run's own preprocess output.
+    (run / "manifest.json").write_text(json.dumps({"stages": {"preprocess": {**done, "outputs": {
+        "path": str(sentinel / "examples.safetensors"), "key": "k"}}}}))
+    refused(capsys, ["report", run, "--no-smoothness"], 2, "preprocess path")
     (run / "manifest.json").write_text("{not json")
     refused(capsys, ["report", run, "--no-smoothness"], 2, "invalid JSON")
 
