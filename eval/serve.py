@@ -13,7 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dipnet.eval.vllm_runner import INSTALL_HINT, MAX_NUM_SEQS_CPU, _has_cuda, kv_cache_bytes, vllm_environment
+from dipnet.eval.vllm_runner import (INSTALL_HINT, MAX_NUM_SEQS_CPU, _has_cuda, kv_cache_bytes, release_socket_dir,
+                                     vllm_environment)
 from dipnet.pipeline.models import check_model_dir, read_adapter
 from dipnet.pipeline.errors import UsageError
 
@@ -64,3 +65,5 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, work
 
         kill_group(proc, grace_s=10)
         return 0
+    finally:
+        release_socket_dir(env["VLLM_RPC_BASE_PATH"])

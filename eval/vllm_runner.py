@@ -8,8 +8,10 @@ sockets and temporary files stay under `workdir`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import stat
 import sys
 import tempfile
 import typing
@@ -25,6 +27,11 @@ MAX_NUM_SEQS_CPU = 256
 USER_KV_CACHE_GIB = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
 
 
+# The system's temporary directory, read before an engine of this process points TMPDIR elsewhere.
+SYSTEM_TMP = tempfile.gettempdir()
+SOCKET_PATH_MAX = 107  # a Unix socket's path: sizeof(sockaddr_un.sun_path) - 1 on Linux
+
+
 def vllm_environment(workdir: str | Path, kv_need_bytes: int | None = None) -> dict[str, str]:
     """Environment for an engine whose files stay inside `workdir` (`kv_need_bytes`: the most KV
     cache the model can use, which caps the CPU KV cache)."""
@@ -33,7 +40,7 @@ def vllm_environment(workdir: str | Path, kv_need_bytes: int | None = None) -> d
     env = {
         "VLLM_HOST_IP": "127.0.0.1",  # else its internal queue binds the machine's address
         "VLLM_CACHE_ROOT": str(w / "cache"),
-        "VLLM_RPC_BASE_PATH": str(w / "tmp"),
+        "VLLM_RPC_BASE_PATH": str(socket_dir(w)),
         "TMPDIR": str(w / "tmp"),
         "HF_HUB_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
@@ -44,6 +51,38 @@ def vllm_environment(workdir: str | Path, kv_need_bytes: int | None = None) -> d
         env.update({"VLLM_CPU_KVCACHE_SPACE": USER_KV_CACHE_GIB or str(default_kv_cache_gib(kv_need_bytes)),
                     "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
     return env
+
+
+def socket_dir(workdir: Path) -> Path:
+    """Where vLLM binds its ZeroMQ sockets (`<dir>/<36-character uuid>`): the workdir's tmp/ when
+    that path fits a Unix socket address, else a private directory of this user's under the
+    system's temporary directory, one per workdir. A run directory ~70 characters deep otherwise
+    stops the engine at start-up (ZMQError: ipc path ... is longer than 107 characters)."""
+    own = workdir / "tmp"
+    if len(str(own)) + 1 + 36 <= SOCKET_PATH_MAX:
+        return own
+    base = Path(SYSTEM_TMP if len(SYSTEM_TMP) <= 40 else "/tmp") / f"dipnet-sockets-{os.getuid()}"
+    base.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise RunError(f"{base}: not a private directory of this user (another user may have made it); remove it, "
+                       "or use a shorter run directory path (vLLM's sockets go there when the run's is too long)")
+    d = base / hashlib.sha256(str(workdir).encode()).hexdigest()[:16]
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
+def release_socket_dir(path: str | Path) -> None:
+    """Remove the private directory socket_dir made, with the sockets a stopped engine left in it
+    (a killed `vllm serve` does not remove its own); anything else in it stays."""
+    p = Path(path)
+    if p.parent.name != f"dipnet-sockets-{os.getuid()}" or p.is_symlink() or not p.is_dir():
+        return
+    with contextlib.suppress(OSError):
+        for entry in p.iterdir():
+            if stat.S_ISSOCK(entry.lstat().st_mode):
+                entry.unlink()
+        p.rmdir()
 
 
 def default_kv_cache_gib(need_bytes: int | None = None) -> int:
@@ -353,3 +392,4 @@ class VllmEngine:
                     pass
         self.llm = None
         gc.collect()
+        release_socket_dir(os.environ.get("VLLM_RPC_BASE_PATH", ""))

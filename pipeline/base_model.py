@@ -42,10 +42,14 @@ def settings_hash(settings, seed: int) -> str:
 
 def tiny_base(settings, seed: int = 0, progress: bool = True) -> Path:
     """The cached tiny base for these settings, built on first use."""
+    from dipnet.pipeline.outputs import built_once
+
     out = cache_root() / "base" / settings_hash(settings, seed)
     if (out / "pretrain.json").is_file():
         return out
-    build_tiny_base(settings, out, seed=seed, progress=progress)
+    with built_once(out):
+        if not (out / "pretrain.json").is_file():  # another process may have built it meanwhile
+            build_tiny_base(settings, out, seed=seed, progress=progress)
     return out
 
 

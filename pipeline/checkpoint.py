@@ -38,6 +38,9 @@ def weights_only_torch_load():
     They call torch.load(weights_only=False); our checkpoints hold only tensors, plain Python
     data and a few DeepSpeed plain-data classes, which are allow-listed here.
     """
+    from dipnet.pipeline.env import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

@@ -53,6 +53,9 @@ def trained_tensors(ckpt: Path, zero_stage: int) -> dict:
             if not isinstance(sd, dict) or not isinstance(sd.get("module"), dict):
                 raise UsageError(f"{files[0]}: not a DeepSpeed model-states file")
             return sd["module"]
+        from dipnet.pipeline.env import import_deepspeed
+
+        import_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # zero_to_fp32 prints and draws progress bars: kept off the console (it is our step, not theirs).

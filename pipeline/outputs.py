@@ -165,6 +165,26 @@ def output_dir(out: str | Path, kind: str, inputs: Iterable[str | Path] = (), fl
     commit(tmp, out)
 
 
+@contextmanager
+def built_once(out: Path):
+    """Hold an exclusive lock on the cache entry `out` while checking for and building it.
+
+    Two processes that want the same cache entry (two runs started together, the test suite's
+    workers) would otherwise both build it, and the second would replace the first's finished
+    directory. The lock is a file beside the entry, `.<name>.lock`, held with flock: released by
+    the kernel if the holder dies, so a killed build never blocks the next one.
+    """
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def assert_inside(path: str | Path, root: str | Path, what: str) -> Path:
     """`path` resolved, if it lies inside `root`; a UsageError naming `what` otherwise."""
     p, r = Path(path).resolve(), Path(root).resolve()

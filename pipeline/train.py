@@ -95,8 +95,9 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, bool]:
     silently trained on gloo and the CPU would take days and look like it worked)."""
     import importlib
 
-    import deepspeed
+    from dipnet.pipeline.env import import_deepspeed
 
+    deepspeed = import_deepspeed()
     if device == "cuda" and not torch.cuda.is_available():
         raise RunError(f"launch.device is cuda but CUDA is unusable here: {cuda_problem()}")
 

@@ -12,6 +12,9 @@ import pytest
 
 from dipnet.pipeline.env import omp_wait_for_shared_cores
 
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 and "OMP_WAIT_POLICY" not in os.environ:
+    # `make test` runs two workers on the machine's cores: each is the other's busy neighbour.
+    os.environ.update(OMP_WAIT_POLICY="PASSIVE", DIPNET_OMP_WAIT="passive: the test suite's workers share the cores")
 omp_wait_for_shared_cores()  # before anything imports torch: see its docstring
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,6 +47,37 @@ def family_configs():
 
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gemma3_text", "gemma3", "phi3", "gpt_neox", "gpt2"]
+
+
+# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`). Each module runs
+# whole on one worker, so its module fixtures (a trained run, an engine) are built once; both
+# Slurm modules share one worker, as they share one cluster. Groups start longest first so the
+# two workers finish together: the Slurm tests mostly wait on the scheduler, which leaves the
+# other worker most of the cores. Measured per module by `make test`'s durations.
+LONGEST_FIRST = ["slurm", "test_train_zero", "test_faults", "test_real_model", "test_eval", "test_gpu_node",
+                 "test_run", "test_trackers", "test_hostile", "test_eval_parity", "test_controls"]
+
+
+def xdist_group_of(item) -> str:
+    module = Path(str(item.fspath)).stem
+    return "slurm" if module.startswith("test_slurm") else module
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into group names
+def pytest_collection_modifyitems(config, items):
+    if config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup":
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(xdist_group_of(item)))
+        rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(xdist_group_of(item), len(rank)))  # stable: file order within
+
+
+def shared_tmp(tmp_path_factory, name: str) -> Path:
+    """A directory every xdist worker of this session sees (the plain session's own otherwise)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 @pytest.fixture
@@ -87,11 +121,14 @@ def exported(tmp_path_factory, tiny_base_dir):
     from trainhelp import train
 
     from dipnet.pipeline.export import export_checkpoint
+    from dipnet.pipeline.outputs import built_once
 
-    root = tmp_path_factory.mktemp("evalmodel")
-    train(root / "run", {"train.max_steps": 60, "train.save_every": 60, "train.zero_stage": 2, "dip.method": "dip",
-                         "train.micro_batch_size": 8})
-    export_checkpoint(root / "run", root / "export")
+    root = shared_tmp(tmp_path_factory, "evalmodel")  # one build, whichever worker asks first
+    with built_once(root / "export"):
+        if not (root / "export" / "export.json").is_file():
+            train(root / "run", {"train.max_steps": 60, "train.save_every": 60, "train.zero_stage": 2,
+                                 "dip.method": "dip", "train.micro_batch_size": 8})
+            export_checkpoint(root / "run", root / "export")
     return root / "export"
 
 

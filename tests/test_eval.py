@@ -1,13 +1,17 @@
 """GSM8K scoring against lm-evaluation-harness rules, tasks and perturbations, both engines,
 average:k, results files, re-scoring, and the OpenAI-compatible server."""
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
+from pathlib import Path
 
 import pytest
 from conftest import SHARED_GSM8K, cli_in_process
@@ -286,8 +290,9 @@ def test_serve_answers_one_completion(exported, tmp_path):
     from dipnet.launch.local import free_port
 
     port = free_port()
+    deep = tmp_path / ("a-rather-long-directory-name-" * 3) / "w"  # vLLM's sockets cannot live this deep
     proc = subprocess.Popen([sys.executable, "-m", "dipnet.pipeline.cli", "serve", str(exported), "--port", str(port),
-                             "--workdir", str(tmp_path / "w")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--workdir", str(deep)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -314,6 +319,10 @@ def test_serve_answers_one_completion(exported, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
+    from dipnet.eval.vllm_runner import SYSTEM_TMP
+
+    sockets = Path(SYSTEM_TMP) / f"dipnet-sockets-{os.getuid()}" / hashlib.sha256(str(deep.resolve()).encode()).hexdigest()[:16]
+    assert not sockets.exists(), list(sockets.iterdir())  # the stopped server's sockets were removed
 
 
 @pytest.mark.slow
@@ -387,6 +396,28 @@ def test_cpu_kv_cache_is_what_the_model_can_use(monkeypatch):
     for hostile in ([1], {"text_config": "x"}, {}, {"num_hidden_layers": "many"}, {"num_hidden_layers": 2,
                                                                                     "num_attention_heads": 0}):
         assert vllm_runner.kv_cache_bytes(hostile, 256, "float32") is None
+
+
+def test_engine_sockets_fit_a_unix_socket_address(tmp_path):
+    """vLLM binds `ipc://<VLLM_RPC_BASE_PATH>/<uuid>`; a Unix socket's path holds 107 bytes. A short
+    workdir keeps them inside; a deep one gets a private directory of this user's, one per workdir."""
+    from dipnet.eval.vllm_runner import SOCKET_PATH_MAX, release_socket_dir, vllm_environment
+
+    short = Path("/tmp") / f"w{os.getpid()}"
+    try:
+        assert vllm_environment(short)["VLLM_RPC_BASE_PATH"] == str(short / "tmp")
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    deep = tmp_path / ("d" * 60) / "w"
+    a = Path(vllm_environment(deep)["VLLM_RPC_BASE_PATH"])
+    b = Path(vllm_environment(deep / "x")["VLLM_RPC_BASE_PATH"])
+    try:
+        assert len(f"{a}/{uuid.uuid4()}") <= SOCKET_PATH_MAX and a.is_dir() and a.stat().st_mode & 0o777 == 0o700
+        assert a == Path(vllm_environment(deep)["VLLM_RPC_BASE_PATH"]) != b
+        assert vllm_environment(deep)["TMPDIR"] == str(deep.resolve() / "tmp")  # the rest stays in the workdir
+    finally:
+        release_socket_dir(a), release_socket_dir(b)
+    assert not a.exists() and not b.exists()
 
 
 def test_context_is_the_models_own_bounded_by_the_recipe():

@@ -115,6 +115,16 @@ def test_env_command():
     assert "OMP_WAIT_POLICY ACTIVE" in text.stdout
 
 
+def test_deepspeed_loads_without_mlflow():
+    """Every rank imports deepspeed, whose autotuner imports MLflow when it is installed (1.1 s a
+    process); dipnet hides it while deepspeed loads, and a later `import mlflow` (the tracker) works."""
+    code = ("import sys; from dipnet.pipeline.env import import_deepspeed; import_deepspeed(); "
+            "assert 'mlflow' not in sys.modules; from deepspeed.autotuning import autotuner; "
+            "assert not autotuner.has_mlflow; import mlflow; mlflow.set_tracking_uri; print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.splitlines()[-1] == "ok", res.stdout[-500:] + res.stderr[-2000:]
+
+
 def test_lock_refuses_second_run(tmp_path):
     run_dir = tmp_path / "locked"
     holder = subprocess.Popen([sys.executable, "-c", (
