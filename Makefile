@@ -31,12 +31,12 @@ demo: $(STAMP)
 	$(VENV)/bin/dipnet run recipes/tiny-arith.yaml
 
 # Two pytest-xdist workers, one per core: much of the suite waits (on Slurm, on process start-up,
-# on engines) and the other worker uses that time; tests/conftest.py groups them (a module stays
-# on one worker). TEST_WORKERS=0 runs the suite in this one process.
+# on engines) and the other worker uses that time; a module stays on one worker, handed out in
+# the order tests/conftest.py sets. TEST_WORKERS=0 runs the suite in this one process.
 TEST_WORKERS ?= 2
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
 test: $(STAMP)
-	@$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder \
+	@$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
 	  --durations=10 tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -49,27 +49,23 @@ def family_configs():
 FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gemma3_text", "gemma3", "phi3", "gpt_neox", "gpt2"]
 
 
-# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`). Each module runs
-# whole on one worker, so its module fixtures (a trained run, an engine) are built once; both
-# Slurm modules share one worker, as they share one cluster. Groups start longest first so the
-# two workers finish together: the Slurm tests mostly wait on the scheduler, which leaves the
-# other worker most of the cores. Measured per module by `make test`'s durations.
-LONGEST_FIRST = ["slurm", "test_train_zero", "test_faults", "test_real_model", "test_eval", "test_gpu_node",
-                 "test_run", "test_trackers", "test_hostile", "test_eval_parity", "test_controls"]
+# `make test` runs the suite on two pytest-xdist workers (`--dist loadfile`): each module runs
+# whole on one worker, so its module fixtures (a trained run, an engine) are built once. Modules
+# start longest first so the two workers finish together, and the two Slurm modules far apart
+# (they share one cluster): the Slurm tests mostly wait on the scheduler, which leaves the other
+# worker most of the cores. (`--dist loadgroup` would keep them together, but pytest-xdist 3.8's
+# grouping is silently lost under pytest 9.2's node ids: pytest-xdist#1386.)
+LONGEST_FIRST = ["test_slurm_multinode", "test_train_zero", "test_faults", "test_real_model", "test_eval",
+                 "test_gpu_node", "test_run", "test_trackers", "test_hostile", "test_slurm", "test_eval_parity",
+                 "test_controls"]
 
 
-def xdist_group_of(item) -> str:
-    module = Path(str(item.fspath)).stem
-    return "slurm" if module.startswith("test_slurm") else module
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into group names
 def pytest_collection_modifyitems(config, items):
-    if config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup":
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(xdist_group_of(item)))
-        rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
-        items.sort(key=lambda item: rank.get(xdist_group_of(item), len(rank)))  # stable: file order within
+    # In a worker (where collection happens) xdist has set `dist` to "no"; the order of its
+    # collection is the order files are handed out in (with --no-loadscope-reorder).
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {m: i for i, m in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(Path(str(item.fspath)).stem, len(rank)))  # stable within a file
 
 
 def shared_tmp(tmp_path_factory, name: str) -> Path:
