@@ -224,7 +224,9 @@ def test_cancel_leaves_nothing_running(tmp_path, tiny_base_dir):
     res = run_cli("cancel", run, cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert all(slurm.job_state(j["job_id"])[0] == "CANCELLED" for j in jobs[1:])
-    steps = subprocess.run(["squeue", "-h", "-s"], capture_output=True, text=True).stdout.strip()
+    # This run's jobs only: the suite's other worker may have jobs of its own on the cluster.
+    steps = subprocess.run(["squeue", "-h", "-s", "--jobs", ",".join(j["job_id"] for j in jobs)],
+                           capture_output=True, text=True).stdout.strip()
     assert steps == "", steps
     time.sleep(2)
     ps = subprocess.run(["pgrep", "-f", f"{run}/train"], capture_output=True, text=True).stdout.strip()
