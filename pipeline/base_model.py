@@ -45,11 +45,7 @@ def tiny_base(settings, seed: int = 0, progress: bool = True) -> Path:
     from dipnet.pipeline.outputs import built_once
 
     out = cache_root() / "base" / settings_hash(settings, seed)
-    if (out / "pretrain.json").is_file():
-        return out
-    with built_once(out):
-        if not (out / "pretrain.json").is_file():  # another process may have built it meanwhile
-            build_tiny_base(settings, out, seed=seed, progress=progress)
+    built_once(out, (out / "pretrain.json").is_file, lambda: build_tiny_base(settings, out, seed=seed, progress=progress))
     return out
 
 

@@ -165,9 +165,9 @@ def output_dir(out: str | Path, kind: str, inputs: Iterable[str | Path] = (), fl
     commit(tmp, out)
 
 
-@contextmanager
-def built_once(out: Path):
-    """Hold an exclusive lock on the cache entry `out` while checking for and building it.
+def built_once(out: Path, done, build) -> None:
+    """Run `build()` unless `done()`, holding an exclusive lock on the cache entry `out` while
+    checking again and building.
 
     Two processes that want the same cache entry (two runs started together, the test suite's
     workers) would otherwise both build it, and the second would replace the first's finished
@@ -176,11 +176,14 @@ def built_once(out: Path):
     """
     import fcntl
 
+    if done():
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            if not done():  # another process may have built it while this one waited
+                build()
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 

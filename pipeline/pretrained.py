@@ -211,11 +211,7 @@ def fetch_source(name: str, progress: bool = True) -> Path:
     def cached() -> bool:
         return path.is_file() and (dest / "sha256").is_file() and (dest / "sha256").read_text().strip() == src.sha256
 
-    if cached():
-        return path
-    with built_once(dest):
-        if not cached():
-            _download_source(name, src, dest, progress)
+    built_once(dest, cached, lambda: _download_source(name, src, dest, progress))
     return path
 
 
@@ -259,11 +255,8 @@ def pretrained_base(spec: str, *, dtype: str = "float32", progress: bool = True)
 
     gguf = fetch_source(spec, progress) if spec in SOURCES else check_gguf(spec)
     out = pretrained_dir(spec, dtype)
-    if (out / "import.json").is_file() and is_ours(out):
-        return out
-    with built_once(out):
-        if not ((out / "import.json").is_file() and is_ours(out)):
-            import_gguf(gguf, out, dtype=dtype, progress=progress)
+    built_once(out, lambda: (out / "import.json").is_file() and is_ours(out),
+               lambda: import_gguf(gguf, out, dtype=dtype, progress=progress))
     return out
 
 

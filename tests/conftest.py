@@ -108,11 +108,13 @@ def exported(tmp_path_factory, tiny_base_dir):
     from dipnet.pipeline.outputs import built_once
 
     root = shared_tmp(tmp_path_factory, "evalmodel")  # one build, whichever worker asks first
-    with built_once(root / "export"):
-        if not (root / "export" / "export.json").is_file():
-            train(root / "run", {"train.max_steps": 60, "train.save_every": 60, "train.zero_stage": 2,
-                                 "dip.method": "dip", "train.micro_batch_size": 8})
-            export_checkpoint(root / "run", root / "export")
+
+    def build():
+        train(root / "run", {"train.max_steps": 60, "train.save_every": 60, "train.zero_stage": 2,
+                             "dip.method": "dip", "train.micro_batch_size": 8})
+        export_checkpoint(root / "run", root / "export")
+
+    built_once(root / "export", (root / "export" / "export.json").is_file, build)
     return root / "export"
 
 

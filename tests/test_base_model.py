@@ -79,12 +79,13 @@ def test_a_cache_entry_is_built_once_by_concurrent_callers(tmp_path):
 
     out, builds = tmp_path / "cache" / "entry", []
 
+    def build():
+        builds.append(threading.get_ident())
+        time.sleep(0.2)  # a build in progress: the others must wait, not start their own
+        out.mkdir()
+
     def want():
-        with built_once(out):
-            if not out.is_dir():
-                builds.append(threading.get_ident())
-                time.sleep(0.2)  # a build in progress: the others must wait, not start their own
-                out.mkdir()
+        built_once(out, out.is_dir, build)
 
     threads = [threading.Thread(target=want) for _ in range(4)]
     for t in threads:

@@ -420,6 +420,27 @@ def test_engine_sockets_fit_a_unix_socket_address(tmp_path):
     assert not a.exists() and not b.exists()
 
 
+def test_a_socket_dir_another_user_could_reach_is_refused(tmp_path, monkeypatch):
+    """The private socket directory sits in a shared /tmp: one that is not ours alone (made by
+    someone else, or opened up) is refused in one line, never used."""
+    from dipnet.eval import vllm_runner
+    from dipnet.pipeline.errors import RunError
+
+    import tempfile
+
+    short = Path(tempfile.mkdtemp(prefix="dn", dir="/tmp"))  # a system temp dir short enough to be used
+    try:
+        monkeypatch.setattr(vllm_runner, "SYSTEM_TMP", str(short))
+        base = short / f"dipnet-sockets-{os.getuid()}"
+        base.mkdir()
+        base.chmod(0o755)
+        with pytest.raises(RunError, match="not a private directory of this user"):
+            vllm_runner.vllm_environment(tmp_path / ("d" * 90) / "w")
+        assert list(base.iterdir()) == []
+    finally:
+        shutil.rmtree(short)
+
+
 def test_context_is_the_models_own_bounded_by_the_recipe():
     """The engine serves the context the model was built for (no fixed 4,096 cap), bounded by
     eval.max_model_len; hostile config values fall back to 2,048."""
