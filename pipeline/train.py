@@ -63,6 +63,7 @@ from dipnet.pipeline.data import TokenizedExamples, batch_indices, collate, mode
 from dipnet.launch.ds_config import build_ds_config
 from dipnet.pipeline.errors import DipnetError, RunError
 from dipnet.pipeline.model_setup import build_optimizer, setup_model
+from dipnet.pipeline.ops import use_private_extensions_dir
 from dipnet.pipeline.recipe import Recipe
 
 COLLECTIVE_TIMEOUT_S = 1800
@@ -88,7 +89,7 @@ def cuda_problem() -> str:
     return f"no GPU visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
 
 
-def setup_distributed(device: str = "auto") -> tuple[int, int, int, bool]:
+def setup_distributed(device: str = "auto", timeout_s: int = COLLECTIVE_TIMEOUT_S) -> tuple[int, int, int, bool]:
     """Initialise torch.distributed through DeepSpeed; returns (rank, world, local_rank, is_main).
 
     `device` is launch.device: `cuda` refuses to start without a usable GPU (a GPU job that
@@ -128,10 +129,12 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, bool]:
               "the interface holding its Slurm address", flush=True)
     os.environ.update(chosen)
     # Stated, not inherited (torch's NCCL default moved from 30 to 10 min between releases): a rank
-    # whose peer hangs gives up after this. Waits that can be longer (rank 0 converting a 7B
-    # checkpoint to the universal format) happen on the file system, not in a collective.
+    # whose peer hangs or whose node died gives up after this (launch.collective_timeout_s; under
+    # Slurm the controller usually ends the job first, SlurmdTimeout after the node stops
+    # answering). Waits that can be longer (rank 0 converting a 7B checkpoint to the universal
+    # format) happen on the file system, not in a collective.
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+                               timeout=timedelta(seconds=timeout_s))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -365,29 +368,6 @@ def parse_args(argv=None):
     return args
 
 
-def use_private_extensions_dir() -> None:
-    """JIT-built DeepSpeed ops (CPU Adam for offload) go under this environment's prefix, not the
-    shared ~/.cache/torch_extensions: two installations (a checkout and a CI clone) otherwise
-    rebuild each other's op on every switch (~30 s each, measured). An explicit
-    TORCH_EXTENSIONS_DIR wins; a read-only prefix keeps torch's default."""
-    if os.access(sys.prefix, os.W_OK):
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-
-
-def prebuild_ops() -> None:
-    """`make install`: build CPU Adam once now, so the first offload run does not stop to compile."""
-    use_private_extensions_dir()
-    t0 = time.time()
-    try:
-        from deepspeed.ops.op_builder import CPUAdamBuilder
-
-        CPUAdamBuilder().load(verbose=False)
-    except Exception as exc:  # no compiler: offload runs will say so when they need it
-        print(f"note: DeepSpeed CPU Adam not prebuilt ({type(exc).__name__}: {str(exc)[:200]})")
-        return
-    print(f"DeepSpeed CPU Adam ready in {os.environ['TORCH_EXTENSIONS_DIR']} ({time.time() - t0:.0f} s)")
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     use_private_extensions_dir()
@@ -395,7 +375,8 @@ def main(argv=None) -> None:
     # Distributed set-up: everything rank-dependent is decided here, once per launch.
     first = json.loads(Path(runs[0]["recipe"]).read_text())
     device = os.environ.get("DIPNET_DEVICE") or first.get("launch", {}).get("device", "auto")  # a GPU job sets it
-    rank, world, local_rank, is_main = setup_distributed(device)
+    timeout_s = first.get("launch", {}).get("collective_timeout_s", COLLECTIVE_TIMEOUT_S)
+    rank, world, local_rank, is_main = setup_distributed(device, timeout_s)
     STOP.install()
     for spec in runs:  # the train stage passes only unfinished runs; a finished one resumes at its end
         out = Path(spec["out"])

@@ -5,6 +5,11 @@
 #                                              `export SLURM_CONF=...` (also in tests/.slurm/env)
 #   tests/slurm_cluster.sh stop                cancel jobs, stop the daemons (TERM, then KILL),
 #                                              remove the namespaces, veths and bridge it made
+#   tests/slurm_cluster.sh kill-node N         node N dies as a powered-off machine does: its link
+#                                              goes down first (no peer sees a reset), then every
+#                                              process in its namespace (slurmd, job steps, ranks)
+#                                              is SIGKILLed
+#   tests/slurm_cluster.sh revive-node N       its link comes back and its slurmd starts again
 #
 # One node (the default without namespaces): node1 on 127.0.0.1.
 # Two or more nodes: each slurmd runs in its own network namespace (dipnet-node1, ...) joined to a
@@ -64,6 +69,44 @@ netns_down() {
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^dipnet-node' || true); do ip netns del "$ns" || true; done
   for l in $(ip -br link 2>/dev/null | awk '{print $1}' | grep '^dipnetv' | sed 's/@.*//' || true); do ip link del "$l" 2>/dev/null || true; done
   ip link show "$BR" >/dev/null 2>&1 && ip link del "$BR" || true
+}
+
+start_slurmd() {  # node index, node count
+  local i=$1 nodes=$2
+  mkdir -p "$dir/spool/node$i"
+  alive "$dir/run/slurmd-node$i.pid" && return 0
+  if [ "$nodes" -gt 1 ]; then
+    # nsenter --net, not `ip netns exec`: the latter also remounts /sys, hiding the cgroup
+    # file system slurmd needs; only the network is this node's own.
+    SLURM_CONF="$conf" setsid nsenter --net="/run/netns/dipnet-node$i" slurmd -D -N "node$i" -f "$conf" >>"$dir/log/slurmd-node$i.out" 2>&1 < /dev/null &
+  else
+    SLURM_CONF="$conf" setsid slurmd -D -N node1 -f "$conf" >>"$dir/log/slurmd-node1.out" 2>&1 < /dev/null &
+  fi
+}
+
+need_node() {  # N -> the node exists in the running multi-node cluster
+  local i=$1
+  [[ "$i" =~ ^[0-9]+$ ]] || { log "node index must be a number, got '$i'"; exit 2; }
+  local nodes; nodes=$(cat "$dir/nodes" 2>/dev/null || echo 0)
+  if [ "$nodes" -lt 2 ] || [ "$i" -lt 1 ] || [ "$i" -gt "$nodes" ]; then
+    log "no node $i in a multi-node test cluster (nodes: $nodes)"; exit 2
+  fi
+}
+
+kill_node() {
+  local i=$1; need_node "$i"
+  ip link set "dipnetv$i" down
+  local pids; pids=$(ip netns pids "dipnet-node$i" || true)
+  if [ -n "$pids" ]; then kill -KILL $pids 2>/dev/null || true; fi
+  log "node$i killed (link down, $(wc -w <<<"$pids") process(es) SIGKILLed)"
+}
+
+revive_node() {
+  local i=$1; need_node "$i"
+  ip link set "dipnetv$i" up
+  export SLURM_CONF="$conf"
+  start_slurmd "$i" "$(cat "$dir/nodes")"
+  log "node$i revived (slurmd started)"
 }
 
 start() {
@@ -139,22 +182,16 @@ SchedulerParameters=sched_interval=2,bf_interval=2
 # loaded machine outlived 300 s, and its first job then read as unknown, never finished.
 MinJobAge=3600
 JobRequeue=1
+# A node that stops answering is DOWN after this long (default 300 s); Slurm then ends its jobs
+# and requeues those that allow it (the node-loss test). slurmd answers pings from its own
+# thread, so a busy machine does not trip it.
+SlurmdTimeout=15
 ${nodelines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
   export SLURM_CONF="$conf"
   alive "$dir/run/slurmctld.pid" || SLURM_CONF="$conf" setsid slurmctld -D -i -f "$conf" >>"$dir/log/slurmctld.out" 2>&1 < /dev/null &
   sleep 1
-  for i in $(seq 1 "$nodes"); do
-    mkdir -p "$dir/spool/node$i"
-    alive "$dir/run/slurmd-node$i.pid" && continue
-    if [ "$nodes" -gt 1 ]; then
-      # nsenter --net, not `ip netns exec`: the latter also remounts /sys, hiding the cgroup
-      # file system slurmd needs; only the network is this node's own.
-      SLURM_CONF="$conf" setsid nsenter --net="/run/netns/dipnet-node$i" slurmd -D -N "node$i" -f "$conf" >>"$dir/log/slurmd-node$i.out" 2>&1 < /dev/null &
-    else
-      SLURM_CONF="$conf" setsid slurmd -D -N node1 -f "$conf" >>"$dir/log/slurmd-node1.out" 2>&1 < /dev/null &
-    fi
-  done
+  for i in $(seq 1 "$nodes"); do start_slurmd "$i" "$nodes"; done
   local deadline=$(( $(date +%s) + 90 ))
   until [ "$(sinfo -h -o '%T %D' 2>/dev/null | awk '$1 ~ /^(idle|mixed|allocated)$/ {s += $2} END {print s+0}')" -ge "$nodes" ]; do
     if [ "$(date +%s)" -gt "$deadline" ]; then log "nodes never became idle"; sinfo >&2 || true; dump_logs; exit 1; fi
@@ -187,5 +224,7 @@ stop() {
 case "${1:-}" in
   start) shift; start "$@" ;;
   stop) stop ;;
-  *) echo "usage: $0 start [--nodes N] | stop" >&2; exit 2 ;;
+  kill-node) kill_node "${2:-}" ;;
+  revive-node) revive_node "${2:-}" ;;
+  *) echo "usage: $0 start [--nodes N] | stop | kill-node N | revive-node N" >&2; exit 2 ;;
 esac

@@ -498,3 +498,15 @@ def test_plain_eval_works_on_the_embedded_model(tmp_path, tiny_base_dir):
     notes = [line for line in res.stderr.splitlines() if "note:" in line]
     assert notes == [f"  note: task gsm8k: max_new_tokens 256 capped at {cap} by the model's context of 256 tokens "
                      f"(longest prompt {256 - cap})"]
+
+
+def test_engines_skip_the_precompiled_header_unless_the_user_chose(tmp_path, monkeypatch):
+    """vLLM's first logprobs request compiles one kernel; torch's precompiled header for it costs
+    more than it saves there (5.5 s per engine, measured), so it is off unless the user set it."""
+    from dipnet.eval.vllm_runner import vllm_environment
+
+    key = "TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS"
+    monkeypatch.delenv(key, raising=False)
+    assert vllm_environment(tmp_path)[key] == "0"
+    monkeypatch.setenv(key, "1")
+    assert key not in vllm_environment(tmp_path)
