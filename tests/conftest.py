@@ -56,21 +56,6 @@ FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gemma3_text", "gemma3", "phi
 # SmolLM2). The Slurm tests of both workers share the one cluster: their jobs queue.
 
 
-def pytest_collection_modifyitems(config, items):
-    """On several workers the Slurm tests go first, the 2-node ones first of all: they mostly
-    wait (the scheduler's holds, SlurmdTimeout), and waiting at the start overlaps the other
-    worker's computing, while at the end it is the suite's tail (the node-loss test alone waits
-    ~80 s). Otherwise the order is the files' own."""
-    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) < 2:
-        return
-
-    def rank(item):
-        if item.get_closest_marker("slurm") is None:
-            return 2
-        return 0 if "multinode" in item.nodeid else 1
-    items.sort(key=rank)  # stable: each group keeps its order
-
-
 def shared_tmp(tmp_path_factory, name: str) -> Path:
     """A directory every xdist worker of this session sees (the plain session's own otherwise)."""
     base = tmp_path_factory.getbasetemp()
