@@ -133,6 +133,13 @@ def setup_distributed(device: str = "auto", timeout_s: int = COLLECTIVE_TIMEOUT_
     # Slurm the controller usually ends the job first, SlurmdTimeout after the node stops
     # answering). Waits that can be longer (rank 0 converting a 7B checkpoint to the universal
     # format) happen on the file system, not in a collective.
+    # The groups DeepSpeed creates after this (ZeRO's data-parallel groups, where the gradient
+    # reductions run) take torch's module default, not the world group's timeout: measured, a rank
+    # whose peer hung waited past a 10 s setting for the whole 10-minute test limit. So the
+    # default is set too, before any group exists.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                timeout=timedelta(seconds=timeout_s))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -760,12 +767,14 @@ class StepLog:
 
 class Faults:
     """Fault injection for the tests, from the environment: DIPNET_FAULT_KILL="RANK:STEP" (die
-    mid-step, like kill -9), DIPNET_FAULT_NAN="STEP" (a non-finite loss), DIPNET_FAULT_SLOW_STEP=
+    mid-step, like kill -9), DIPNET_FAULT_HANG="RANK:STEP" (stop mid-step and never come back, as
+    a rank stuck in a driver call does; SIGTERM still ends it), DIPNET_FAULT_NAN="STEP" (a
+    non-finite loss), DIPNET_FAULT_SLOW_STEP=
     "SECONDS" per micro-step, or "SECONDS:first-start" (only before a Slurm requeue: a time limit
     then hits the first start and the restart finishes quickly)."""
 
-    def __init__(self, kill=None, nan=None, slow=0.0):
-        self.kill, self.nan, self.slow = kill, nan, slow
+    def __init__(self, kill=None, nan=None, slow=0.0, hang=None):
+        self.kill, self.nan, self.slow, self.hang = kill, nan, slow, hang
 
     @classmethod
     def from_env(cls) -> "Faults":
@@ -775,11 +784,17 @@ class Faults:
         slow = float(spec[0] or 0)
         if spec[1:] == ["first-start"] and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
             slow = 0.0
-        return cls(tuple(int(x) for x in fk.split(":")) if fk else None, int(nan) if nan else None, slow)
+        hang = os.environ.get("DIPNET_FAULT_HANG")
+        return cls(tuple(int(x) for x in fk.split(":")) if fk else None, int(nan) if nan else None, slow,
+                   tuple(int(x) for x in hang.split(":")) if hang else None)
 
     def mid_step(self, rank: int, step: int, terms: dict) -> None:
         if self.kill == (rank, step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.hang == (rank, step):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            while True:
+                time.sleep(60)
         if self.nan == step:
             terms["loss"] = terms["loss"] * float("nan")
 

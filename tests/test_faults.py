@@ -83,6 +83,21 @@ def test_kill9_one_rank_then_rerun_resumes(tmp_path, tiny_base_dir):
 TORCHRUN = {"launch": {"launcher": "torchrun", "procs_per_node": 2}}
 
 
+def test_a_hung_rank_ends_the_run_after_the_collective_timeout(tmp_path, tiny_base_dir):
+    """Rank 1 stops inside step 3 and never returns (a hung driver call, a dead node's rank: no
+    reset ever reaches its peer). Rank 0 waits in the gradient all-reduce for
+    launch.collective_timeout_s, then the run fails in one line: it does not wait forever."""
+    p = recipe(tmp_path, "hang", {"launch": {**TORCHRUN["launch"], "collective_timeout_s": 10}})
+    t0 = time.time()
+    res = cli_in_process("run", p, "--only", "base,convert,preprocess,train", env={"DIPNET_FAULT_HANG": "1:3"})
+    took = time.time() - t0
+    assert res.returncode == 1, res.stderr[-2000:]
+    line = one_error_line(res)
+    assert "training failed" in line and "10000ms" in line, line
+    assert took < 120, took  # the 10 s timeout, start-up and the launcher's clean-up; never 30 min
+    assert train_procs(tmp_path / "hang") == []
+
+
 def test_kill9_during_checkpoint_write_never_uses_it(tmp_path, tiny_base_dir):
     p = recipe(tmp_path, "ckpt", TORCHRUN)
     run = tmp_path / "ckpt"
