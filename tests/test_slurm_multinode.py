@@ -18,6 +18,12 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 CONF = REPO / "tests" / ".slurm" / "etc" / "slurm.conf"
 
 
+def _usable(sinfo_out: str) -> int:
+    """Nodes that can run jobs, from `sinfo -h -o '%D %T'`."""
+    return sum(int(line.split()[0]) for line in sinfo_out.splitlines()
+               if line.split()[1] in ("idle", "mixed", "allocated"))
+
+
 def need_nodes(n: int = 2):
     os.environ.setdefault("SLURM_CONF", str(CONF))
     nodes_file = REPO / "tests" / ".slurm" / "nodes"
@@ -27,17 +33,15 @@ def need_nodes(n: int = 2):
             if subprocess.run(["which", "sinfo"], capture_output=True).returncode == 0 else None
     except subprocess.TimeoutExpired:
         res = None
-    idle = sum(int(line.split()[0]) for line in (res.stdout.splitlines() if res and res.returncode == 0 else [])
-               if line.split()[1] in ("idle", "mixed", "allocated"))
+    idle = _usable(res.stdout) if res and res.returncode == 0 else 0
     if have >= n and res and res.returncode == 0 and idle < n:
         # A neighbouring test (xdist) may have a node down for a minute: the node-loss test
         # revives it. Wait for it rather than fail.
         deadline = time.time() + 180
         while idle < n and time.time() < deadline:
             time.sleep(2)
-            out = subprocess.run(["sinfo", "-h", "-o", "%D %T"], capture_output=True, text=True, timeout=10).stdout
-            idle = sum(int(line.split()[0]) for line in out.splitlines()
-                       if line.split()[1] in ("idle", "mixed", "allocated"))
+            idle = _usable(subprocess.run(["sinfo", "-h", "-o", "%D %T"], capture_output=True, text=True,
+                                          timeout=10).stdout)
     if have < n or idle < n:
         why = f"needs the {n}-node Slurm cluster (tests/slurm_cluster.sh start --nodes {n}); found {idle} node(s)"
         if os.environ.get("CI"):
