@@ -31,6 +31,7 @@ from string import Template
 import yaml
 
 from dipnet.launch.local import TRAIN_MODULE
+from dipnet.pipeline.env import in_slurm_job  # noqa: F401 (launch.slurm's API; env.py holds it for the CLI's first line)
 from dipnet.pipeline.errors import RunError, UsageError
 
 TEMPLATE = Path(__file__).resolve().parent / "sbatch" / "stage.sbatch"  # package data
@@ -301,10 +302,6 @@ def slurm_train_command(script_args: list[str], procs: int, module: str = TRAIN_
             *([f"--cpus-per-task={cpus}"] if cpus else []), "--kill-on-bad-exit=1", "bash", "-c", inner]
 
 
-def in_slurm_job() -> bool:
-    return bool(os.environ.get("SLURM_JOB_ID") and os.environ.get("DIPNET_SLURM_LAUNCHER"))
-
-
 def parse_slurm_time(text: str) -> float | None:
     """Seconds in a Slurm duration ([D-]HH:MM:SS, MM:SS, ...); None for UNLIMITED/NOT_SET."""
     text = text.strip()
@@ -351,7 +348,10 @@ def requeue_this_job() -> bool:
     job = os.environ.get("SLURM_JOB_ID", "")
     if not JOB_ID.fullmatch(job):
         return False
-    return subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True).returncode == 0
+    try:
+        return subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True).returncode == 0
+    except OSError:  # no scontrol on this node's PATH
+        return False
 
 
 # ----------------------------------------------------------------------------- submit

@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from dipnet.pipeline.env import omp_wait_for_shared_cores
+from dipnet.pipeline.env import note_usr1_in_job, omp_wait_for_shared_cores
 from dipnet.pipeline.errors import DipnetError, UsageError
 
 COMMANDS = ("validate", "run", "base", "convert", "export", "eval", "serve", "report", "smoothness", "launch",
@@ -432,6 +432,7 @@ def _quiet(debug: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    note_usr1_in_job()  # before anything slow: Slurm's USR1 must never kill a dipnet job
     omp_wait_for_shared_cores()
     debug = "--debug" in argv
     _quiet(debug)

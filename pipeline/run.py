@@ -696,6 +696,8 @@ def download_model(repo_id: str) -> Path:
 def run_pipeline(recipe: Recipe, *, from_stage: str | None = None, only: str | None = None,
                  progress: bool = True, recipe_path: str | None = None) -> Path:
     """Run the stages of `recipe` in its run directory (`only`: one stage or a comma list)."""
+    from dipnet.pipeline.env import usr1_noted
+
     only_set = set(only.split(",")) if only else None
     for name, vals in (("--from", [from_stage] if from_stage else []), ("--only", sorted(only_set or []))):
         for val in vals:
@@ -727,6 +729,8 @@ def run_pipeline(recipe: Recipe, *, from_stage: str | None = None, only: str | N
             run.say(f"[{stage}]")
             run.manifest.start(stage, inputs)
             try:
+                if usr1_noted():  # it came while dipnet was starting: nothing to save yet
+                    raise Preempted
                 outputs = getattr(run, f"stage_{stage}")()
             except Preempted:
                 # USR1 from Slurm before the time limit (or a preemption): the ranks have saved;
@@ -770,7 +774,7 @@ def _preemption():
     try:
         yield
     finally:
-        signal.signal(signal.SIGUSR1, old)
+        signal.signal(signal.SIGUSR1, old)  # `dipnet` noted it before; a late one is moot (note_usr1_in_job)
 
 
 def _requeue() -> bool:

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -148,6 +149,41 @@ def test_sbatch_missing_is_a_plain_error(tmp_path):
     res = run_cli("launch", REPO / "recipes" / "tiny-arith.yaml", "--slurm", f"run.output_dir={tmp_path}/x",
                   env={**env, "PATH": str(Path(os.sys.executable).parent)})
     assert res.returncode == 2 and "sbatch not found" in res.stderr
+
+
+USR1_SCRIPT = """
+import os, signal, sys
+from dipnet.pipeline.cli import main
+from dipnet.pipeline.env import note_usr1_in_job
+if sys.argv[2] == "during start-up":
+    note_usr1_in_job()
+    os.kill(os.getpid(), signal.SIGUSR1)
+rc = main(["run", sys.argv[1], "--only", "base"])
+if sys.argv[2] == "after the last stage":
+    os.kill(os.getpid(), signal.SIGUSR1)
+print("exit", rc)
+"""
+
+
+@pytest.mark.parametrize("when", ["during start-up", "after the last stage"])
+def test_usr1_in_a_slurm_job_is_never_fatal(tmp_path, tiny_base_dir, when):
+    """Slurm's time-limit USR1 can come at any moment of a job (its limit check runs every 30 s).
+    Python's default action would kill dipnet, and Slurm calls such a job FAILED and never requeues
+    it: a restart that had finished training was lost that way (#29). During start-up it must
+    preempt the first stage (requeue; here no job exists, so the requeue fails and says so); after
+    the last stage it is moot and the job exits 0."""
+    p = write_recipe(tmp_path, "usr1", {})
+    env = {**os.environ, "SLURM_JOB_ID": "999999", "DIPNET_SLURM_LAUNCHER": "torchrun",
+           "PATH": str(Path(sys.executable).parent)}  # no scontrol: the requeue reaches no cluster
+    res = subprocess.run([sys.executable, "-c", USR1_SCRIPT, str(p), when], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "exit 0" in res.stdout, (res.returncode, res.stdout + res.stderr)
+    base = json.loads((tmp_path / "usr1" / "manifest.json").read_text())["stages"]["base"]
+    if when == "during start-up":
+        assert base["status"] == "interrupted" and "job NOT requeued" in base["error"], base
+        assert "[base] preempted" in res.stdout
+    else:
+        assert base["status"] == "completed", base
 
 
 # ----------------------------------------------------------------------------- the real cluster
