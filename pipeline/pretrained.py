@@ -80,32 +80,82 @@ def sha256_file(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- GGUF -> HF directory
 
-def gguf_architecture(path: Path) -> str:
-    """`general.architecture` of a GGUF file (reads the header only)."""
+# GGUF value types (gguf's GGUFValueType): fixed-size scalars, 8 a string, 9 an array.
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_metadata(path: Path, keys: set[str]) -> dict:
+    """The values of the scalar and string `keys` of a GGUF file's header (arrays are skipped,
+    never built). gguf's own GGUFReader builds every vocabulary entry as a numpy view: 4 s per
+    read of SmolLM2's file, and the import read it three times for three keys."""
+    import mmap
+    import struct
+
     try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise UsageError("reading GGUF needs the 'gguf' package (pip install gguf)") from None
-    try:
-        reader = GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            pos = 0
+
+            def take(n: int) -> int:
+                nonlocal pos
+                if pos + n > len(m):
+                    raise ValueError("the header runs past the end of the file")
+                pos += n
+                return pos - n
+
+            def scalar(fmt: str):
+                return struct.unpack_from(fmt, m, take(struct.calcsize(fmt)))[0]
+
+            def string() -> str:
+                n = scalar("<Q")
+                at = take(n)
+                return bytes(m[at:at + n]).decode("utf-8", "replace")
+
+            def value(kind: int, depth: int = 0):
+                if kind in GGUF_SCALARS:
+                    return scalar(GGUF_SCALARS[kind])
+                if kind == 8:
+                    return string()
+                if kind == 9 and depth < 4:
+                    inner, count = scalar("<I"), scalar("<Q")
+                    if inner in GGUF_SCALARS:
+                        take(count * struct.calcsize(GGUF_SCALARS[inner]))
+                    else:
+                        for _ in range(count):
+                            value(inner, depth + 1)
+                    return None
+                raise ValueError(f"unknown value type {kind}")
+
+            if bytes(m[:4]) != b"GGUF":
+                raise ValueError("no GGUF magic number")
+            take(4)
+            version = scalar("<I")
+            if version not in (2, 3):
+                raise ValueError(f"GGUF version {version} (dipnet reads versions 2 and 3)")
+            scalar("<Q")  # tensor count
+            found = {}
+            for _ in range(scalar("<Q")):
+                key = string()
+                v = value(scalar("<I"))
+                if key in keys:
+                    found[key] = v
+            return found
     except Exception as exc:
         raise UsageError(f"{path}: not a readable GGUF file ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:120]})") from None
 
 
+def gguf_architecture(path: Path) -> str:
+    """`general.architecture` of a GGUF file."""
+    arch = gguf_metadata(path, {"general.architecture"}).get("general.architecture")
+    if not isinstance(arch, str):
+        raise UsageError(f"{path}: not a readable GGUF file (no general.architecture)")
+    return arch
+
+
 def gguf_tokenizer_flags(path: Path) -> dict[str, bool]:
     """`tokenizer.ggml.add_bos_token` / `add_eos_token` as the file states them."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    out = {}
-    for key in ("add_bos_token", "add_eos_token"):
-        field = reader.fields.get(f"tokenizer.ggml.{key}")
-        if field is not None:
-            out[key] = bool(field.parts[field.data[0]][0])
-    return out
+    keys = {f"tokenizer.ggml.{k}": k for k in ("add_bos_token", "add_eos_token")}
+    return {keys[k]: bool(v) for k, v in sorted(gguf_metadata(path, set(keys)).items())}
 
 
 def check_gguf(path: str | Path) -> Path:
@@ -145,6 +195,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "flo
     from dipnet.pipeline.outputs import output_dir
 
     src = check_gguf(gguf_path)
+    arch = gguf_architecture(src)
     if dtype not in ("float32", "bfloat16"):
         raise UsageError(f"--dtype: expected float32 or bfloat16, got {dtype!r}")
     quiet_transformers()
@@ -189,7 +240,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "flo
         if not diff <= tol:
             raise RunError(f"import {src}: the written model's logits differ from the GGUF model's by {diff:.3g} "
                            f"(> {tol:g}); nothing was written")
-        info = {"source": str(src), "sha256": sha256_file(src), "architecture": gguf_architecture(src),
+        info = {"source": str(src), "sha256": sha256_file(src), "architecture": arch,
                 "model_type": reloaded.config.model_type, "class": type(reloaded).__name__,
                 "parameters": sum(p.numel() for p in reloaded.parameters()), "vocab": len(tok),
                 "chat_template": bool(getattr(tok, "chat_template", None)), "dtype": dtype, "tokenizer_flags": flags,

@@ -51,9 +51,10 @@ FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gemma3_text", "gemma3", "phi
 
 # `make test` runs the suite on two pytest-xdist workers (`--dist load`: tests are handed out a
 # few at a time, so both workers may build the same module fixture; keeping a module on one
-# worker, `--dist loadfile`, is not yet measured fairly). Session fixtures that several workers
-# want are built once under a file lock (`exported` below, and the caches of the tiny base and
-# SmolLM2). The Slurm tests of both workers share the one cluster: their jobs queue.
+# worker, `--dist loadfile`, is not yet measured fairly). Fixtures that several workers may want
+# are built once under a file lock (`exported` and `built_for_the_session` below, and the caches
+# of the tiny base and SmolLM2). The Slurm tests of both workers share the one cluster: their
+# jobs queue.
 
 
 def shared_tmp(tmp_path_factory, name: str) -> Path:
@@ -62,6 +63,29 @@ def shared_tmp(tmp_path_factory, name: str) -> Path:
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def built_for_the_session(tmp_path_factory, name: str, build) -> Path:
+    """`build(dir)` once for the whole session, whichever worker asks first; returns `dir`.
+    `--dist load` may hand one module's tests to both workers, and a module fixture was then
+    trained on each (the gradient-checkpointing runs, 40 s of CPU twice, in a fresh-clone CI).
+    The other worker now waits for the first's build and reads it: treat it as read-only."""
+    import shutil
+
+    from dipnet.pipeline.outputs import built_once
+
+    root = shared_tmp(tmp_path_factory, name)
+    out, complete = root / "built", root / "complete"
+
+    def once():
+        if out.exists():  # a build that failed half-way
+            shutil.rmtree(out)
+        out.mkdir()
+        build(out)
+        complete.touch()
+
+    built_once(out, complete.is_file, once)
+    return out
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1009,3 +1009,49 @@ def test_processor_files_travel_only_as_regular_files(tmp_path):
     assert sorted(p.name for p in dst.iterdir()) == ["processor_config.json"]
     assert model_class_problem({"architectures": [["LlamaForCausalLM"], {"x": 1}, 3]}) is None
     assert model_class_problem(["not", "a", "dict"]) is None
+
+
+# ----------------------------------------------------------------------------- GGUF headers
+
+def _gguf_header(arch: bytes = b"llama") -> bytes:
+    """A GGUF v3 header: no tensors, one string key (general.architecture) and one array key."""
+    import struct
+
+    key = b"general.architecture"
+    vocab = b"tokenizer.ggml.tokens"
+    return (struct.pack("<4sIQQ", b"GGUF", 3, 0, 2)
+            + struct.pack("<Q", len(vocab)) + vocab + struct.pack("<IIQ", 9, 8, 2)  # an array of 2 strings
+            + struct.pack("<Q", 1) + b"a" + struct.pack("<Q", 2) + b"bc"
+            + struct.pack("<Q", len(key)) + key + struct.pack("<IQ", 8, len(arch)) + arch)
+
+
+def test_the_gguf_header_reader_skips_arrays_and_reads_the_keys_asked():
+    from dipnet.pipeline.pretrained import gguf_architecture, gguf_metadata
+
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".gguf") as f:
+        f.write(_gguf_header(b"gemma3"))
+        f.flush()
+        assert gguf_architecture(Path(f.name)) == "gemma3"
+        assert gguf_metadata(Path(f.name), {"tokenizer.ggml.tokens", "absent"}) == {"tokenizer.ggml.tokens": None}
+
+
+@pytest.mark.parametrize("damage", ["not GGUF", "cut short", "a string longer than the file", "array of 2^60 strings",
+                                    "version 1", "empty"])
+def test_a_damaged_gguf_is_refused_in_one_line(capsys, tmp_path, damage):
+    """The header is read by dipnet itself (lengths come from the file): every damage is one line,
+    exit 2, and nothing is written."""
+    import struct
+
+    good = _gguf_header()
+    data = {"not GGUF": b"PK\x03\x04" + good[4:],
+            "cut short": good[:-3],
+            "a string longer than the file": good[:24] + struct.pack("<Q", 1 << 62) + good[32:],
+            "array of 2^60 strings": good[:24 + 8 + 21 + 8] + struct.pack("<Q", 1 << 60) + good[24 + 8 + 21 + 16:],
+            "version 1": good[:4] + struct.pack("<I", 1) + good[8:],
+            "empty": b""}[damage]
+    f = tmp_path / "model.gguf"
+    f.write_bytes(data)
+    refused(capsys, ["base", "import", f, "--out", tmp_path / "out"], 2, "not a readable GGUF file")
+    assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import REPO, cli_in_process, run_cli, write_recipe
+from conftest import REPO, built_for_the_session, cli_in_process, run_cli, write_recipe
 
 from dipnet.launch import slurm
 
@@ -91,11 +91,12 @@ def _losses(run) -> list[float]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The same recipe trained on one node with 2 local ranks (no Slurm)."""
-    root = tmp_path_factory.mktemp("ref")
-    p = write_recipe(root, "ref", TWO_NODES, {"launch": {"launcher": "deepspeed", "procs_per_node": 2}})
-    res = cli_in_process("run", p, "--only", "base,convert,preprocess,train", cwd=REPO)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return root / "ref"
+    def build(root):
+        p = write_recipe(root, "ref", TWO_NODES, {"launch": {"launcher": "deepspeed", "procs_per_node": 2}})
+        res = cli_in_process("run", p, "--only", "base,convert,preprocess,train", cwd=REPO)
+        assert res.returncode == 0, res.stderr[-2000:]
+
+    return built_for_the_session(tmp_path_factory, "slurm-reference", build) / "ref"
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])

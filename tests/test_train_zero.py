@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from conftest import built_for_the_session
 from trainhelp import metrics, train, train_many
 
 from dipnet.pipeline.errors import RunError
@@ -20,11 +21,10 @@ STEPS = {"train.max_steps": 8, "train.save_every": 4, "train.keep_last": 2}
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory):
     """ZeRO-1, 2 and 3 one after another in one launch (as a study's runs are trained)."""
-    root = tmp_path_factory.mktemp("zero")
-    runs = {stage: root / f"z{stage}" for stage in (1, 2, 3)}
-    train_many({out: {**STEPS, "train.zero_stage": stage, "dip.method": "dip", "dip.lr_scale": 50.0}
-                for stage, out in runs.items()})
-    return runs
+    root = built_for_the_session(tmp_path_factory, "zero", lambda d: train_many(
+        {d / f"z{stage}": {**STEPS, "train.zero_stage": stage, "dip.method": "dip", "dip.lr_scale": 50.0}
+         for stage in (1, 2, 3)}))
+    return {stage: root / f"z{stage}" for stage in (1, 2, 3)}
 
 
 def test_zero_stages_train_and_agree(zero_runs):
@@ -103,8 +103,7 @@ KILL_CFG = {"train.max_steps": 12, "train.save_every": 4, "train.zero_stage": 2,
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The final trained tensors of an uninterrupted KILL_CFG run: what every resume must reach."""
-    ref = tmp_path_factory.mktemp("uninterrupted") / "ref"
-    train(ref, KILL_CFG)
+    ref = built_for_the_session(tmp_path_factory, "uninterrupted", lambda d: train(d / "ref", KILL_CFG)) / "ref"
     return consolidate_zero_checkpoint(latest_checkpoint(ref / "checkpoints"))
 
 
@@ -199,10 +198,9 @@ def test_nan_loss_stops_with_step_and_keeps_last_good(tmp_path):
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     """Four steps of LoRA + DIP on 2 ranks, ZeRO-2."""
-    run = tmp_path_factory.mktemp("lora") / "lora"
-    train(run, {"train.max_steps": 4, "train.save_every": 4, "train.zero_stage": 2, "train.method": "lora",
-                "dip.method": "dip", "dip.lr_scale": 5.0, "train.lora.r": 4, "train.lr": 2e-2})
-    return run
+    cfg = {"train.max_steps": 4, "train.save_every": 4, "train.zero_stage": 2, "train.method": "lora",
+           "dip.method": "dip", "dip.lr_scale": 5.0, "train.lora.r": 4, "train.lr": 2e-2}
+    return built_for_the_session(tmp_path_factory, "lora", lambda d: train(d / "lora", cfg)) / "lora"
 
 
 def test_lora_with_dip_trains_and_merges(lora_run, tmp_path):
@@ -290,13 +288,11 @@ METHODS = ["none", "input_noise", "neftune", "dip_fixed", "dip"]
 @pytest.fixture(scope="module")
 def method_runs(tmp_path_factory):
     """Three steps of every noise method, in one single-process launch."""
-    root = tmp_path_factory.mktemp("methods")
-    runs = {m: root / m for m in METHODS}
-    train_many({out: {"train.max_steps": 3, "train.save_every": 3, "train.zero_stage": 1, "dip.method": m,
-                      "launch.launcher": "single",
-                      **({"dip.trajectories": 2, "dip.gamma": 0.01} if m == "dip" else {})}
-                for m, out in runs.items()}, procs=1)
-    return runs
+    root = built_for_the_session(tmp_path_factory, "methods", lambda d: train_many(
+        {d / m: {"train.max_steps": 3, "train.save_every": 3, "train.zero_stage": 1, "dip.method": m,
+                 "launch.launcher": "single", **({"dip.trajectories": 2, "dip.gamma": 0.01} if m == "dip" else {})}
+         for m in METHODS}, procs=1))
+    return {m: root / m for m in METHODS}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -423,19 +419,19 @@ CKPT_CASES = [(stage, method) for stage in (2, 3) for method in ("full", "lora")
 def checkpointing_runs(tmp_path_factory):
     """ZeRO-2/3 x full/LoRA, DIP with 2 trajectories, each with and without gradient checkpointing,
     plus eager attention: one launch of 2 ranks."""
-    root = tmp_path_factory.mktemp("gradckpt")
     base = {"train.max_steps": 3, "train.save_every": 3, "dip.method": "dip", "dip.trajectories": 2,
             "dip.lr_scale": 50.0, "train.lora.r": 4}
-    runs = {}
-    for stage, method in CKPT_CASES:
-        for ckpt in (False, True):
-            runs[(stage, method, ckpt)] = root / f"z{stage}-{method}-{'ckpt' if ckpt else 'plain'}"
-    runs["eager"] = root / "eager"
-    overrides = {out: {**base, "train.zero_stage": key[0], "train.method": key[1], "train.gradient_checkpointing": key[2]}
-                 for key, out in runs.items() if key != "eager"}
-    overrides[runs["eager"]] = {**base, "train.zero_stage": 2, "model.attn_implementation": "eager"}
-    train_many(overrides)
-    return runs
+    names = {(stage, method, ckpt): f"z{stage}-{method}-{'ckpt' if ckpt else 'plain'}"
+             for stage, method in CKPT_CASES for ckpt in (False, True)}
+
+    def build(root):
+        overrides = {root / name: {**base, "train.zero_stage": key[0], "train.method": key[1],
+                                   "train.gradient_checkpointing": key[2]} for key, name in names.items()}
+        overrides[root / "eager"] = {**base, "train.zero_stage": 2, "model.attn_implementation": "eager"}
+        train_many(overrides)
+
+    root = built_for_the_session(tmp_path_factory, "gradckpt", build)
+    return {**{key: root / name for key, name in names.items()}, "eager": root / "eager"}
 
 
 @pytest.mark.parametrize("stage,method", CKPT_CASES)
