@@ -38,12 +38,18 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: dipnet needs Python >= 3.11 (vLLM does); set PYTHON=python3.11 or newer")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing the pinned stack into $(VENV) (first time: about 3 minutes)"
-	@# torch and deepspeed first; then DeepSpeed's CPU Adam compiles on one core while pip installs
-	@# the rest on the other (pip is single-threaded). A build that met a half-installed package
-	@# is retried once pip is done.
-	$(PIP) torch==2.13.0 deepspeed
+	@# torch, deepspeed and what the tiny base's build imports first, and dipnet itself. Then pip
+	@# installs the rest on one core (it is single-threaded) while the other builds, one after the
+	@# other: DeepSpeed's CPU Adam, then the embedded tiny base (the demo and every test start from
+	@# it: 2 minutes of pretraining, into the cache; this job may outlive the install, and the base's
+	@# first user waits for it). A CPU Adam build that met a half-installed package is retried once
+	@# pip is done; a base build that failed is redone by its first user.
+	$(PIP) torch==2.13.0 deepspeed transformers sentencepiece protobuf pydantic pyyaml tqdm
+	$(PIP) --no-deps -e .
 	@$(PY) -P pipeline/ops.py > $(VENV)/prebuild-ops.log 2>&1 & build=$$!; \
-	echo "$(PIP) -e '.[$(EXTRA),test]'  (DeepSpeed CPU Adam building beside it)"; \
+	{ while kill -0 $$build 2>/dev/null; do sleep 1; done; \
+	  $(PY) -P -m dipnet.pipeline.base_model; } < /dev/null > $(VENV)/prebuild-base.log 2>&1 & \
+	echo "$(PIP) -e '.[$(EXTRA),test]'  (DeepSpeed CPU Adam, then the tiny base, building beside it)"; \
 	$(PIP) -e '.[$(EXTRA),test]' || { kill $$build 2>/dev/null; exit 1; }; \
 	wait $$build || $(PY) -P pipeline/ops.py > $(VENV)/prebuild-ops.log 2>&1 || true; \
 	grep -v "^\[20" $(VENV)/prebuild-ops.log || true

@@ -156,3 +156,12 @@ def _build(settings, tmp: Path, seed: int, progress: bool) -> None:
         "steps": steps, "seconds": round(time.time() - t0, 1), "seed": seed,
         "parameters": sum(p.numel() for p in model.parameters()), "generator": GENERATOR_VERSION,
     }, indent=2))
+
+
+if __name__ == "__main__":
+    # `make install` runs `python -P -m dipnet.pipeline.base_model` on the core pip leaves idle:
+    # the default tiny base (the demo's and every test's) is then in the cache before they start.
+    from dipnet.pipeline.recipe import TinyBaseSettings
+
+    t0 = time.time()
+    print(f"tiny base ready in {tiny_base(TinyBaseSettings(), seed=0, progress=False)} ({time.time() - t0:.0f} s)")
