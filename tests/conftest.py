@@ -52,9 +52,8 @@ FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gemma3_text", "gemma3", "phi
 # `make test` runs the suite on two pytest-xdist workers (`--dist load`: tests are handed out a
 # few at a time, so both workers may build the same module fixture; keeping a module on one
 # worker, `--dist loadfile`, is not yet measured fairly). Fixtures that several workers may want
-# are built once under a file lock (`exported` and `built_for_the_session` below, and the caches
-# of the tiny base and SmolLM2). The Slurm tests of both workers share the one cluster: their
-# jobs queue.
+# are built once under a file lock (`built_for_the_session` below, and the caches of the tiny
+# base and SmolLM2). The Slurm tests of both workers share the one cluster: their jobs queue.
 
 
 def shared_tmp(tmp_path_factory, name: str) -> Path:
@@ -137,17 +136,13 @@ def exported(tmp_path_factory, tiny_base_dir):
     from trainhelp import train
 
     from dipnet.pipeline.export import export_checkpoint
-    from dipnet.pipeline.outputs import built_once
 
-    root = shared_tmp(tmp_path_factory, "evalmodel")  # one build, whichever worker asks first
-
-    def build():
+    def build(root):
         train(root / "run", {"train.max_steps": 60, "train.save_every": 60, "train.zero_stage": 2,
                              "dip.method": "dip", "train.micro_batch_size": 8})
         export_checkpoint(root / "run", root / "export")
 
-    built_once(root / "export", (root / "export" / "export.json").is_file, build)
-    return root / "export"
+    return built_for_the_session(tmp_path_factory, "evalmodel", build) / "export"
 
 
 def run_cli(*args, cwd=None, env=None, timeout=600):
