@@ -87,14 +87,6 @@ def built_for_the_session(tmp_path_factory, name: str, build) -> Path:
     return out
 
 
-@pytest.fixture(scope="session", autouse=True)
-def compiled_kernels_shared(tmp_path_factory):
-    """Every vLLM engine compiles the same small sampler kernel on its first logprobs request
-    (torch.compile), into its run directory's cache by default: 11 s per engine. The suite's
-    engines share one cache (as a user can, with TORCHINDUCTOR_CACHE_DIR): 1.8 s after the first."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(shared_tmp(tmp_path_factory, "inductor")))
-
-
 @pytest.fixture
 def tmpfs(tmp_path):
     """`tmpfs("28m")` mounts a small file system of that size (root only: the test is skipped

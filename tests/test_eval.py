@@ -116,6 +116,22 @@ def vllm_fp32(exported, tmp_path_factory):
     engine.close()
 
 
+def test_cpu_engine_scores_without_compiling(vllm_fp32):
+    """vLLM ranks prompt logprobs with a torch.compile'd function: 7.5 s of tracing per process
+    even from a warm kernel cache. On a CPU the engine runs in this process and scores eagerly
+    (the rank is an integer count, identical either way). torch._dynamo.reset() forgets any
+    earlier compile in this process, so a compile here would show in dynamo's counters."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    before = sum(counters["frames"].values())
+    seqs = [[1, 5, 9, 13, 2, 7], [1, 4, 4, 8]]
+    lps = vllm_fp32.prompt_logprobs(seqs)
+    assert sum(counters["frames"].values()) == before, dict(counters["frames"])
+    assert [len(x) for x in lps] == [5, 3] and all(lp <= 0 and rank >= 1 for x in lps for lp, rank in x)
+
+
 @pytest.mark.slow
 def test_vllm_and_hf_agree_and_results_complete(exported, vllm_fp32, tmp_path):
     from dipnet.eval.evaluate import evaluate_model
@@ -498,15 +514,3 @@ def test_plain_eval_works_on_the_embedded_model(tmp_path, tiny_base_dir):
     notes = [line for line in res.stderr.splitlines() if "note:" in line]
     assert notes == [f"  note: task gsm8k: max_new_tokens 256 capped at {cap} by the model's context of 256 tokens "
                      f"(longest prompt {256 - cap})"]
-
-
-def test_engines_skip_the_precompiled_header_unless_the_user_chose(tmp_path, monkeypatch):
-    """vLLM's first logprobs request compiles one kernel; torch's precompiled header for it costs
-    more than it saves there (5.5 s per engine, measured), so it is off unless the user set it."""
-    from dipnet.eval.vllm_runner import vllm_environment
-
-    key = "TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS"
-    monkeypatch.delenv(key, raising=False)
-    assert vllm_environment(tmp_path)[key] == "0"
-    monkeypatch.setenv(key, "1")
-    assert key not in vllm_environment(tmp_path)

@@ -150,17 +150,23 @@ def test_vllm_and_hf_on_20_gsm8k_problems(smol, tmp_path, capsys):
     """Greedy generation on the same 20 GSM8K prompts with both engines. Float32 on both, but
     different kernels: report how often the outputs agree (do not require 100%). One shot keeps the
     transformers side affordable on 2 cores (it prefills ~250 tokens/s at this size). The answer
-    NLL (one more prefill of every prompt and answer, 21 s for 20 on transformers) is compared
-    problem by problem on the first 5."""
+    NLL (one more prefill of every prompt and answer: 21 s for 20 on transformers, 12 s on vLLM)
+    is compared problem by problem on the first 5, on the same engine."""
     _need(lambda: None if (SHARED_GSM8K / "test.jsonl").is_file() else "../shared/data/gsm8k not present")
-    from dipnet.eval.evaluate import evaluate_model
+    from dipnet.eval.evaluate import evaluate_model, max_model_len
+    from dipnet.eval.vllm_runner import USER_KV_CACHE_GIB, VllmEngine
 
     kw = dict(shots=1, limit=20, max_new_tokens=64, gsm8k_path=str(SHARED_GSM8K), progress=False)
-    rv = evaluate_model(smol, ["gsm8k"], tmp_path / "v", engine="vllm", **kw)
-    from dipnet.eval.vllm_runner import USER_KV_CACHE_GIB
-
     # 20 prompts of at most ~450 + 64 tokens fill ~0.5 GB of KV cache: 1 GiB is given, not the 4 GiB default.
-    assert USER_KV_CACHE_GIB is not None or os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    engine = VllmEngine(smol, tmp_path / "vllm", max_model_len(json.loads((smol / "config.json").read_text())),
+                        kv_tokens=20 * 600)
+    try:
+        assert USER_KV_CACHE_GIB is not None or os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+        rv = evaluate_model(smol, ["gsm8k"], tmp_path / "v", engine="vllm", vllm_engine=engine, answer_nll=False, **kw)
+        nv = evaluate_model(smol, ["gsm8k"], tmp_path / "vn", engine="vllm", vllm_engine=engine,
+                            **{**kw, "limit": 5, "max_new_tokens": 1})
+    finally:
+        engine.close()
     rh = evaluate_model(smol, ["gsm8k"], tmp_path / "h", engine="hf", answer_nll=False, **kw)
     nh = evaluate_model(smol, ["gsm8k"], tmp_path / "hn", engine="hf", **{**kw, "limit": 5, "max_new_tokens": 1})
     sv = [json.loads(line) for line in (tmp_path / "v" / "samples_gsm8k.jsonl").read_text().splitlines()]
@@ -173,6 +179,9 @@ def test_vllm_and_hf_on_20_gsm8k_problems(smol, tmp_path, capsys):
               f"{rh['tasks']['gsm8k']['scores']['flexible-extract']['accuracy']:.2f}")
     assert agree >= 0.5, agree  # the engines must mostly agree; exact agreement is not guaranteed
     assert sum(bool(s["output"].strip()) for s in sv) >= 15  # it answers (it may also stop at once)
-    nll = [json.loads(line)["answer_nll"] for line in (tmp_path / "hn" / "samples_gsm8k.jsonl").read_text().splitlines()]
-    assert len(nll) == 5 and rh["tasks"]["gsm8k"]["teacher_forced"] is None and nh["tasks"]["gsm8k"]["teacher_forced"]
-    assert max(abs(a["answer_nll"] - b) for a, b in zip(sv, nll)) < 1e-3, ([a["answer_nll"] for a in sv[:5]], nll)
+    nll = {e: [json.loads(line)["answer_nll"] for line in (tmp_path / d / "samples_gsm8k.jsonl").read_text().splitlines()]
+           for e, d in (("vllm", "vn"), ("hf", "hn"))}
+    assert rv["tasks"]["gsm8k"]["teacher_forced"] is None and rh["tasks"]["gsm8k"]["teacher_forced"] is None
+    assert nv["tasks"]["gsm8k"]["teacher_forced"] and nh["tasks"]["gsm8k"]["teacher_forced"]
+    assert len(nll["vllm"]) == len(nll["hf"]) == 5
+    assert max(abs(a - b) for a, b in zip(nll["vllm"], nll["hf"])) < 1e-3, nll
