@@ -1,5 +1,6 @@
 """Recipe validation: the shipped recipes, overrides, and bad recipes with their exact messages."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -148,8 +149,18 @@ def test_paper_recipes_validate_and_render(path):
     r = load_recipe(path)
     assert r.train.method == "lora" and r.train.zero_stage == 2 and r.train.precision == "bf16"
     assert r.eval.tasks == ["gsm8k"] and r.eval.shots == 5 and r.seeds == [0, 1, 2]
-    assert set(r.variants) == {"sft", "dip", "dip_fixed"} and r.train.epochs == 1
+    assert set(r.variants) == {"sft", "dip", "dip_matched", "dip_fixed"} and r.train.epochs == 1
     assert r.launch.device == "cuda"  # `dipnet run` on one 8-GPU machine too: never 8 CPU ranks for a 7B model
+    # λ can reach its equilibrium within the one epoch (#24 item 5): Adam moves ln λ by at most
+    # its learning rate a step, so the schedule's sum bounds the travel. GSM8K train has 7,473 rows.
+    from dipnet.pipeline.train import lr_factor
+
+    rows = 7473 - round(7473 * r.data.validation_fraction)
+    steps = math.ceil(rows / (r.train.micro_batch_size * r.train.grad_accum * r.launch.procs_per_node))
+    travel = r.train.lr * r.dip.lr_scale * sum(lr_factor(i, r.train.warmup_steps, steps) for i in range(steps))
+    assert steps == 58 and travel >= math.log(10), (steps, travel)
+    assert r.dip.antithetic and r.dip.trajectories == 2 and r.dip.prior_strength and r.dip.rms_clip
+    assert r.report.primary.variant == "dip" and r.report.primary.against == "sft"
     res = run_cli("launch", path, "--slurm", "--dry-run", cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert "#SBATCH --gpus-per-node=8" in res.stdout and "#SBATCH --nodes=1" in res.stdout
@@ -166,6 +177,11 @@ def test_sweep_recipe_validates():
     assert {"dip_matched", "dip_shuffled", "dip_fixed", "dip"} <= set(methods.values())
     assert not set(study.seeds) & set(sweep.seeds) and "arith-val" not in study.eval.tasks
     assert study.report.primary.variant == "dip" and study.report.primary.against == "dip_matched"
+    confirm = load_recipe(REPO / "recipes" / "confirm-arith.yaml")  # the study's lead, on seeds neither used
+    assert not set(confirm.seeds) & (set(sweep.seeds) | set(study.seeds))
+    assert (confirm.report.primary.variant, confirm.report.primary.against) == ("dip_fixed", "sft")
+    arms = {v: rr.dip for v, _, rr in expand_runs(confirm)}
+    assert arms["dip_fixed"].init_variance == 1e-2 and arms["dip_fixed"].antithetic and arms["sft"].method == "none"
 
 
 def test_real_model_recipe_validates():
@@ -182,4 +198,7 @@ def test_real_model_recipe_validates():
     assert r.train.method == "lora" and r.train.zero_stage == 2 and r.launch.launcher == "deepspeed"
     assert r.launch.procs_per_node == 2 and r.eval.engine == "vllm" and r.eval.eval_base
     assert r.eval.tasks == ["gsm8k"] and r.eval.shots == 5 and r.eval.chat == "none"
-    assert set(r.variants) == {"sft", "dip", "dip_fixed"} and len(r.seeds) >= 2
+    assert set(r.variants) == {"sft", "dip", "dip_matched", "dip_fixed"} and len(r.seeds) >= 2
+    assert r.dip.antithetic and r.dip.rms_clip and r.study.tuned_by  # chosen on validation rows, not on these seeds
+    sweep = load_recipe(REPO / r.study.tuned_by)
+    assert sweep.data.validation_fraction == r.data.validation_fraction and not set(sweep.seeds) & set(r.seeds)
