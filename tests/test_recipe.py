@@ -153,11 +153,12 @@ def test_paper_recipes_validate_and_render(path):
     assert r.launch.device == "cuda"  # `dipnet run` on one 8-GPU machine too: never 8 CPU ranks for a 7B model
     # λ can reach its equilibrium within the one epoch (#24 item 5): Adam moves ln λ by at most
     # its learning rate a step, so the schedule's sum bounds the travel. GSM8K train has 7,473 rows.
-    from dipnet.pipeline.train import lr_factor
+    from dipnet.pipeline.train import lr_factor, total_steps, warmup_steps
 
     rows = 7473 - round(7473 * r.data.validation_fraction)
-    steps = math.ceil(rows / (r.train.micro_batch_size * r.train.grad_accum * r.launch.procs_per_node))
-    travel = r.train.lr * r.dip.lr_scale * sum(lr_factor(i, r.train.warmup_steps, steps) for i in range(steps))
+    steps = total_steps(r, rows, r.launch.procs_per_node)
+    warm = warmup_steps(r.train, steps)
+    travel = r.train.lr * r.dip.lr_scale * sum(lr_factor(i, warm, steps) for i in range(steps))
     assert steps == 58 and travel >= math.log(10), (steps, travel)
     assert r.dip.antithetic and r.dip.trajectories == 2 and r.dip.prior_strength and r.dip.rms_clip
     assert r.report.primary.variant == "dip" and r.report.primary.against == "sft"
