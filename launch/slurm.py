@@ -96,6 +96,9 @@ def render_job(recipe, recipe_path: Path, run_dir: Path, stage_name: str, stages
     mem, why = (s["mem"], "launch.slurm.mem") if s["mem"] is not None else estimate_mem(recipe, s, stage_name)
     why = re.sub(r"[\x00-\x1f\x7f]", "?", why)  # names in it (a model directory's) must stay in the comment
     lines += [f"# --mem: {why}", f"#SBATCH --mem={mem}"]  # a comment after an option would be sbatch's to parse
+    if gpu_job and not train:
+        engine = re.sub(r"[\x00-\x1f\x7f]", "?", eval_engine_comment(recipe, s["eval_gpus"]))
+        lines.append(f"# vLLM: one engine, {engine}; eval.gpu_memory_utilization {recipe.eval.gpu_memory_utilization}")
     for extra in s["extra_sbatch"]:
         lines.append(extra if extra.startswith("#SBATCH") else f"#SBATCH {extra}")
     env = []
@@ -125,6 +128,41 @@ GiB = 2**30
 MODEL_SIZE_IN_NAME = re.compile(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)([BbMm])(?![A-Za-z0-9])")
 
 
+def local_config_path(recipe) -> Path | None:
+    """The base model's config.json where it can be read here without the network: a local
+    directory or an imported GGUF model (a hub name's config is not fetched to render a job)."""
+    base = recipe.model.base
+    cfg_path = None
+    if base != "tiny" and Path(base).is_dir():
+        cfg_path = Path(base) / "config.json"
+    elif base != "tiny":
+        from dipnet.pipeline.pretrained import is_gguf_spec, pretrained_dir
+
+        if is_gguf_spec(base) and not base.endswith(".gguf"):
+            cfg_path = pretrained_dir(base, recipe.model.dtype) / "config.json"
+    return cfg_path if cfg_path is not None and cfg_path.is_file() else None
+
+
+def eval_engine_comment(recipe, gpus: int) -> str:
+    """What the eval job's vLLM engine does with its GPUs, as far as it can be known here."""
+    from dipnet.eval.vllm_runner import tensor_parallel_size
+
+    if recipe.eval.tensor_parallel_size:
+        return f"tensor_parallel_size={recipe.eval.tensor_parallel_size} (eval.tensor_parallel_size) on {gpus} GPU(s)"
+    cfg_path = local_config_path(recipe)
+    if cfg_path is not None:
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            config = None
+        if isinstance(config, dict):
+            size = tensor_parallel_size(config, gpus)
+            return (f"tensor_parallel_size={size} of {gpus} GPU(s): the most that divides "
+                    f"{cfg_path.parent.name}'s attention and KV heads")
+    return (f"tensor_parallel_size={gpus} (all {gpus} GPU(s)), or the most of them that divides the "
+            f"model's attention and KV heads, read from its config when the job starts")
+
+
 def model_parameters(recipe) -> tuple[float | None, str]:
     """The base model's parameter count and where it came from: its config where one can be read
     here without the network (a local directory, an imported GGUF model, the tiny base's
@@ -135,14 +173,8 @@ def model_parameters(recipe) -> tuple[float | None, str]:
         t = recipe.model.tiny
         h, layers, vocab = t.hidden_size, t.num_layers, t.vocab_size
         return float(layers * (4 * h * h + 3 * h * t.intermediate_size) + 2 * vocab * h), "the tiny base's settings"
-    if Path(base).is_dir():
-        cfg_path = Path(base) / "config.json"
-    else:
-        from dipnet.pipeline.pretrained import is_gguf_spec, pretrained_dir
-
-        if is_gguf_spec(base) and not base.endswith(".gguf"):
-            cfg_path = pretrained_dir(base, recipe.model.dtype) / "config.json"
-    if cfg_path is not None and cfg_path.is_file():
+    cfg_path = local_config_path(recipe)
+    if cfg_path is not None:
         from dipnet.pipeline.models import meta_model
         from dipnet.pipeline.errors import DipnetError
 

@@ -93,7 +93,7 @@ def test_render_four_nodes_by_eight_gpus(tmp_path):
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-def test_paper_recipe_jobs_ask_for_memory_and_the_eval_gpus():
+def test_paper_recipe_jobs_ask_for_memory_and_the_eval_gpus(tmp_path):
     """recipes/paper/qwen2.5-7b.yaml: every job renders --mem from the model's size (read from its
     name here, no hub), the train job's for 8 ranks holding a bf16 7B model each while loading;
     launch.slurm.mem overrides; the eval job asks for eval_gpus, which vLLM then uses as its
@@ -110,6 +110,19 @@ def test_paper_recipe_jobs_ask_for_memory_and_the_eval_gpus():
     assert mem["export"] > mem["eval"] and all(v >= 4 for v in mem.values())
     assert "7B parameters (the size in the name 'Qwen/Qwen2.5-7B')" in jobs["train"]
     assert "#SBATCH --gpus-per-node=4" in jobs["eval"] and "export DIPNET_DEVICE=cuda" in jobs["eval"]
+    # The eval job says what its engine does with those GPUs: a hub name's heads are read when the
+    # job starts; a local config's (Qwen2.5-3B's 16 and 2 heads) here; an explicit size as given.
+    assert "# vLLM: one engine, tensor_parallel_size=4 (all 4 GPU(s)), or the most of them" in jobs["eval"]
+    assert "# vLLM" not in jobs["train"]
+    (tmp_path / "qwen3b").mkdir()
+    (tmp_path / "qwen3b" / "config.json").write_text(json.dumps({"model_type": "qwen2", "num_attention_heads": 16,
+                                                                  "num_key_value_heads": 2}))
+    local = load_recipe(REPO / "recipes" / "paper" / "qwen2.5-7b.yaml", [f"model.base={tmp_path / 'qwen3b'}"])
+    assert slurm.eval_engine_comment(local, 4) == "tensor_parallel_size=2 of 4 GPU(s): the most that divides " \
+                                                 "qwen3b's attention and KV heads"
+    r = load_recipe(REPO / "recipes" / "paper" / "qwen2.5-7b.yaml", ["launch.slurm.eval_gpus=4", "eval.tensor_parallel_size=2"])
+    job = slurm.render_job(r, tmp_path / "recipe.yaml", tmp_path / "run", "eval", "eval,report", slurm.slurm_settings(r, _args()))
+    assert "# vLLM: one engine, tensor_parallel_size=2 (eval.tensor_parallel_size) on 4 GPU(s);" in job, job
     # Submitting, sinfo's node memory caps it: more than a node has asks for the whole node instead.
     recipe = load_recipe(REPO / "recipes" / "paper" / "qwen2.5-7b.yaml")
     s = slurm.slurm_settings(recipe, _args())
