@@ -12,7 +12,8 @@ the others):
   env            versions, the GPU, which SDPA kernels run in bf16 (flash, memory-efficient, cuDNN, math)
   smollm2_lora   SmolLM2-135M shape: LoRA + DIP, bf16, ZeRO-2, one rank, 20 steps, then resumed to 30,
                  exported with verification: λ moved, loss finite, step time, peak memory
-  gemma3_zero3   Gemma 3 270M shape: full fine-tune + DIP under ZeRO-3, bf16, then exported
+  gemma3_zero3   Gemma 3 270M shape: full fine-tune + DIP under ZeRO-3, bf16, then exported (and its
+                 checkpoint's save time and size: what the USR1 margin assumes, on a GPU node's disk)
   width_7b       two Qwen2.5-7B-width blocks in plain torch: memory and step time at 1x2048 and 4x512,
                  with and without DIP and gradient checkpointing; gradients with and without
                  checkpointing compared (same seed)
@@ -177,10 +178,12 @@ def gemma3_zero3(work: Path, tok: Path, cpu: bool) -> dict:
                                             "train.save_every": steps, "train.micro_batch_size": 4 if cpu else 8,
                                             "data.max_length": 96 if cpu else 512, "dip.method": "dip",
                                             "dip.init_variance": 3e-3, "train.lr": 1e-4}, "cpu" if cpu else "cuda")
+    summary = json.loads((work / "gemma3-run" / "train_summary.json").read_text())  # the save behind the USR1 margin
     t0 = time.time()
     exp = export_checkpoint(work / "gemma3-run", work / "gemma3-export", dtype="bfloat16")
     return {**run_summary(rows), "export_s": round(time.time() - t0, 1), "export_max_logit_diff": exp["max_logit_diff"],
-            "export_tolerance": exp["tolerance"]}
+            "export_tolerance": exp["tolerance"], "checkpoint_save_s": summary["checkpoint_save_s"],
+            "checkpoint_gb": summary["checkpoint_bytes"] / 1e9}
 
 
 def width_7b(cpu: bool) -> dict:

@@ -96,6 +96,10 @@ def render_job(recipe, recipe_path: Path, run_dir: Path, stage_name: str, stages
     mem, why = (s["mem"], "launch.slurm.mem") if s["mem"] is not None else estimate_mem(recipe, s, stage_name)
     why = re.sub(r"[\x00-\x1f\x7f]", "?", why)  # names in it (a model directory's) must stay in the comment
     lines += [f"# --mem: {why}", f"#SBATCH --mem={mem}"]  # a comment after an option would be sbatch's to parse
+    margin, margin_why = ((s["signal_margin_s"], "launch.slurm.signal_margin_s") if s["signal_margin_s"] is not None
+                          else estimate_signal_margin(recipe, s, stage_name))
+    if margin != DEFAULT_SIGNAL_MARGIN_S or s["signal_margin_s"] is not None:
+        lines.append("# USR1 margin: " + re.sub(r"[\x00-\x1f\x7f]", "?", margin_why))
     if gpu_job and not train:
         engine = re.sub(r"[\x00-\x1f\x7f]", "?", eval_engine_comment(recipe, s["eval_gpus"]))
         lines.append(f"# vLLM: one engine, {engine}; eval.gpu_memory_utilization {recipe.eval.gpu_memory_utilization}")
@@ -120,7 +124,7 @@ def render_job(recipe, recipe_path: Path, run_dir: Path, stage_name: str, stages
         cpus_per_task=s["cpus_per_task"], log=str(run_dir / "slurm" / f"{stage_name}-%j.log"),
         sbatch_lines="\n".join(lines), env_lines="\n".join(env), launcher=s["launcher"],
         procs_per_node=procs_per_node(recipe, s), stages=stages, workdir=shlex.quote(str(Path.cwd())),
-        signal_margin=s["signal_margin_s"], python=shlex.quote(sys.executable), recipe=shlex.quote(str(recipe_path)))
+        signal_margin=margin, python=shlex.quote(sys.executable), recipe=shlex.quote(str(recipe_path)))
 
 
 NCCL_DEFAULTS = {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
@@ -187,6 +191,39 @@ def model_parameters(recipe) -> tuple[float | None, str]:
     if m:
         return float(m.group(1)) * (1e9 if m.group(2) in "Bb" else 1e6), f"the size in the name '{base}'"
     return None, ""
+
+
+DEFAULT_SIGNAL_MARGIN_S = 180
+# What a checkpoint of a full fine-tune holds per trained parameter: the weights in the training
+# dtype (bf16 2 bytes, fp32 4) plus AdamW's float32 master copy and two moments (12), as measured
+# on DeepSpeed ZeRO-2 checkpoints (bench/checkpoint_save.py).
+OPTIMIZER_BYTES_PER_PARAM = 12
+# Save rate assumed per node, checksums included: what the 2-core development machine measured
+# (0.22-0.26 GB/s, bench/checkpoint_save.py), so a GPU node's disks and cores only leave more room.
+# Too large a margin costs a few minutes of an hours-long job; too small loses the save at the
+# limit. The trainer prints each save's time and warns when it takes more than half of the
+# margin, so a real run's first save checks this assumption.
+ASSUMED_WRITE_BYTES_PER_S = 0.25e9
+
+
+def estimate_signal_margin(recipe, s: dict, stage_name: str) -> tuple[int, str]:
+    """The USR1 margin of one stage job: 180 s, except a full fine-tune's train job, whose ranks
+    must finish their step and write the whole optimizer state before the limit. Rank 0's node
+    writes the weights and its share of the optimizer state; sized at twice that write at the
+    assumed bandwidth plus a minute for the step in flight, never under 180 s."""
+    if stage_name != "train" or recipe.train.method != "full":
+        return DEFAULT_SIGNAL_MARGIN_S, "the default"
+    n, source = model_parameters(recipe)
+    if n is None:
+        return DEFAULT_SIGNAL_MARGIN_S, "the default (the model's size is unknown here)"
+    width = 2 if recipe.train.precision == "bf16" else 4
+    nodes = s["nodes"]
+    head_bytes = n * width + n * OPTIMIZER_BYTES_PER_PARAM / nodes
+    write_s = head_bytes / ASSUMED_WRITE_BYTES_PER_S
+    margin = max(DEFAULT_SIGNAL_MARGIN_S, math.ceil(2 * write_s + 60))
+    return margin, (f"a full fine-tune of {n / 1e9:.3g}B parameters ({source}): the head node writes "
+                    f"~{head_bytes / 1e9:.0f} GB per checkpoint, {write_s:.0f} s at an assumed "
+                    f"{ASSUMED_WRITE_BYTES_PER_S / 1e9:g} GB/s; twice that plus 60 s for the step in flight")
 
 
 def estimate_mem(recipe, s: dict, stage_name: str) -> tuple[str, str]:

@@ -294,7 +294,9 @@ class SlurmSettings(_Section):
     nodes: int = Field(1, gt=0)
     gpus_per_node: int = Field(0, ge=0, description="0: CPU nodes, launch.procs_per_node ranks on gloo.")
     eval_gpus: int = Field(1, ge=1, description="GPUs of the eval job (vLLM) when gpus_per_node > 0.")
-    signal_margin_s: int = Field(180, ge=10, description="USR1 this long before a job's time limit: ranks save a checkpoint and the job requeues itself.")
+    signal_margin_s: Optional[int] = Field(None, ge=10, description="USR1 this long before a job's time limit: ranks "
+                                           "save a checkpoint and the job requeues itself (default 180 s; a full "
+                                           "fine-tune's train job: sized to its checkpoint, launch/slurm.py).")
     mem: Optional[str] = Field(None, description="Host memory per node (sbatch --mem): e.g. 500G, or 0 for all of "
                                                  "the node's; default: estimated per stage from the model's size.")
     cpus_per_task: Optional[int] = Field(None, gt=0)

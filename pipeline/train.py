@@ -399,6 +399,21 @@ def main(argv=None) -> None:
             (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
 
 
+def save_margin_warning(save_seconds: float, margin: str | None) -> str | None:
+    """A save that takes most of the Slurm job's USR1 margin (DIPNET_SIGNAL_MARGIN_S, exported by
+    the job) would be cut off by the time limit: the ranks get USR1, finish their step and save,
+    and the step plus the save must end before the limit. Warned when the save alone takes more
+    than half of the margin (the step in flight needs the rest)."""
+    try:
+        margin_s = float(margin) if margin else None
+    except ValueError:
+        return None
+    if margin_s is None or save_seconds <= margin_s / 2:
+        return None
+    return (f"this checkpoint took {save_seconds:.0f} s to save, more than half of the job's {margin_s:.0f} s "
+            f"USR1 margin: a save at the time limit may not finish; raise launch.slurm.signal_margin_s")
+
+
 def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, world, local_rank, is_main) -> None:
     """One training run, top to bottom: set-up (data, model, engine, resume), then for every
     optimizer step: train on its micro-batches, agree across ranks, validate, log, save."""
@@ -444,8 +459,19 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
                  "model_dir": str(model_dir), "zero_stage": t.zero_stage, "train_method": t.method,
                  "trainable": trainable, "rng_note": "noise and batches are functions of (seed, step, rank)",
                  "validation": dict(tracking)}
-        save_checkpoint(engine, ckpt_root, done, state, t.keep_last, is_main)
+        t_save = time.time()
+        path = save_checkpoint(engine, ckpt_root, done, state, t.keep_last, is_main)
+        seconds = time.time() - t_save
+        saves.append(seconds)
+        if is_main:
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            saves_bytes.append(size)
+            print(f"{out.name}: checkpoint {path.name} saved in {seconds:.1f} s ({size / 1e9:.2f} GB)", flush=True)
+            warning = save_margin_warning(seconds, os.environ.get("DIPNET_SIGNAL_MARGIN_S"))
+            if warning:
+                print(f"{out.name}: warning: {warning}", flush=True)
 
+    saves, saves_bytes = [], []  # seconds of every save this process made, and (rank 0) their sizes
     t_loop = last_save = time.time()
     timed = []  # (seconds, tokens) of every step this process ran: the summary's step-time median
     for step in range(start_step, steps):
@@ -522,7 +548,8 @@ def train_one(recipe_path, model_dir, data_path, out: Path, max_seconds, rank, w
                    "attn_implementation": engine.module.config._attn_implementation,
                    "gradient_checkpointing": t.gradient_checkpointing,
                    "checkpoint": str((t.keep_best and best_checkpoint(ckpt_root)) or latest_checkpoint(ckpt_root)),
-                   "validation": tracking or None, "data_mixture": data_mixture(data_path)}
+                   "validation": tracking or None, "data_mixture": data_mixture(data_path),
+                   "checkpoint_save_s": max(saves, default=None), "checkpoint_bytes": max(saves_bytes, default=None)}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         log.close({"steps": steps, "tokens_seen": tokens_seen, "wall_s": summary["wall_s"]})
         from dipnet.pipeline.plots import plot_training

@@ -172,5 +172,18 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     assert s["resumed"] and s["resumed_at"] == 3 and s["steps"] == 5 and s["lora_merged"] == 2 * 4
     for r in (s, g):
         assert r["loss_finite"] and r["lambda_moved"] and r["export_max_logit_diff"] <= r["export_tolerance"], r
+    assert g["checkpoint_save_s"] > 0 and g["checkpoint_gb"] > 0, g
     assert len(w["rows (without, with checkpointing)"]) == 4
     assert w["max_grad_diff_checkpointing"] <= max(1e-6, w["max_grad_diff_same_step_repeated"]), w
+
+
+def test_a_save_that_takes_most_of_the_usr1_margin_is_named():
+    """#26 item 6: the job exports its margin; a save taking more than half of it (the step in
+    flight needs the rest) gets a warning line that says what to raise."""
+    from dipnet.pipeline.train import save_margin_warning
+
+    assert save_margin_warning(80, "180") is None and save_margin_warning(120, None) is None
+    assert save_margin_warning(120, "not a number") is None
+    assert save_margin_warning(91, "180") == ("this checkpoint took 91 s to save, more than half of the job's 180 s "
+                                              "USR1 margin: a save at the time limit may not finish; raise "
+                                              "launch.slurm.signal_margin_s")

@@ -133,6 +133,25 @@ def test_paper_recipe_jobs_ask_for_memory_and_the_eval_gpus(tmp_path):
     assert res.stdout.count("#SBATCH --mem=0") == 4
     res = run_cli("launch", "recipes/paper/qwen2.5-7b.yaml", "--slurm", "--dry-run", "launch.slurm.mem=lots", cwd=REPO)
     assert res.returncode == 2 and "launch.slurm.mem" in res.stderr and "expected a Slurm memory size" in res.stderr
+    # USR1 margin: 180 s, but a full fine-tune's train job gets room to write its checkpoint (14 bytes
+    # per parameter in bf16, bench/checkpoint_save.py; rank 0's node writes the weights and its
+    # nodes' share of the optimizer state at the assumed rate, twice over, plus 60 s).
+    rendered = "".join(jobs.values())  # the paper recipe: LoRA, whose checkpoints are small
+    assert rendered.count("#SBATCH --signal=B:USR1@180") == 4 and "# USR1 margin" not in rendered
+    full = load_recipe(REPO / "recipes" / "paper" / "qwen2.5-7b.yaml", ["train.method=full"])
+    for nodes in (1, 2):
+        head = 7e9 * 2 + 7e9 * 12 / nodes
+        margin, why = slurm.estimate_signal_margin(full, {**s, "nodes": nodes}, "train")
+        assert margin == math.ceil(2 * head / slurm.ASSUMED_WRITE_BYTES_PER_S + 60), (nodes, margin)
+        assert f"writes ~{head / 1e9:.0f} GB per checkpoint" in why
+        assert slurm.estimate_signal_margin(full, {**s, "nodes": nodes}, "eval")[0] == 180
+    job = slurm.render_job(full, tmp_path / "recipe.yaml", tmp_path / "run", "train", "train", s)
+    assert "#SBATCH --signal=B:USR1@844" in job and "export DIPNET_SIGNAL_MARGIN_S=844" in job
+    set_margin = load_recipe(REPO / "recipes" / "paper" / "qwen2.5-7b.yaml",
+                             ["train.method=full", "launch.slurm.signal_margin_s=300"])
+    job = slurm.render_job(set_margin, tmp_path / "recipe.yaml", tmp_path / "run", "train", "train",
+                           slurm.slurm_settings(set_margin, _args()))
+    assert "#SBATCH --signal=B:USR1@300" in job and "# USR1 margin: launch.slurm.signal_margin_s" in job
     # Qwen2.5-7B: 28 heads, 4 KV heads: all 4 GPUs; Qwen2.5-3B (16 and 2): 2 of 4; explicit: as given.
     assert gpu_kwargs({"num_attention_heads": 28, "num_key_value_heads": 4}, 4, 0.9) == \
         {"tensor_parallel_size": 4, "gpu_memory_utilization": 0.9}

@@ -3,6 +3,7 @@ checkpoints, kill -9 and resume, LoRA + DIP, export round trip, EOS."""
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -120,10 +121,15 @@ def test_kill_one_rank_then_resume_equals_uninterrupted(tmp_path, uninterrupted)
         train(run, KILL_CFG, env={"DIPNET_FAULT_KILL": "1:7"})  # rank 1 SIGKILLs itself mid-step 7
     assert (run / "checkpoints" / "latest").read_text() == "step-000004"
     _no_rank_alive(run)
-    train(run, KILL_CFG)  # the rerun resumes from step 4
+    # The rerun resumes from step 4, as a Slurm job whose USR1 margin is far shorter than a save.
+    train(run, KILL_CFG, env={"DIPNET_SIGNAL_MARGIN_S": "0.001"})
     log = (run / "train.log").read_text()
     assert "resumed from" in log and "step-000004" in log
     _assert_same_weights(uninterrupted, run)
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["checkpoint_save_s"] > 0 and summary["checkpoint_bytes"] > 0, summary
+    assert re.search(r"checkpoint step-000012 saved in [\d.]+ s \([\d.]+ GB\)", log), log[-2000:]
+    assert "more than half of the job's 0 s USR1 margin" in log and "raise launch.slurm.signal_margin_s" in log
 
 
 def test_a_rotten_checkpoint_is_set_aside_and_resume_falls_back(tmp_path, uninterrupted):
