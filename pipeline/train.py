@@ -408,7 +408,7 @@ def save_margin_warning(save_seconds: float, margin: str | None) -> str | None:
         margin_s = float(margin) if margin else None
     except ValueError:
         return None
-    if margin_s is None or save_seconds <= margin_s / 2:
+    if margin_s is None or not math.isfinite(margin_s) or save_seconds <= margin_s / 2:
         return None
     return (f"this checkpoint took {save_seconds:.0f} s to save, more than half of the job's {margin_s:.0f} s "
             f"USR1 margin: a save at the time limit may not finish; raise launch.slurm.signal_margin_s")

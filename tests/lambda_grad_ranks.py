@@ -91,9 +91,9 @@ def run(stage: int, dipnet_settings: bool, world: int, rank: int) -> dict:
 
 
 def main() -> None:
-    deepspeed = import_deepspeed()
-    deepspeed.init_distributed(dist_backend="gloo")
-    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    from dipnet.pipeline.train import setup_distributed
+
+    rank, world, _, _ = setup_distributed("cpu")  # as the trainer does (gloo; no shared-memory op to compile)
     results = [run(stage, mine, world, rank) for stage, mine in ((2, True), (3, True), (2, False))]
     if rank == 0:
         with open(sys.argv[1], "w") as f:

@@ -183,7 +183,7 @@ def test_a_save_that_takes_most_of_the_usr1_margin_is_named():
     from dipnet.pipeline.train import save_margin_warning
 
     assert save_margin_warning(80, "180") is None and save_margin_warning(120, None) is None
-    assert save_margin_warning(120, "not a number") is None
+    assert save_margin_warning(120, "not a number") is None and save_margin_warning(120, "nan") is None
     assert save_margin_warning(91, "180") == ("this checkpoint took 91 s to save, more than half of the job's 180 s "
                                               "USR1 margin: a save at the time limit may not finish; raise "
                                               "launch.slurm.signal_margin_s")
