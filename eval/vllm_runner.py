@@ -123,7 +123,8 @@ def kv_cache_bytes(config: dict, tokens: int, dtype: str) -> int | None:
 def tensor_parallel_size(config: dict, gpus: int) -> int:
     """The most of `gpus` one engine can use: vLLM splits attention heads and KV heads evenly over
     the GPUs, so the size must divide both (Qwen2.5-3B, 16 heads and 2 KV heads: 2 of 4 GPUs)."""
-    c = config.get("text_config") or config
+    c = config.get("text_config")
+    c = c if isinstance(c, dict) and c else config  # a config file is read as given: any JSON value
     heads = c.get("num_attention_heads") if isinstance(c.get("num_attention_heads"), int) else None
     kv = c.get("num_key_value_heads") if isinstance(c.get("num_key_value_heads"), int) else heads
     for size in range(max(1, gpus), 0, -1):

@@ -120,6 +120,9 @@ def test_paper_recipe_jobs_ask_for_memory_and_the_eval_gpus(tmp_path):
     local = load_recipe(REPO / "recipes" / "paper" / "qwen2.5-7b.yaml", [f"model.base={tmp_path / 'qwen3b'}"])
     assert slurm.eval_engine_comment(local, 4) == "tensor_parallel_size=2 of 4 GPU(s): the most that divides " \
                                                  "qwen3b's attention and KV heads"
+    for hostile in ('{"text_config": [1], "num_attention_heads": "9"}', "[]", "{not json"):  # one line, never a traceback
+        (tmp_path / "qwen3b" / "config.json").write_text(hostile)
+        assert slurm.eval_engine_comment(local, 4).startswith("tensor_parallel_size=4"), hostile
     r = load_recipe(REPO / "recipes" / "paper" / "qwen2.5-7b.yaml", ["launch.slurm.eval_gpus=4", "eval.tensor_parallel_size=2"])
     job = slurm.render_job(r, tmp_path / "recipe.yaml", tmp_path / "run", "eval", "eval,report", slurm.slurm_settings(r, _args()))
     assert "# vLLM: one engine, tensor_parallel_size=2 (eval.tensor_parallel_size) on 4 GPU(s);" in job, job
