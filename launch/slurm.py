@@ -94,15 +94,14 @@ def render_job(recipe, recipe_path: Path, run_dir: Path, stage_name: str, stages
     if gpu_job:  # train: every GPU of every node; eval: vLLM (and the hf engine) on eval_gpus
         lines.append(f"#SBATCH --gpus-per-node={s['gpus_per_node'] if train else s['eval_gpus']}")
     mem, why = (s["mem"], "launch.slurm.mem") if s["mem"] is not None else estimate_mem(recipe, s, stage_name)
-    why = re.sub(r"[\x00-\x1f\x7f]", "?", why)  # names in it (a model directory's) must stay in the comment
-    lines += [f"# --mem: {why}", f"#SBATCH --mem={mem}"]  # a comment after an option would be sbatch's to parse
+    lines += [f"# --mem: {comment_text(why)}", f"#SBATCH --mem={mem}"]  # a comment after an option would be sbatch's to parse
     margin, margin_why = ((s["signal_margin_s"], "launch.slurm.signal_margin_s") if s["signal_margin_s"] is not None
                           else estimate_signal_margin(recipe, s, stage_name))
     if margin != DEFAULT_SIGNAL_MARGIN_S or s["signal_margin_s"] is not None:
-        lines.append("# USR1 margin: " + re.sub(r"[\x00-\x1f\x7f]", "?", margin_why))
+        lines.append(f"# USR1 margin: {comment_text(margin_why)}")
     if gpu_job and not train:
-        engine = re.sub(r"[\x00-\x1f\x7f]", "?", eval_engine_comment(recipe, s["eval_gpus"]))
-        lines.append(f"# vLLM: one engine, {engine}; eval.gpu_memory_utilization {recipe.eval.gpu_memory_utilization}")
+        lines.append(f"# vLLM: one engine, {comment_text(eval_engine_comment(recipe, s['eval_gpus']))}; "
+                     f"eval.gpu_memory_utilization {recipe.eval.gpu_memory_utilization}")
     for extra in s["extra_sbatch"]:
         lines.append(extra if extra.startswith("#SBATCH") else f"#SBATCH {extra}")
     env = []
@@ -127,6 +126,11 @@ def render_job(recipe, recipe_path: Path, run_dir: Path, stage_name: str, stages
         signal_margin=margin, python=shlex.quote(sys.executable), recipe=shlex.quote(str(recipe_path)))
 
 
+def comment_text(text: str) -> str:
+    """Text for one `#` line of the job script: names in it (a model directory's) must stay in the comment."""
+    return re.sub(r"[\x00-\x1f\x7f]", "?", text)
+
+
 NCCL_DEFAULTS = {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
 GiB = 2**30
 MODEL_SIZE_IN_NAME = re.compile(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)([BbMm])(?![A-Za-z0-9])")
@@ -135,16 +139,18 @@ MODEL_SIZE_IN_NAME = re.compile(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)([BbMm])(?![A-
 def local_config_path(recipe) -> Path | None:
     """The base model's config.json where it can be read here without the network: a local
     directory or an imported GGUF model (a hub name's config is not fetched to render a job)."""
-    base = recipe.model.base
-    cfg_path = None
-    if base != "tiny" and Path(base).is_dir():
-        cfg_path = Path(base) / "config.json"
-    elif base != "tiny":
-        from dipnet.pipeline.pretrained import is_gguf_spec, pretrained_dir
+    from dipnet.pipeline.pretrained import is_gguf_spec, pretrained_dir
 
-        if is_gguf_spec(base) and not base.endswith(".gguf"):
-            cfg_path = pretrained_dir(base, recipe.model.dtype) / "config.json"
-    return cfg_path if cfg_path is not None and cfg_path.is_file() else None
+    base = recipe.model.base
+    if base == "tiny":
+        return None
+    if Path(base).is_dir():
+        cfg_path = Path(base) / "config.json"
+    elif is_gguf_spec(base) and not base.endswith(".gguf"):
+        cfg_path = pretrained_dir(base, recipe.model.dtype) / "config.json"
+    else:
+        return None
+    return cfg_path if cfg_path.is_file() else None
 
 
 def eval_engine_comment(recipe, gpus: int) -> str:
@@ -153,14 +159,15 @@ def eval_engine_comment(recipe, gpus: int) -> str:
 
     if recipe.eval.tensor_parallel_size:
         return f"tensor_parallel_size={recipe.eval.tensor_parallel_size} (eval.tensor_parallel_size) on {gpus} GPU(s)"
+    from dipnet.pipeline.readers import read_json_object
+
     cfg_path = local_config_path(recipe)
     if cfg_path is not None:
         try:
-            config = json.loads(cfg_path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError):
-            config = None
-        if isinstance(config, dict):
-            size = tensor_parallel_size(config, gpus)
+            size = tensor_parallel_size(read_json_object(cfg_path), gpus)
+        except UsageError:
+            pass  # an unreadable config: the engine reads it again when the job starts, and says why
+        else:
             return (f"tensor_parallel_size={size} of {gpus} GPU(s): the most that divides "
                     f"{cfg_path.parent.name}'s attention and KV heads")
     return (f"tensor_parallel_size={gpus} (all {gpus} GPU(s)), or the most of them that divides the "
