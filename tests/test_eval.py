@@ -490,8 +490,9 @@ def test_a_prompt_longer_than_the_context_is_reported_per_problem(tmp_path, tiny
         if i in over:
             assert r["over_long"]["prompt_tokens"] >= 256 == r["over_long"]["context"]
             assert r["output"] == "" and not any(r["correct"].values()) and "answer_nll" not in r
-        else:
-            assert r["output"] and "answer_nll" in r
+        else:  # it ran; its output may be empty (the tiny model may stop at once, at its EOS or "Question:")
+            assert "answer_nll" in r and isinstance(r["output"], str)
+    assert any(rows[i]["output"] for i in range(8) if i not in over)
     assert task["teacher_forced"]["n"] == 8 - len(over) and task["scores"]["flexible-extract"]["n"] == 8
     notes = [line for line in res.stderr.splitlines() if "note:" in line]
     assert notes == [f"  note: task gsm8k: {len(over)} of 8 prompts have 256 tokens or more (the model's context); "
