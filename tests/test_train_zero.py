@@ -37,12 +37,15 @@ def test_zero_stages_train_and_agree(zero_runs):
         ck = zero_runs[s] / "checkpoints"
         assert sorted(p.name for p in ck.glob("step-*")) == ["step-000004", "step-000008"]
         assert (ck / "latest").read_text() == "step-000008"
-    # ZeRO-1/2/3 losses agree over the first steps. (ZeRO-1 and 2 are bit-identical; ZeRO-3's
-    # reduce-scatter sums in another order: ~1e-6 at step 2, growing to ~1e-4 by step 4 at this lr.)
+    # ZeRO-1/2/3 losses agree over the first steps. ZeRO-1 and 2 are bit-identical; ZeRO-3's
+    # reduce-scatter sums in another order, and Adam's first steps move each weight by about ±lr
+    # whatever its gradient's size, so a near-zero gradient whose sign that order flips moves the
+    # loss: 1.4e-5 at step 1 on one tiny base, ~1e-6 on another (the base's pretraining differs
+    # between builds). Training λ at the base lr instead of 50× (a lost param group) moves it 1.3e-2.
     for step in range(3):
         ref = per[1][step]["loss"]
         for s in (2, 3):
-            assert abs(per[s][step]["loss"] - ref) <= 1e-5, (s, step, per[s][step]["loss"], ref)
+            assert abs(per[s][step]["loss"] - ref) <= 1e-4, (s, step, per[s][step]["loss"], ref)
 
 
 def test_lambda_under_zero3_equals_zero1(zero_runs):
@@ -53,12 +56,13 @@ def test_lambda_under_zero3_equals_zero1(zero_runs):
     for k in keys:  # log-variance offsets from ln(0.01): 0 at the start
         assert w3[k].shape == (128,)
         moved = w1[k].abs().max().item()
-        diff = (w1[k] - w3[k]).abs().max().item()
-        # λ trained (moved ~0.1-0.4 in log-variance) and ZeRO-3 agrees with ZeRO-1 to the same
-        # reduction-order drift the losses show (~3e-4 after 8 steps): a λ left uninitialised or
-        # lost under partitioning would be off by the whole movement.
+        off = ((w1[k] - w3[k]).norm() / w1[k].norm()).item()
+        # λ trained (moved ~0.1-0.5 in log-variance) and ZeRO-3 agrees with ZeRO-1 up to the
+        # reduction-order drift the losses show: 0.07-0.19% of λ's movement (as a norm; one feature
+        # whose update sign flipped differs by 0.002). A λ left uninitialised or lost under
+        # partitioning would be off by the whole movement; trained at the base lr, by 98%.
         assert moved > 0.05, (k, moved)
-        assert diff < 1e-3 and diff < moved / 50, (k, diff, moved)
+        assert off < 0.01, (k, off, moved)
 
 
 def test_export_round_trip_every_stage(zero_runs, tmp_path):
