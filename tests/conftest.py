@@ -53,7 +53,26 @@ FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gemma3_text", "gemma3", "phi
 # few at a time, so both workers may build the same module fixture; keeping a module on one
 # worker, `--dist loadfile`, is not yet measured fairly). Fixtures that several workers may want
 # are built once under a file lock (`built_for_the_session` below, and the caches of the tiny
-# base and SmolLM2). The Slurm tests of both workers share the one cluster: their jobs queue.
+# base and SmolLM2). The Slurm tests of both workers share the one cluster (its nodes take two
+# test jobs each: tests/slurm_cluster.sh).
+
+# Tests that mostly wait on Slurm's clocks (a requeue's hold, SlurmdTimeout, a time limit): about
+# 2 minutes each with the cores nearly idle. In file order two of them ran side by side, one on
+# each worker, and the machine idled: sampled from /proc/stat, 0.04 to 1.0 of its 2 cores were
+# busy for 2 minutes. Spread through the order, the other worker computes while one waits.
+WAITING_ON_SLURM = ("test_requeue_mid_training_resumes_to_the_same_weights",
+                    "test_a_node_dies_mid_training_and_the_job_resumes_to_the_same_weights",
+                    "test_time_limit_signal_saves_and_requeues")
+
+
+def pytest_collection_modifyitems(config, items):
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) < 2:
+        return  # one process: the order does not matter
+    waiting = [item for item in items if item.name in WAITING_ON_SLURM]
+    rest = [item for item in items if item.name not in WAITING_ON_SLURM]
+    for k, item in enumerate(waiting):  # at 1/4, 2/4 and 3/4 of the order (every worker computes the same)
+        rest.insert(round(len(rest) * (k + 1) / (len(waiting) + 1)), item)
+    items[:] = rest
 
 
 def shared_tmp(tmp_path_factory, name: str) -> Path:
