@@ -131,8 +131,8 @@ start() {
   # Each node declares twice this machine's cores and 80% of its memory (slurmd takes the declared
   # counts: config_overrides). The two xdist workers submit side by side and their test jobs
   # mostly wait (Slurm's holds, rank start-up); declared as they are, every test job (2 CPUs)
-  # filled a node, so one worker's job queued behind the other's: the two-node deepspeed test took
-  # 87-89 s against 32 s alone. Now each node runs two test jobs at once; the node-loss test still
+  # filled a node and one worker's job queued behind the other's (40 s of queueing in a suite run,
+  # 18 s now; docs/testing.md). Each node runs two test jobs at once; the node-loss test still
   # has its nodes to itself (--exclusive). The jobs' --mem is sized for real models (3 GiB a
   # process, docs/cluster.md), far above a tiny test job's use, and Slurm here enforces none.
   cpus=$(( cpus * 2 )); cores=$(( cores * 2 ))

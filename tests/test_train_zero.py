@@ -40,7 +40,7 @@ def test_zero_stages_train_and_agree(zero_runs):
     # ZeRO-1/2/3 losses agree over the first steps. ZeRO-1 and 2 are bit-identical; ZeRO-3's
     # reduce-scatter sums in another order, and Adam's first steps move each weight by about ±lr
     # whatever its gradient's size, so a near-zero gradient whose sign that order flips moves the
-    # loss: 1.4e-5 at step 1 on one tiny base, ~1e-6 on another (the base's pretraining differs
+    # loss: 1.4e-5 at step 1 on one tiny base, under 1e-5 on another (the base's pretraining differs
     # between builds). Training λ at the base lr instead of 50× (a lost param group) moves it 1.3e-2.
     for step in range(3):
         ref = per[1][step]["loss"]
@@ -553,7 +553,7 @@ def test_loss_is_weighted_by_tokens_across_the_optimizer_step(tmp_path):
     assert sum("log_variance" in n for n, _ in named) == 4
 
     def worst(got, want):  # per tensor, relative to its largest entry: float32 sums in another order
-        return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want))  # differ ~1e-5
+        return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want))  # (up to 8e-5)
 
     for procs in (1, 2, 4):
         assert len(moments[procs]) == len(expected)
