@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, write_recipe
+from conftest import built_for_the_session, run_cli, write_recipe
 
 from dipnet.launch.local import choose_master_port
 from dipnet.pipeline.errors import UsageError
@@ -32,44 +32,63 @@ STUDY = {
 RUNS = {"sft-s0", "dip-s0"}
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` with a SQLite backend store, on 127.0.0.1 only, stopped after the module."""
-    d = tmp_path_factory.mktemp("mlflow")
+def start_mlflow_server(d: Path):
+    """`mlflow server` on the SQLite store and artifacts under `d`, on 127.0.0.1 only; returns
+    (process, url) once it answers /health."""
     port = choose_master_port(None)
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
-                             "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=d, start_new_session=True)
+    with open(d / "server.log", "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                                 f"sqlite:///{d}/mlflow.db", "--artifacts-destination", str(d / "artifacts"),
+                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=d, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield url
-    finally:
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2).read()
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                stop_mlflow_server(proc)
+                raise RuntimeError(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+
+
+def stop_mlflow_server(proc):
+    if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
+    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, mlflow_server):
-    tmp = tmp_path_factory.mktemp("tracked")
-    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp / "wandb_files"), "WANDB_PROJECT": "dipnet-test",
-           "WANDB_SILENT": "true", "TRACKIO_DIR": str(tmp / "trackio"), "MLFLOW_TRACKING_URI": mlflow_server,
-           "MLFLOW_EXPERIMENT_NAME": "dipnet-test"}
-    (tmp / "wandb_files").mkdir()
-    p = write_recipe(tmp, "tracked", STUDY)
-    r = run_cli("run", p, cwd=tmp, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return tmp, env, r
+def study(tmp_path_factory):
+    """The study, run once for the whole session against a real MLflow server (xdist may hand
+    this module's tests to both workers; each built it, 55-85 s of CPU twice). Yields the build
+    directory, the environment the study ran with, and the URL of a server on its MLflow store:
+    the builder's own, or one this worker starts on the finished store (its schema already made,
+    so two servers never create it together)."""
+    servers = []
+
+    def build(root):
+        (root / "mlflow").mkdir()
+        proc, url = start_mlflow_server(root / "mlflow")
+        servers.append((proc, url))
+        env = {"WANDB_MODE": "offline", "WANDB_DIR": str(root / "wandb_files"), "WANDB_PROJECT": "dipnet-test",
+               "WANDB_SILENT": "true", "TRACKIO_DIR": str(root / "trackio"), "MLFLOW_TRACKING_URI": url,
+               "MLFLOW_EXPERIMENT_NAME": "dipnet-test"}
+        (root / "wandb_files").mkdir()
+        r = run_cli("run", write_recipe(root, "tracked", STUDY), cwd=root, env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        (root / "env.json").write_text(json.dumps(env))
+
+    try:
+        root = built_for_the_session(tmp_path_factory, "tracked-study", build)
+        if not servers:
+            servers.append(start_mlflow_server(root / "mlflow"))
+        yield root, json.loads((root / "env.json").read_text()), servers[0][1]
+    finally:
+        for proc, _ in servers:
+            stop_mlflow_server(proc)
 
 
 def wandb_records(path: Path):
@@ -110,7 +129,7 @@ def item_value(item):
 
 
 def test_every_tracker_shows_every_run_of_the_study(study):
-    tmp, env, r = study
+    tmp, env, mlflow_url = study
     # W&B: one offline run per training run, grouped, with each logged step and the eval scores.
     histories, groups, configs = {}, {}, {}
     for f in sorted((tmp / "wandb_files").rglob("run-*.wandb")):
@@ -136,7 +155,7 @@ def test_every_tracker_shows_every_run_of_the_study(study):
     # MLflow, through the server: the study's parent run, every run under it with its metrics.
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient(tracking_uri=mlflow_url)
     exp = client.get_experiment_by_name("dipnet-test")
     runs = {x.info.run_name: x for x in client.search_runs([exp.experiment_id])}
     assert set(runs) == RUNS | {"tracked"}
@@ -162,7 +181,7 @@ def test_every_tracker_shows_every_run_of_the_study(study):
 
 
 def test_no_credential_or_url_reaches_the_run_directory(study):
-    tmp, env, r = study
+    tmp, env, _ = study
     for p in (tmp / "tracked").rglob("*"):
         if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".md", ".log", ".txt"):
             assert env["MLFLOW_TRACKING_URI"] not in p.read_text(errors="replace"), p
