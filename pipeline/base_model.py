@@ -159,14 +159,17 @@ def _build(settings, tmp: Path, seed: int, progress: bool) -> None:
 
 
 if __name__ == "__main__":
-    # `make install` runs `python -P -m dipnet.pipeline.base_model --beside-pip` on the core pip
-    # leaves idle: the default tiny base (the demo's and every test's) is then in the cache, or
-    # half-way, when they start. One thread while pip runs (pip keeps its core), every core once
-    # make sends USR2 (pip is done). On an AVX2 host the weights were the same on 1 and 2 threads
-    # (bit for bit: all 560 steps, switching from 1 to 2 threads 40 s in, against a 2-thread
-    # build). On an AVX-512 host they are not: one step's gradients differ by ~1e-8 between 1 and
-    # 2 threads, so the build depends on when pip finished; tests compare with tolerances that
-    # hold on any such base (docs/testing.md).
+    # `make install` runs `python -P -m dipnet.pipeline.base_model --beside-install DONE` beside
+    # the installer: the default tiny base (the demo's and every test's) is then in the cache, or
+    # half-way, when they start. One thread while the installer runs, every core once it is done:
+    # make creates the file DONE, then sends USR2. The shell that starts this ignores USR2 until
+    # the handler below is set, and the handler is set before DONE is looked at, so a signal sent
+    # before either still leaves the build on every core.
+    # On an AVX2 host the weights were the same on 1 and 2 threads (bit for bit: all 560 steps,
+    # switching from 1 to 2 threads 40 s in, against a 2-thread build). On an AVX-512 host they
+    # are not: one step's gradients differ by ~1e-8 between 1 and 2 threads, so the build depends
+    # on when the install finished; tests compare with tolerances that hold on any such base
+    # (docs/testing.md).
     import signal
     import sys
 
@@ -174,9 +177,10 @@ if __name__ == "__main__":
 
     from dipnet.pipeline.recipe import TinyBaseSettings
 
-    if "--beside-pip" in sys.argv:
+    if "--beside-install" in sys.argv:
+        done = Path(sys.argv[sys.argv.index("--beside-install") + 1])
         every = torch.get_num_threads()
         signal.signal(signal.SIGUSR2, lambda *_: torch.set_num_threads(every))  # runs on the main thread
-        torch.set_num_threads(1)
+        torch.set_num_threads(every if done.exists() else 1)
     t0 = time.time()
     print(f"tiny base ready in {tiny_base(TinyBaseSettings(), seed=0, progress=False)} ({time.time() - t0:.0f} s)")
