@@ -16,7 +16,7 @@ CONSTRAINTS := requirements/constraints-$(EXTRA).txt
 LOCK := $(wildcard requirements/lock-$(EXTRA).txt)
 DEPS_HASH := $(shell cat pyproject.toml $(CONSTRAINTS) $(LOCK) | sha256sum | cut -c1-16)-$(EXTRA)
 STAMP := $(VENV)/.installed-$(DEPS_HASH)
-# uv installs the pinned set: 45 s here where pip took 170 s (pip works on one core; uv in
+# uv installs the pinned set: 43 s here where pip took 166 s (pip works on one core; uv in
 # parallel). --compile-bytecode on every install: uv compiles only what that call installed, and
 # without .pyc files every Python process the suite starts compiles torch and transformers
 # again where PYTHONDONTWRITEBYTECODE is set (measured: 28 min of tests against 17).
@@ -44,7 +44,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: dipnet needs Python >= 3.11 (vLLM does); set PYTHON=python3.11 or newer")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "installing the pinned stack into $(VENV) (first time: about 1 minute)"
+	@echo "installing the pinned stack into $(VENV) (first time: about 2-3 minutes)"
 	$(PY) -m pip install -q --no-compile uv==$(UV_VERSION)
 	@# torch, deepspeed and what the tiny base's build imports first, and dipnet itself. Then uv
 	@# installs the rest while DeepSpeed's CPU Adam and the embedded tiny base build beside it (the

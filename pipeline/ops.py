@@ -2,10 +2,10 @@
 them at install time.
 
 `make install` runs this file as a script (`python -P pipeline/ops.py`) in the background while
-pip is still installing the rest of the stack: pip keeps one core busy, the C++ build the other
-(the build takes 53-65 s beside pip against 38 s alone; the install as a whole, 3 min 10 s against
-3 min 25 s). It therefore imports nothing but the standard library, torch and deepspeed, which are
-installed before it starts."""
+uv is still installing the rest of the stack and the tiny base pretrains (the build takes 38 s
+alone, 87-126 s beside them; the install as a whole about 2 minutes, docs/testing.md). It
+therefore imports nothing but the standard library, torch and deepspeed, which are installed
+before it starts."""
 
 import os
 import sys
