@@ -4,7 +4,7 @@ its config files and PIP_* variables), so `make install`'s uv finds the same pac
 uv reads none of pip's configuration. `--index-strategy unsafe-best-match` is pip's own rule:
 the best version across every index; uv's default takes a package from the first index that
 has it at all, and fails where a later one holds the pinned version. Run with the Python whose
-pip configuration applies; prints nothing when pip has no index settings.
+pip configuration applies; with no index settings it prints only the strategy.
 """
 
 import ast
