@@ -44,7 +44,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: dipnet needs Python >= 3.11 (vLLM does); set PYTHON=python3.11 or newer")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "installing the pinned stack into $(VENV) (first time: about 2-3 minutes)"
+	@echo "installing the pinned stack into $(VENV) (first time: about 2-4 minutes)"
 	$(PY) -m pip install -q --no-compile uv==$(UV_VERSION)
 	@# torch, deepspeed and what the tiny base's build imports first, and dipnet itself. Then uv
 	@# installs the rest while DeepSpeed's CPU Adam and the embedded tiny base build beside it (the

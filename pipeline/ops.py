@@ -3,7 +3,7 @@ them at install time.
 
 `make install` runs this file as a script (`python -P pipeline/ops.py`) in the background while
 uv is still installing the rest of the stack and the tiny base pretrains (the build takes 38 s
-alone, 87-126 s beside them; the install as a whole about 2 minutes, docs/testing.md). It
+alone, 87-167 s beside them; the install as a whole 2-4 minutes, docs/testing.md). It
 therefore imports nothing but the standard library, torch and deepspeed, which are installed
 before it starts."""
 
